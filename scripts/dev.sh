@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up (or reuse) the project's virtual environment, then run one thing in it.
+#   bash scripts/dev.sh run [alignheads run options]   # the embedded default, end to end
+#   bash scripts/dev.sh test [pytest options]          # the test suite
+#   bash scripts/dev.sh setup                          # only create/refresh .venv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${ALIGNHEADS_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+  # Reinstall only when the pins or the package metadata changed since the last install.
+  local stamp="$VENV/.alignheads-install" want
+  want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  # torch first and pinned: this version's CPU build is what installs here; an unpinned
+  # torch would pull several GB of CUDA packages.
+  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+  "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev]"
+  echo "$want" > "$stamp"
+}
+
+export PREFECT_SERVER_ANALYTICS_ENABLED=${PREFECT_SERVER_ANALYTICS_ENABLED:-false}
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}
+
+verb=${1:-}
+[ $# -gt 0 ] && shift
+case "$verb" in
+  setup) setup ;;
+  run) setup; exec "$VENV/bin/alignheads" run "$@" ;;
+  test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash scripts/dev.sh {run|test|setup} [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,104 @@
+"""Run configs: YAML loading, --set overrides, errors that name the key, store resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignheads.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    parse_override,
+)
+
+
+def test_default_config_is_the_tiny_world(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()
+    assert DEFAULT_CONFIG.name == "tiny.yaml"
+    assert cfg.name == "tiny" and cfg.needs_world and cfg.world.build
+    assert cfg.store == tmp_path / "store"  # absolute, resolved against the working directory
+    assert cfg.store.is_absolute()
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "tokenize.max_prompt_length=256",
+            "world.pretrain_lr=1e-4",
+            f"store={tmp_path}/s",
+            "data.train.path=my.jsonl",
+            "data.train.limit=10",
+            "model.name_or_path=org/model",
+        ],
+    )
+    assert cfg.tokenize.max_prompt_length == 256
+    assert cfg.world.pretrain_lr == pytest.approx(1e-4)
+    assert cfg.store == tmp_path / "s"
+    assert cfg.data.train is not None and cfg.data.train.path == "my.jsonl" and cfg.data.train.limit == 10
+    assert cfg.data.test is None and cfg.uses_world_data and not cfg.uses_world_model
+
+
+def test_parse_override_values_are_yaml():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=[0, 0.5, 1]") == (["a"], [0, 0.5, 1])
+    assert parse_override("a=null") == (["a"], None)
+    assert parse_override("a=") == (["a"], "")
+    for bad in ("novalue", "=3", "a..b=1"):
+        with pytest.raises(ConfigError, match="expected key.path=value"):
+            parse_override(bad)
+
+
+def test_override_into_a_value_is_refused():
+    with pytest.raises(ConfigError, match="name is a value, not a section"):
+        apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "tokenize.max_prompt_length=-1",
+            "tokenize.max_prompt_length: Input should be greater than 0 (got -1)",
+        ),
+        ("tokenize.max_prompt_lenght=5", "tokenize.max_prompt_lenght: unknown key"),
+        ("data.on_bad_rows=ignore", "data.on_bad_rows: Input should be 'error' or 'skip'"),
+        ("world.n_train_pairs=lots", "world.n_train_pairs: Input should be a valid integer"),
+        ("bogus=1", "bogus: unknown key"),
+        ("name=a/b", "name: Value error, must be a non-empty name without slashes"),
+        ("data.train.limit=3", "data.train.path: Field required"),
+    ],
+)
+def test_validation_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "tiny.yaml" in str(info.value)
+
+
+def test_yaml_problems_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_config_validates():
+    for path in sorted(Path(DEFAULT_CONFIG).parent.glob("*.yaml")):
+        assert isinstance(load_config(path), RunConfig), path
+
+
+def test_config_round_trips_through_json():
+    cfg = load_config(None, ["data.train.path=x.parquet"])
+    again = RunConfig.model_validate_json(cfg.model_dump_json())
+    assert again == cfg
