@@ -1,0 +1,90 @@
+"""Data stage: read the train and test preference pairs into the `pairs` and `rejects` tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from alignheads.config import DataConfig, SourceConfig
+from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
+from alignheads.storage.fingerprint import artifact_key, file_sha256
+from alignheads.storage.shards import write_table
+
+STAGE = "data"
+DATA_VERSION = 1
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Everything the data stage reads, resolved, with the artifact key it hashes to."""
+
+    key: str
+    sources: dict[str, SourceConfig]
+    format: str
+    on_bad_rows: str
+    config: dict
+    inputs: dict[str, str]
+
+
+def world_sources(world_dir: Path) -> dict[str, SourceConfig]:
+    return {split: SourceConfig(path=str(Path(world_dir) / f"{split}.jsonl")) for split in SPLITS}
+
+
+def source_fingerprint(src: SourceConfig) -> dict:
+    """What identifies a source's content: file checksums for local data, id + split + revision for the Hub."""
+    path = Path(src.path).expanduser()
+    common = {"limit": src.limit, "split": src.split, "subset": src.subset}
+    if path.is_file():
+        return {**common, "kind": "file", "suffix": path.suffix.lower(), "sha256": file_sha256(path)}
+    if path.is_dir():  # a local dataset directory read through `datasets.load_dataset`
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        digests = {p.relative_to(path).as_posix(): file_sha256(p) for p in files}
+        return {**common, "kind": "dir", "files": digests}
+    # Hub datasets cannot be hashed without downloading; pin `revision` for reproducible keys.
+    return {**common, "kind": "hub", "id": src.path, "revision": src.revision}
+
+
+def plan_data(data: DataConfig, world_dir: Path | None, world_key: str | None, tokenizer_fp: str) -> DataPlan:
+    """Resolve the sources (falling back to the world's pairs) and compute the stage's key."""
+    fallback = world_sources(world_dir) if world_dir is not None else {}
+    sources: dict[str, SourceConfig] = {}
+    for split in SPLITS:
+        src = getattr(data, split) or fallback.get(split)
+        if src is None:
+            raise ValueError(f"data.{split} is empty and no tiny world was built to supply it")
+        sources[split] = src
+    config = {
+        "format": data.format,
+        "on_bad_rows": data.on_bad_rows,
+        "sources": {split: source_fingerprint(src) for split, src in sources.items()},
+    }
+    # The tokenizer renders conversational rows (chat template), so it is an input of this stage.
+    inputs = {"tokenizer": tokenizer_fp}
+    if world_key is not None and any(getattr(data, s) is None for s in SPLITS):
+        inputs["world"] = world_key
+    key = artifact_key(STAGE, config, inputs, DATA_VERSION)
+    return DataPlan(key, sources, data.format, data.on_bad_rows, config, inputs)
+
+
+def run_data(store: Path, plan: DataPlan, tokenizer) -> ArtifactResult:
+    """Build the data artifact (tables `pairs` and `rejects`) unless a complete one exists."""
+    from alignheads.tasks.ingest import load_pairs
+
+    def build(staging: Path) -> ArtifactContent:
+        pairs, rejects, info = [], [], {"pairs": {}, "rejects": {}}
+        for split, src in plan.sources.items():
+            p, r = load_pairs(src, split, plan.format, plan.on_bad_rows, tokenizer)
+            pairs.append(p)
+            rejects.append(r)
+            info["pairs"][split] = p.num_rows
+            info["rejects"][split] = r.num_rows
+        tables = {
+            "pairs": write_table(pa.concat_tables(pairs), staging, "pairs"),
+            "rejects": write_table(pa.concat_tables(rejects), staging, "rejects"),
+        }
+        return ArtifactContent(tables=tables, info=info)
+
+    return ensure_artifact(store, STAGE, plan.key, DATA_VERSION, plan.config, plan.inputs, build)
