@@ -1,0 +1,349 @@
+"""Training losses as pure functions: tensors in, tensors out, no model inside.
+
+Shapes use ``B`` (batch), ``T`` (sequence length), ``V`` (vocabulary), ``K`` (top-k of the
+reference cache). "Prediction positions" are the positions whose logits predict a response
+token: the hidden state (and so the logits) at position ``t`` predicts the token at
+``t + 1`` (shift by one), so a response token at ``t + 1`` is scored by the logits at ``t``.
+All reductions run in float32 (or wider, if the inputs are wider).
+
+The maths (DESIGN.md):
+
+* ``logp(y|x) = Σ_t log softmax(z_t)[y_t]`` over response tokens only.
+* DPO: ``L_pref = −log σ(β[(logp_π(y_w) − logp_ref(y_w)) − (logp_π(y_l) − logp_ref(y_l))])``.
+* KL to the reference: exact ``KL(p_ref ‖ softmax(z))`` or the top-k + tail estimate
+  ``Σ_{j≤k} p_j (ℓ_j − q_j) + r (log r − log r_q)``.
+* IAV: ``L = L_pref + λ_kl · ½(KL_chosen + KL_rejected) + λ_l2 · mean‖a_t‖²``.
+* CALM: ``L = L_pref + λ_l2 · mean‖v_t‖² − λ_var · Var(s) − λ_ent · mean H(π_t)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CALMLoss",
+    "CALMWeights",
+    "DPOOutput",
+    "IAVLoss",
+    "IAVWeights",
+    "PreferenceLogps",
+    "calm_loss",
+    "dpo_loss",
+    "exact_kl",
+    "iav_loss",
+    "masked_mean",
+    "masked_variance",
+    "mean_entropy",
+    "mean_squared_norm",
+    "prediction_mask",
+    "sequence_logprobs",
+    "token_logprobs",
+    "topk_tail_kl",
+]
+
+
+def _wide(x: Tensor) -> Tensor:
+    """Float32 at least (keeps float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over the entries where ``mask`` is true.
+
+    values: any shape ``S``; mask: bool or 0/1 of shape ``S``. Returns a scalar. Masked-out
+    entries are ignored even when they are NaN or infinite. An empty mask gives 0.
+    """
+    mask = mask.bool()
+    values = _wide(values)
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / mask.sum().clamp(min=1).to(values.dtype)
+
+
+def masked_variance(values: Tensor, mask: Tensor) -> Tensor:
+    """Population variance ``mean((x − mean x)²)`` over the entries where ``mask`` is true.
+
+    values, mask: shape ``S``. Returns a scalar; an empty mask gives 0.
+    """
+    mask = mask.bool()
+    mean = masked_mean(values, mask)
+    return masked_mean((_wide(values) - mean) ** 2, mask)
+
+
+def prediction_mask(target_mask: Tensor) -> Tensor:
+    """Mask of the positions whose logits predict a masked-in token.
+
+    target_mask: ``(B, T)``, true on the tokens to score (e.g. response tokens).
+    Returns a bool ``(B, T)`` with ``out[:, t] = target_mask[:, t + 1]`` and the last column
+    false (the last position predicts nothing inside the sequence).
+    """
+    target_mask = target_mask.bool()
+    out = torch.zeros_like(target_mask)
+    out[:, :-1] = target_mask[:, 1:]
+    return out
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """``log softmax(logits)[target]`` for each position, without shifting.
+
+    logits: ``(..., V)``; targets: ``(...)`` integer ids. Returns ``(...)`` float32.
+    Computed as ``z[y] − logsumexp(z)`` so no ``(..., V)`` log-softmax is materialised.
+    """
+    logits = _wide(logits)
+    picked = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """Summed log-probability of the response tokens of each sequence.
+
+    logits: ``(B, T, V)`` from a forward pass over ``input_ids`` (prompt + response);
+    input_ids: ``(B, T)``; response_mask: ``(B, T)``, true on response tokens (prompt and
+    padding false). The logits at ``t`` score the token at ``t + 1``, so
+    ``out[b] = Σ_{t ≥ 1, mask[b, t]} log softmax(logits[b, t − 1])[input_ids[b, t]]``.
+    A response token at position 0 has no predicting position and is not counted.
+    Returns ``(B,)``.
+    """
+    per_token = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return torch.where(response_mask[:, 1:].bool(), per_token, torch.zeros_like(per_token)).sum(-1)
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+@dataclass(frozen=True)
+class DPOOutput:
+    """Per-pair DPO losses and implicit rewards, all ``(B,)``.
+
+    ``chosen_rewards = β(logp_π(y_w) − logp_ref(y_w))``, likewise for rejected, and
+    ``losses = −log σ(chosen_rewards − rejected_rewards)``.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+    @property
+    def margins(self) -> Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+) -> DPOOutput:
+    """DPO per pair. All inputs ``(B,)`` summed response log-probs; returns ``(B,)`` tensors."""
+    chosen = beta * (_wide(policy_chosen) - _wide(ref_chosen))
+    rejected = beta * (_wide(policy_rejected) - _wide(ref_rejected))
+    return DPOOutput(
+        losses=-F.logsigmoid(chosen - rejected), chosen_rewards=chosen, rejected_rewards=rejected
+    )
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def exact_kl(ref_logits: Tensor, policy_logits: Tensor) -> Tensor:
+    """``KL(p_ref ‖ softmax(policy_logits))`` per position.
+
+    ref_logits, policy_logits: ``(..., V)`` logits or log-probs (both are normalised here).
+    Returns ``(...)``: ``Σ_v p_ref(v) (log p_ref(v) − log q(v))``, with ``0 log 0 = 0``.
+    """
+    ref_lp = torch.log_softmax(_wide(ref_logits), dim=-1)
+    pol_lp = torch.log_softmax(_wide(policy_logits), dim=-1)
+    p = ref_lp.exp()
+    terms = torch.where(p > 0, p * (ref_lp - pol_lp), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def topk_tail_kl(ref_topk_ids: Tensor, ref_topk_logprobs: Tensor, policy_logits: Tensor) -> Tensor:
+    """Top-k + tail estimate of ``KL(p_ref ‖ softmax(policy_logits))`` per position.
+
+    ref_topk_ids: ``(..., K)`` distinct token ids; ref_topk_logprobs: ``(..., K)`` the
+    reference's log-probs ``ℓ_j`` of those ids, normalised over the full vocabulary;
+    policy_logits: ``(..., V)``. Returns ``(...)``::
+
+        Σ_{j≤K} p_j (ℓ_j − q_j) + r (log r − log r_q)
+
+    with ``p_j = exp ℓ_j``, ``q_j = log softmax(z)[id_j]``, ``r = 1 − Σ p_j`` (computed as
+    ``−expm1(logsumexp ℓ)``, clamped at 0) the reference's mass outside the ids and ``r_q``
+    the policy's mass outside the same ids, from a masked logsumexp of the policy's
+    log-probs (never ``1 − Σ``). It is the exact KL between the two (K+1)-bucket
+    distributions, so it never exceeds the full KL and equals it when the ids cover the
+    vocabulary (then the tail term is 0).
+    """
+    pol_lp = torch.log_softmax(_wide(policy_logits), dim=-1)
+    ref_lp = _wide(ref_topk_logprobs)
+    ids = ref_topk_ids.long()
+
+    q_top = pol_lp.gather(-1, ids)
+    p_top = ref_lp.exp()
+    head = (p_top * (ref_lp - q_top)).sum(-1)
+
+    r = (-torch.expm1(torch.logsumexp(ref_lp, dim=-1))).clamp(min=0)
+    tail = torch.ones_like(pol_lp, dtype=torch.bool).scatter(-1, ids, False)
+    has_tail = tail.any(-1)
+    neg_inf = torch.full((), float("-inf"), dtype=pol_lp.dtype, device=pol_lp.device)
+    tail_lp = torch.where(tail, pol_lp, neg_inf)
+    # rows without a tail get finite dummies, so neither value nor gradient turns into NaN
+    tail_lp = torch.where(has_tail.unsqueeze(-1), tail_lp, torch.zeros_like(tail_lp))
+    log_rq = torch.logsumexp(tail_lp, dim=-1)
+
+    use = has_tail & (r > 0)
+    safe_r = torch.where(use, r, torch.ones_like(r))
+    safe_log_rq = torch.where(use, log_rq, torch.zeros_like(log_rq))
+    tail_term = torch.where(use, safe_r * (safe_r.log() - safe_log_rq), torch.zeros_like(r))
+    return head + tail_term
+
+
+# --------------------------------------------------------------------------- regularisers
+
+
+def mean_squared_norm(vectors: Tensor, mask: Tensor) -> Tensor:
+    """``mean_t ‖x_t‖²`` over masked-in positions.
+
+    vectors: ``(..., D)`` (e.g. IAV's ``a_t = W_a h_t`` or CALM's ``v_t``, ``D = V``);
+    mask: ``(...)``. Returns a scalar.
+    """
+    return masked_mean(_wide(vectors).pow(2).sum(-1), mask)
+
+
+def mean_entropy(logits: Tensor, mask: Tensor) -> Tensor:
+    """``mean_t H(softmax(z_t))`` over masked-in positions. logits ``(..., V)``, mask ``(...)``."""
+    lp = torch.log_softmax(_wide(logits), dim=-1)
+    p = lp.exp()
+    ent = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
+    return masked_mean(ent, mask)
+
+
+# --------------------------------------------------------------------------- totals
+
+
+@dataclass(frozen=True)
+class PreferenceLogps:
+    """Summed response log-probs, each ``(B,)``: policy (π at α = 1) and reference."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+
+    def dpo(self, beta: float) -> DPOOutput:
+        return dpo_loss(self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected, beta)
+
+
+@dataclass(frozen=True)
+class IAVWeights:
+    """IAV loss weights (seed defaults)."""
+
+    beta: float = 0.1
+    kl: float = 0.1
+    l2: float = 0.01
+
+
+@dataclass(frozen=True)
+class CALMWeights:
+    """CALM loss weights (seed defaults)."""
+
+    beta: float = 0.1
+    l2: float = 0.001
+    var: float = 0.01
+    ent: float = 0.01
+
+
+def _reward_metrics(dpo: DPOOutput) -> dict[str, float]:
+    return {
+        "reward_chosen": dpo.chosen_rewards.mean().item(),
+        "reward_rejected": dpo.rejected_rewards.mean().item(),
+        "reward_margin": dpo.margins.mean().item(),
+        "reward_accuracy": (dpo.margins > 0).float().mean().item(),
+    }
+
+
+@dataclass(frozen=True)
+class IAVLoss:
+    """IAV total and its components (scalars) plus the per-pair DPO output."""
+
+    loss: Tensor
+    pref: Tensor
+    kl: Tensor
+    l2: Tensor
+    dpo: DPOOutput = field(repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats for logging: loss, pref, kl, l2 and reward statistics."""
+        out = {k: getattr(self, k).item() for k in ("loss", "pref", "kl", "l2")}
+        return out | _reward_metrics(self.dpo)
+
+
+@dataclass(frozen=True)
+class CALMLoss:
+    """CALM total and its components (scalars) plus the per-pair DPO output."""
+
+    loss: Tensor
+    pref: Tensor
+    l2: Tensor
+    strength_var: Tensor
+    entropy: Tensor
+    dpo: DPOOutput = field(repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats for logging: loss, pref, l2, strength_var, entropy and rewards."""
+        out = {k: getattr(self, k).item() for k in ("loss", "pref", "l2", "strength_var", "entropy")}
+        return out | _reward_metrics(self.dpo)
+
+
+def iav_loss(
+    logps: PreferenceLogps,
+    kl_chosen: Tensor,
+    kl_rejected: Tensor,
+    align_sq_norm: Tensor,
+    weights: IAVWeights = IAVWeights(),  # noqa: B008 - frozen dataclass
+) -> IAVLoss:
+    """``L = mean_b L_pref + λ_kl · ½(KL_chosen + KL_rejected) + λ_l2 · mean‖a_t‖²``.
+
+    logps: ``(B,)`` summed response log-probs (policy at α = 1); kl_chosen / kl_rejected:
+    scalars, mean per-token KL of the base head to the reference over the response
+    prediction positions of the chosen / rejected sequences (:func:`exact_kl` or
+    :func:`topk_tail_kl` then :func:`masked_mean`); align_sq_norm: scalar
+    ``mean‖a_t‖²`` (:func:`mean_squared_norm` of ``W_a h_t``).
+    """
+    dpo = logps.dpo(weights.beta)
+    pref = dpo.losses.mean()
+    kl = 0.5 * (_wide(kl_chosen) + _wide(kl_rejected))
+    l2 = _wide(align_sq_norm)
+    loss = pref + weights.kl * kl + weights.l2 * l2
+    return IAVLoss(loss=loss, pref=pref, kl=kl, l2=l2, dpo=dpo)
+
+
+def calm_loss(
+    logps: PreferenceLogps,
+    modulation_sq_norm: Tensor,
+    strength_var: Tensor,
+    entropy: Tensor,
+    weights: CALMWeights = CALMWeights(),  # noqa: B008 - frozen dataclass
+) -> CALMLoss:
+    """``L = mean_b L_pref + λ_l2 · mean‖v_t‖² − λ_var · Var(s) − λ_ent · mean H(π_t)``.
+
+    logps: ``(B,)`` summed response log-probs (policy at α = 1); modulation_sq_norm:
+    scalar ``mean‖v_t‖²``; strength_var: scalar ``Var(s_t)`` (:func:`masked_variance`);
+    entropy: scalar ``mean H(π_t)`` of the policy at α = 1 (:func:`mean_entropy`), all over
+    the response prediction positions.
+    """
+    dpo = logps.dpo(weights.beta)
+    pref = dpo.losses.mean()
+    l2, var, ent = _wide(modulation_sq_norm), _wide(strength_var), _wide(entropy)
+    loss = pref + weights.l2 * l2 - weights.var * var - weights.ent * ent
+    return CALMLoss(loss=loss, pref=pref, l2=l2, strength_var=var, entropy=ent, dpo=dpo)

@@ -1,0 +1,191 @@
+"""The aligned LM: a Hugging Face causal LM whose output layer is a trained head with a dial α.
+
+``AlignedLM(model, head)`` replaces ``model``'s output layer (``lm_head``) by a
+:class:`SteeredLMHead` computing ``z(α)``; the model object stays a normal transformers
+model, so its own ``generate()`` works unchanged (KV cache, greedy, sampling, beam search,
+left-padded batches, streamers). α is any float: 0 gives the head's base logits (for a
+fresh head, and always for CALM, the LM's own logits exactly), negative values steer away.
+α is a plain attribute of the wrapper: set it, use :meth:`AlignedLM.use_alpha`, or pass
+``alpha=`` to :meth:`AlignedLM.generate` / :meth:`AlignedLM.forward`. α and the per-call
+bookkeeping of the token context are shared by all threads: run one forward/generate at a
+time per wrapper (a streamer's generate thread is fine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignheads.models.context import TokenContext, token_context
+from alignheads.models.decoding import ContextTracker
+from alignheads.models.head_base import LogitHead, SteeringOutput
+from alignheads.models.recording import StepRecorder
+
+__all__ = ["AlignedLM", "SteeredLMHead"]
+
+
+class SteeredLMHead(nn.Module):
+    """Stands in for the LM's output layer: hidden ``(B, T, H)`` → ``z(α)`` ``(B, T, V)``."""
+
+    def __init__(
+        self,
+        head: LogitHead,
+        frozen_head: nn.Module,
+        context_source: Callable[[int], TokenContext] | None,
+        alpha: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.head = head
+        self.frozen_head = frozen_head
+        self.alpha = float(alpha)
+        self._context_source = context_source
+        self.recorder: StepRecorder | None = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        context = self._context_source(hidden.shape[1]) if self._context_source is not None else None
+        if self.recorder is None:
+            return self.head.logits(hidden, self.alpha, frozen_head=self.frozen_head, context=context)
+        output = self.head(hidden, frozen_head=self.frozen_head, context=context)
+        logits = output.logits(self.alpha)
+        self.recorder.observe(output, logits, self.frozen_head(hidden))
+        return logits
+
+
+def _sizes(module: nn.Module) -> tuple[int, int]:
+    weight = module.weight
+    return weight.shape[0], weight.shape[1]
+
+
+class AlignedLM(nn.Module):
+    """A causal LM (``transformers`` ``PreTrainedModel``) steered by ``head``.
+
+    Building it installs the head into ``model`` in place (``model.get_output_embeddings()``
+    becomes the :class:`SteeredLMHead`); :meth:`remove` puts the original layer back.
+    ``aligned.model`` is the transformers model: use its ``generate()`` directly, or
+    :meth:`generate` here to choose α per call.
+    """
+
+    def __init__(self, model: nn.Module, head: LogitHead, *, alpha: float = 1.0) -> None:
+        super().__init__()
+        original = model.get_output_embeddings()
+        if isinstance(original, SteeredLMHead):
+            raise ValueError("this model already carries a head; call .remove() on its AlignedLM first")
+        vocab, hidden = _sizes(original)
+        cfg = head.config
+        if (cfg.vocab_size, cfg.hidden_size) != (vocab, hidden):
+            raise ValueError(
+                f"head sized for vocabulary {cfg.vocab_size} x hidden {cfg.hidden_size}, "
+                f"but the model's output layer is vocabulary {vocab} x hidden {hidden}"
+            )
+        self._tracker = ContextTracker(model) if head.needs_token_context else None
+        source = self._tracker.take if self._tracker is not None else None
+        self.model = model
+        # reachable as self.model's output layer; kept out of this module's own registry so
+        # its parameters are not listed twice in state_dict()
+        self.__dict__["steered"] = SteeredLMHead(head, original, source, alpha)
+        model.set_output_embeddings(self.steered)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def head(self) -> LogitHead:
+        return self.steered.head
+
+    @property
+    def frozen_head(self) -> nn.Module:
+        """The LM's own output layer (what α = 0 gives for CALM)."""
+        return self.steered.frozen_head
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer whose last hidden states feed the output layer."""
+        return self.model.base_model
+
+    # ------------------------------------------------------------------ α
+    @property
+    def alpha(self) -> float:
+        return self.steered.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self.steered.alpha = float(value)
+
+    @contextmanager
+    def use_alpha(self, alpha: float | None) -> Iterator[AlignedLM]:
+        """Set α inside the block (``None`` keeps the current one) and restore it after."""
+        previous = self.alpha
+        if alpha is not None:
+            self.alpha = alpha
+        try:
+            yield self
+        finally:
+            self.alpha = previous
+
+    @contextmanager
+    def original_lm(self) -> Iterator[nn.Module]:
+        """Inside the block ``self.model`` is the plain LM (its own output layer)."""
+        self.model.set_output_embeddings(self.frozen_head)
+        try:
+            yield self.model
+        finally:
+            self.model.set_output_embeddings(self.steered)
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
+        """``self.model(*args, **kwargs)`` at ``alpha`` (default: the current α)."""
+        with self.use_alpha(alpha):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
+        """``self.model.generate(*args, **kwargs)`` at ``alpha`` (default: the current α)."""
+        with self.use_alpha(alpha):
+            return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def recording(self) -> Iterator[StepRecorder]:
+        """Record per-step head statistics and KL to the LM inside the block (see StepRecorder)."""
+        recorder = StepRecorder()
+        self.steered.recorder = recorder
+        try:
+            yield recorder
+        finally:
+            self.steered.recorder = None
+
+    def head_outputs(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
+    ) -> SteeringOutput:
+        """All head outputs at every position of full sequences (training, analysis).
+
+        Runs the (frozen) backbone once without gradients and without a KV cache, then the
+        head (with gradients, when enabled) on ``input_ids (B, T)``; ``.logits(α)`` of the
+        result gives ``z(α)`` ``(B, T, V)`` for any α.
+        """
+        with torch.no_grad():
+            outputs = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+            )
+        return self.outputs_for_hidden(outputs.last_hidden_state, attention_mask)
+
+    def outputs_for_hidden(self, hidden: Tensor, attention_mask: Tensor | None = None) -> SteeringOutput:
+        """The head's outputs for last hidden states ``(B, T, H)`` of full sequences
+        (e.g. cached by the reference pass); ``attention_mask (B, T)`` marks real tokens."""
+        context = token_context(hidden, attention_mask) if self.head.needs_token_context else None
+        return self.head(hidden, frozen_head=self.frozen_head, context=context)
+
+    # ------------------------------------------------------------------ undo
+    def remove(self) -> nn.Module:
+        """Put the LM's own output layer back, unhook, and return the plain model."""
+        if self._tracker is not None:
+            self._tracker.remove()
+            self._tracker = None
+        self.model.set_output_embeddings(self.frozen_head)
+        return self.model
+
+    @torch.no_grad()
+    def base_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Logits of the plain LM (its own output layer) for ``input_ids (B, T)`` → ``(B, T, V)``."""
+        with self.original_lm() as lm:
+            return lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits

@@ -1,0 +1,159 @@
+"""The losses on small hand-computed inputs, and the top-k + tail KL's bound as a property."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alignheads.losses import (
+    CALMWeights,
+    IAVWeights,
+    PreferenceLogps,
+    calm_loss,
+    dpo_loss,
+    exact_kl,
+    iav_loss,
+    masked_mean,
+    masked_variance,
+    mean_entropy,
+    mean_squared_norm,
+    prediction_mask,
+    sequence_logprobs,
+    token_logprobs,
+    topk_tail_kl,
+)
+
+LN = math.log
+T = torch.tensor
+
+
+def close(a: torch.Tensor, b: float | list, tol: float = 1e-6) -> bool:
+    return torch.allclose(a.double(), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0)
+
+
+def test_sequence_logprobs_shift_by_one_and_mask_the_prompt() -> None:
+    """V = 2, tokens [0, 1, 0, 1]; logits at t: [0, 0], [ln 3, 0], [0, ln 3], [9, 9].
+    softmax: [½, ½], [¾, ¼], [¼, ¾]. The logits at t score token t + 1:
+    t=0 → token 1: ln ½;  t=1 → token 0: ln ¾;  t=2 → token 1: ln ¾; t=3 scores nothing.
+    Response = tokens 2, 3 (token 1 is prompt): ln ¾ + ln ¾ = ln(9/16) = −0.575364.
+    Response = tokens 1..3: ln ½ + 2 ln ¾ = ln(9/32) = −1.268511."""
+    logits = T([[[0.0, 0.0], [LN(3), 0.0], [0.0, LN(3)], [9.0, 9.0]]])
+    ids = T([[0, 1, 0, 1]])
+    assert close(token_logprobs(logits[:, :-1], ids[:, 1:]), [[LN(0.5), LN(0.75), LN(0.75)]])
+    assert close(sequence_logprobs(logits, ids, T([[0, 0, 1, 1]])), [LN(9 / 16)])
+    assert close(sequence_logprobs(logits, ids, T([[0, 1, 1, 1]])), [LN(9 / 32)])
+    # padding (mask 0) is ignored even where its logits are garbage
+    bad = logits.clone()
+    bad[0, 0] = float("nan")
+    assert close(sequence_logprobs(bad, ids, T([[0, 0, 1, 1]])), [LN(9 / 16)])
+    assert prediction_mask(T([[0, 0, 1, 1]])).tolist() == [[False, True, True, False]]
+
+
+def test_dpo_loss_and_rewards() -> None:
+    """β = 0.1; π: chosen −1, rejected −3; ref: −2, −2.
+    chosen reward = 0.1·(−1 − (−2)) = 0.1; rejected = 0.1·(−3 − (−2)) = −0.1; margin 0.2;
+    loss = −ln σ(0.2) = ln(1 + e^−0.2) = ln(1.818730753) = 0.598138869.
+    Second pair: all equal → margin 0 → ln 2 = 0.693147181."""
+    out = dpo_loss(T([-1.0, -5.0]), T([-3.0, -5.0]), T([-2.0, -5.0]), T([-2.0, -5.0]), beta=0.1)
+    assert close(out.chosen_rewards, [0.1, 0.0]) and close(out.rejected_rewards, [-0.1, 0.0])
+    assert close(out.losses, [0.598138869, LN(2)])
+    assert close(out.margins, [0.2, 0.0])
+
+
+def test_exact_kl() -> None:
+    """p = [½, ½], q = softmax([ln 3, 0]) = [¾, ¼]:
+    KL = ½ ln(½/¾) + ½ ln(½/¼) = ½ ln(4/3) = 0.143841036.
+    p = softmax([0, −inf]) = [1, 0] (0 · log 0 = 0), q = [½, ½]: KL = ln 2."""
+    assert close(exact_kl(T([[0.0, 0.0]]), T([[LN(3), 0.0]])), [0.143841036])
+    assert close(exact_kl(T([0.0, float("-inf")]), T([0.0, 0.0])), LN(2))
+    assert close(exact_kl(T([1.0, 2.0, 3.0]), T([1.0, 2.0, 3.0])), 0.0)
+
+
+def test_topk_tail_kl_by_hand() -> None:
+    """p_ref = [.5, .25, .125, .125], q = [.25, .25, .4, .1], top-2 ids [0, 1].
+    head  = .5 ln(.5/.25) + .25 ln(.25/.25)            = .5 ln 2     = 0.346574
+    tail: r = .25, r_q = .4 + .1 = .5 → .25 ln(.25/.5) = −.25 ln 2   = −0.173287
+    total = .25 ln 2 = 0.173287.
+    Exact: .346574 + .125 ln(.125/.4) + .125 ln(.125/.1) = .346574 − .117501 = 0.229073."""
+    ref_lp = torch.log(T([0.5, 0.25, 0.125, 0.125]))
+    policy = torch.log(T([0.25, 0.25, 0.4, 0.1]))
+    ids = T([0, 1])
+    assert close(topk_tail_kl(ids, ref_lp[ids], policy), 0.25 * LN(2))
+    assert close(exact_kl(ref_lp, policy), 0.229073, tol=1e-6)
+    # order of the ids does not matter; k = V gives the exact KL
+    assert close(topk_tail_kl(T([1, 0]), ref_lp[T([1, 0])], policy), 0.25 * LN(2))
+    all_ids = T([2, 0, 3, 1])
+    assert close(topk_tail_kl(all_ids, ref_lp[all_ids], policy), 0.229073)
+
+
+def test_topk_tail_kl_gradients_are_finite_also_without_tail() -> None:
+    policy = torch.randn(3, 5, requires_grad=True)
+    ref_lp = torch.log_softmax(torch.randn(3, 5), -1)
+    ids = torch.argsort(ref_lp, -1, descending=True)
+    for k in (2, 5):
+        policy.grad = None
+        topk_tail_kl(ids[:, :k], ref_lp.gather(-1, ids[:, :k]), policy).sum().backward()
+        assert torch.isfinite(policy.grad).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    vocab=st.integers(2, 12),
+    data=st.data(),
+    scale=st.floats(0.1, 8.0),
+)
+def test_topk_tail_kl_never_exceeds_exact_and_equals_it_at_full_k(vocab: int, data, scale: float) -> None:
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    k = data.draw(st.integers(1, vocab))
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.randn(4, vocab, generator=gen, dtype=torch.float64) * scale
+    policy = torch.randn(4, vocab, generator=gen, dtype=torch.float64) * scale
+    ref_lp = torch.log_softmax(ref, -1)
+    top_lp, top_ids = ref_lp.topk(k, dim=-1)
+    estimate = topk_tail_kl(top_ids, top_lp, policy)
+    exact = exact_kl(ref, policy)
+    assert (estimate >= -1e-12).all()
+    assert (estimate <= exact + 1e-9).all()
+    if k == vocab:
+        assert torch.allclose(estimate, exact, atol=1e-9, rtol=0)
+
+
+def test_reductions() -> None:
+    """‖[3, 4]‖² = 25 (the masked-out [1, 1] is ignored).
+    Var of [1, 2, 3] (100 masked out): mean 2, ((1)² + 0 + (1)²)/3 = 2/3.
+    Entropy of softmax([0, 0]) = ln 2, of softmax([0, −inf]) = 0: mean ln 2 / 2 = 0.346574."""
+    assert close(mean_squared_norm(T([[3.0, 4.0], [1.0, 1.0]]), T([1, 0])), 25.0)
+    assert close(masked_variance(T([1.0, 2.0, 3.0, 100.0]), T([1, 1, 1, 0])), 2 / 3)
+    assert close(mean_entropy(T([[0.0, 0.0], [0.0, float("-inf")]]), T([1, 1])), LN(2) / 2)
+    assert close(masked_mean(T([1.0, float("nan"), 5.0]), T([1, 0, 1])), 3.0)
+    assert close(masked_mean(T([1.0]), T([0])), 0.0)
+
+
+def test_iav_total() -> None:
+    """DPO pair from test_dpo_loss_and_rewards (0.598138869); KL_chosen .2, KL_rejected .4,
+    mean‖a‖² = 3: L = .598138869 + 0.1 · ½(.2 + .4) + 0.01 · 3 = .598138869 + .03 + .03
+    = 0.658138869."""
+    logps = PreferenceLogps(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]))
+    out = iav_loss(logps, T(0.2), T(0.4), T(3.0))
+    assert close(out.loss, 0.658138869) and close(out.kl, 0.3) and close(out.l2, 3.0)
+    assert close(out.pref, 0.598138869)
+    metrics = out.metrics()
+    assert metrics["reward_accuracy"] == 1.0 and metrics["reward_margin"] == pytest.approx(0.2)
+    assert set(metrics) >= {"loss", "pref", "kl", "l2"}
+    custom = iav_loss(logps, T(0.2), T(0.4), T(3.0), IAVWeights(beta=0.1, kl=1.0, l2=0.0))
+    assert close(custom.loss, 0.598138869 + 0.3)
+
+
+def test_calm_total() -> None:
+    """Same DPO pair (0.598138869); mean‖v‖² = 5, Var(s) = 2, mean H = 1.5:
+    L = .598138869 + 0.001·5 − 0.01·2 − 0.01·1.5 = .598138869 + .005 − .02 − .015 = 0.568138869."""
+    logps = PreferenceLogps(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]))
+    out = calm_loss(logps, T(5.0), T(2.0), T(1.5))
+    assert close(out.loss, 0.568138869)
+    assert set(out.metrics()) >= {"loss", "pref", "l2", "strength_var", "entropy", "reward_accuracy"}
+    assert CALMWeights() == CALMWeights(beta=0.1, l2=0.001, var=0.01, ent=0.01)
+    assert IAVWeights() == IAVWeights(beta=0.1, kl=0.1, l2=0.01)
