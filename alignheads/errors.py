@@ -1,0 +1,16 @@
+"""Errors that are the user's to fix: the CLI prints their message instead of a traceback."""
+
+from __future__ import annotations
+
+from alignheads.config import ConfigError
+from alignheads.storage.manifest import ArtifactError
+from alignheads.storage.query import QueryError
+from alignheads.tasks.ingest import DataError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    ArtifactError,
+    QueryError,
+    DataError,
+    FileNotFoundError,
+)

@@ -1,0 +1,45 @@
+"""Loading the model and tokenizer a run names: a Hub id or a local directory (the tiny world's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignheads.config import ModelConfig
+
+WORLD_MODEL_SUBDIR = "model"
+
+
+def model_location(model: ModelConfig, world_dir: Path | None) -> tuple[str, str | None]:
+    """(name_or_path, revision) of the run's model: the configured one, else the world's model dir."""
+    if model.name_or_path is not None:
+        return model.name_or_path, model.revision
+    if world_dir is None:
+        raise ValueError("model.name_or_path is empty and no tiny world was built (world.build is false)")
+    return str(Path(world_dir) / WORLD_MODEL_SUBDIR), None
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """AutoTokenizer from a Hub id or directory; fast tokenizers only (their ids are reproducible)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path} has no EOS token; responses cannot be terminated")
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str, revision: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+):
+    """AutoModelForCausalLM in eval mode, safetensors only (no pickled weights are ever loaded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        revision=revision,
+        dtype=getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    return model.eval()

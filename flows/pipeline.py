@@ -1,0 +1,135 @@
+"""The pipeline flow: world (when configured) -> data -> tokenize, as cached Prefect tasks.
+
+Each task is keyed on its stage's artifact key (hash of config slice + input keys + format
+version). Prefect's persisted cache answers "already done" across processes; if the artifact
+was removed from the store meanwhile, the cache is refreshed and the task rebuilds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from alignheads.config import RunConfig
+from alignheads.loading import load_tokenizer, model_location
+from alignheads.storage.artifacts import ArtifactResult, artifact_dir
+from alignheads.storage.fingerprint import tokenizer_fingerprint
+from alignheads.storage.manifest import MANIFEST
+from alignheads.tasks import data as data_stage
+from alignheads.tasks import tokenize as tokenize_stage
+from alignheads.tasks import world as world_stage
+from alignheads.world.config import WorldConfig
+
+RESULTS_DIR = ".prefect-results"
+
+
+def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str]:
+    """Prefect cache key of a stage's task: the stage's artifact key."""
+
+    def key_fn(context: Any, parameters: dict[str, Any]) -> str:
+        return f"{stage}-{parameters['key']}"
+
+    return key_fn
+
+
+def _outcome(result: ArtifactResult) -> dict[str, Any]:
+    """JSON-serialisable task result (Prefect persists it; nothing is pickled)."""
+    return {
+        "stage": result.stage,
+        "key": result.key,
+        "path": str(result.path),
+        "computed": result.computed,
+        "tables": {name: sum(s.rows for s in shards) for name, shards in result.manifest.tables.items()},
+        "info": result.manifest.info,
+    }
+
+
+def _task_options(stage: str) -> dict[str, Any]:
+    return {
+        "name": stage,
+        "cache_key_fn": stage_cache_key(stage),
+        "persist_result": True,
+        "result_serializer": "json",
+    }
+
+
+@task(**_task_options("world"))
+def world_task(store: str, key: str, world: WorldConfig) -> dict[str, Any]:
+    return _outcome(world_stage.run_world(Path(store), world))
+
+
+@task(**_task_options("data"))
+def data_task(store: str, key: str, plan: dict[str, Any], tokenizer_source: dict[str, Any]) -> dict[str, Any]:
+    tokenizer = load_tokenizer(**tokenizer_source)
+    return _outcome(data_stage.run_data(Path(store), data_stage.DataPlan(**plan), tokenizer))
+
+
+@task(**_task_options("tokenize"))
+def tokenize_task(
+    store: str, key: str, plan: dict[str, Any], tokenizer_source: dict[str, Any]
+) -> dict[str, Any]:
+    tokenizer = load_tokenizer(**tokenizer_source)
+    return _outcome(tokenize_stage.run_tokenize(Path(store), tokenize_stage.TokenizePlan(**plan), tokenizer))
+
+
+def _run_stage(stage_task, store: Path, **params: Any) -> dict[str, Any]:
+    """Run one cached stage; mark whether Prefect's cache, the store, or a fresh build answered."""
+    # A cache record whose artifact was removed from the store must not answer: refresh it.
+    present = (artifact_dir(store, stage_task.name, params["key"]) / MANIFEST).is_file()
+    options = stage_task.with_options(result_storage=store / RESULTS_DIR, refresh_cache=not present)
+    state = options(store=str(store), return_state=True, **params)
+    outcome = dict(state.result())
+    if state.name == "Cached":
+        outcome["status"] = "cached"
+    else:
+        outcome["status"] = "computed" if outcome["computed"] else "reused"
+    return outcome
+
+
+@flow(name="alignheads-pipeline", log_prints=True)
+def pipeline(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # noqa: B008 (UI default)
+    """Run the alignheads pipeline on one run config; returns each stage's artifact and status."""
+    cfg = config.resolved()
+    store = cfg.store
+    store.mkdir(parents=True, exist_ok=True)
+    logger = get_run_logger()
+    outcomes: dict[str, dict[str, Any]] = {}
+
+    world_dir = None
+    if cfg.needs_world:
+        if not cfg.world.build:
+            raise ValueError("model or data come from the tiny world, but world.build is false")
+        outcomes["world"] = _run_stage(
+            world_task, store, key=world_stage.world_key(cfg.world), world=cfg.world
+        )
+        world_dir = Path(outcomes["world"]["path"])
+
+    model_path, revision = model_location(cfg.model, world_dir)
+    tokenizer_source = {
+        "name_or_path": model_path,
+        "revision": revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    tok_fp = tokenizer_fingerprint(load_tokenizer(**tokenizer_source))
+
+    world_key = outcomes.get("world", {}).get("key")
+    dplan = data_stage.plan_data(cfg.data, world_dir, world_key, tok_fp)
+    outcomes["data"] = _run_stage(
+        data_task, store, key=dplan.key, plan=dplan.__dict__, tokenizer_source=tokenizer_source
+    )
+    rejected = sum(outcomes["data"]["info"].get("rejects", {}).values())
+    if rejected:
+        logger.warning("%d bad rows skipped and recorded in the rejects table", rejected)
+
+    tplan = tokenize_stage.plan_tokenize(
+        cfg.tokenize, outcomes["data"]["key"], outcomes["data"]["path"], tok_fp
+    )
+    outcomes["tokenize"] = _run_stage(
+        tokenize_task, store, key=tplan.key, plan=tplan.__dict__, tokenizer_source=tokenizer_source
+    )
+    for name, outcome in outcomes.items():
+        logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
+    return outcomes
