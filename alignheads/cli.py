@@ -82,6 +82,29 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from alignheads.models.merge import merge_iav
+
+    cfg = _config(args)
+    try:
+        out = merge_iav(
+            args.heads,
+            args.alpha,
+            args.out,
+            base_model=args.base,
+            dtype=args.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            ignore_base_id=args.ignore_base_id,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError) as exc:  # wrong head type, mismatched base, output taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"merged IAV head at alpha={args.alpha:g} into a plain Hugging Face checkpoint: {out}")
+    print(f"  load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignheads",
@@ -112,6 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
     _add_config_args(p)
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser(
+        "merge",
+        help="fold a trained IAV head into a plain Hugging Face checkpoint at one alpha",
+        description="Write a plain Hugging Face checkpoint (model + tokenizer) whose lm_head is "
+        "W_b + alpha * W_a; it decodes at exactly the base model's cost in any engine.",
+    )
+    p.add_argument("--heads", type=Path, required=True, help="trained IAV head directory (head_config.json)")
+    p.add_argument("--alpha", type=float, required=True, help="alignment strength to bake in")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
+    p.add_argument(
+        "--base", default=None, help="base model id or directory (default: the one the head records)"
+    )
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="export dtype")
+    p.add_argument(
+        "--ignore-base-id", action="store_true", help="accept a base whose id differs from the head's"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alignheads.config import ConfigError
+from alignheads.models.head_io import HeadFormatError, HeadMismatchError
 from alignheads.storage.manifest import ArtifactError
 from alignheads.storage.query import QueryError
 from alignheads.tasks.ingest import DataError
@@ -12,5 +13,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ArtifactError,
     QueryError,
     DataError,
+    HeadFormatError,
+    HeadMismatchError,
     FileNotFoundError,
 )

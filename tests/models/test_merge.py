@@ -69,3 +69,25 @@ def test_merge_refuses_calm_heads_and_existing_outputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocabulary size: head 100, base 90"):
         merge_iav(iav_dir, 1.0, tmp_path / "out", base_model=other, ignore_base_id=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_command_line(tmp_path: Path, capsys) -> None:
+    """`alignheads merge --heads DIR --alpha A --out DIR`, as a user runs it."""
+    from alignheads.cli import main
+
+    base_dir = base_checkpoint(tmp_path, tied=False)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    head = randomise(make_head("iav", model))
+    heads_dir = save_head(head, tmp_path / "iav", base_model=model)
+    out = tmp_path / "merged"
+    assert main(["merge", "--heads", str(heads_dir), "--alpha", "0.5", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    expected = head.base.weight.detach() + 0.5 * head.align.weight.detach()
+    assert torch.allclose(merged.get_output_embeddings().weight, expected, atol=1e-6)
+
+    assert main(["merge", "--heads", str(heads_dir), "--alpha", "1", "--out", str(out)]) == 1
+    assert "merged exists" in capsys.readouterr().err
+    calm_dir = save_head(make_head("calm", model), tmp_path / "calm", base_model=model)
+    assert main(["merge", "--heads", str(calm_dir), "--alpha", "1", "--out", str(tmp_path / "x")]) == 1
+    assert "only IAV heads merge" in capsys.readouterr().err
