@@ -71,9 +71,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     cfg = _config(args)
     table = run_query(cfg.store, args.sql)
     if args.format == "csv":
-        import pyarrow.csv as pacsv
+        import csv
 
-        pacsv.write_csv(table, sys.stdout.buffer, pacsv.WriteOptions(quoting_style="needed"))
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for row in table.to_pylist():
+            writer.writerow(["" if v is None else v for v in row.values()])
     elif args.format == "json":
         for row in table.to_pylist():
             print(json.dumps(row, default=str, ensure_ascii=False))

@@ -70,6 +70,49 @@ class TokenizeConfig(_Section):
     )
 
 
+class RefPassConfig(_Section):
+    """The reference pass: per response token, the reference model's log-prob of the actual token
+    and its top-k distribution, cached as sharded Parquet (the `refcache` table)."""
+
+    k: int = Field(
+        64,
+        ge=1,
+        description="Top-k reference log-probs kept per response token (at most the vocabulary size)",
+    )
+    dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage dtype of the top-k log-probs (and of nothing else)"
+    )
+    store_hidden: bool = Field(
+        False,
+        description="Also store the float16 last hidden state predicting each response token "
+        "(heads can then train without the backbone; large: hidden_size x 2 bytes per token)",
+    )
+    reference_model: str | None = Field(
+        None,
+        description="Hub id or local directory of the reference model; empty uses the run's own "
+        "model with its own lm_head. Its tokenizer must be identical to the run's.",
+    )
+    reference_revision: str | None = Field(
+        None, description="Hub revision of reference_model (pin it: the cache key records it)"
+    )
+    batch_size: int = Field(16, gt=0, description="Sequences per forward pass (length-sorted batches)")
+    pairs_per_shard: int = Field(
+        512, gt=0, description="Preference pairs per shard (the unit of parallel work and of resume)"
+    )
+    device: str = Field(
+        "auto", description="Torch device for the reference model: auto, cpu, cuda, cuda:1, ..."
+    )
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="Prefect task runner the shards are mapped over"
+    )
+    max_workers: int = Field(1, gt=0, description="Shards computed at once (threads, or Dask worker threads)")
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler of an existing Dask cluster (e.g. tcp://127.0.0.1:8786); empty starts "
+        "an in-process local cluster",
+    )
+
+
 class RunConfig(_Section):
     """A whole pipeline run."""
 
@@ -81,6 +124,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    refpass: RefPassConfig = Field(default_factory=RefPassConfig)
 
     @field_validator("name")
     @classmethod

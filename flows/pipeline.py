@@ -1,8 +1,13 @@
-"""The pipeline flow: world (when configured) -> data -> tokenize, as cached Prefect tasks.
+"""The pipeline flow: world (when configured) -> data -> tokenize -> refpass, as cached Prefect tasks.
 
 Each task is keyed on its stage's artifact key (hash of config slice + input keys + format
 version). Prefect's persisted cache answers "already done" across processes; if the artifact
 was removed from the store meanwhile, the cache is refreshed and the task rebuilds it.
+
+The reference pass is mapped over its shards: a sub-flow submits one `refpass-shard` task per
+shard (cached on the artifact key and the shard index) to the configured task runner (threads,
+or Dask via prefect-dask), then the `refpass` task finalizes the artifact. Shards already done
+on disk are not recomputed, whichever process computed them.
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from alignheads.config import RunConfig
+from alignheads.config import RefPassConfig, RunConfig
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.artifacts import ArtifactResult, artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST
 from alignheads.tasks import data as data_stage
+from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import world as world_stage
 from alignheads.world.config import WorldConfig
@@ -75,10 +82,78 @@ def tokenize_task(
     return _outcome(tokenize_stage.run_tokenize(Path(store), tokenize_stage.TokenizePlan(**plan), tokenizer))
 
 
-def _run_stage(stage_task, store: Path, **params: Any) -> dict[str, Any]:
+def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key of a refpass shard task: the artifact key and the shard index."""
+    return f"refpass-{parameters['key']}-shard-{parameters['index']:05d}"
+
+
+@task(name="refpass-shard", cache_key_fn=shard_cache_key, persist_result=True, result_serializer="json")
+def refpass_shard_task(store: str, key: str, plan: dict[str, Any], index: int) -> dict[str, Any]:
+    outcome = refpass_stage.run_refpass_shard(Path(store), refpass_stage.RefPassPlan(**plan), index)
+    return {"index": index, "computed": outcome.computed, "info": outcome.record.info}
+
+
+@task(**_task_options("refpass"))
+def refpass_task(store: str, key: str, plan: dict[str, Any]) -> dict[str, Any]:
+    # Every shard is normally done by now; any that is not (or fails its checksum) is computed here.
+    return _outcome(refpass_stage.run_refpass(Path(store), refpass_stage.RefPassPlan(**plan)))
+
+
+@flow(name="refpass-shards")
+def refpass_shards(store: str, key: str, plan: dict[str, Any], refresh: list[bool]) -> list[dict[str, Any]]:
+    """Submit one shard task per shard to this flow's task runner; `refresh[i]` makes shard i
+    ignore a Prefect cache record (its files are missing or damaged on disk)."""
+    results = Path(store) / RESULTS_DIR
+    futures = [
+        refpass_shard_task.with_options(result_storage=results, refresh_cache=fresh).submit(
+            store=store, key=key, plan=plan, index=index
+        )
+        for index, fresh in enumerate(refresh)
+    ]
+    return [f.result() for f in futures]
+
+
+def refpass_task_runner(cfg: RefPassConfig):
+    """The task runner the shards are mapped over: threads, or Dask (an existing cluster at
+    `dask_address`, else an in-process one whose workers are threads of this process; its
+    scheduler talks in-process, and its HTTP servers bind to 127.0.0.1 on free ports)."""
+    if cfg.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": 1,
+                "threads_per_worker": cfg.max_workers,
+                "processes": False,
+                # dashboard_address=None does not disable it here (it binds 0.0.0.0:8787)
+                "dashboard_address": "127.0.0.1:0",
+                "worker_dashboard_address": "127.0.0.1:0",
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
+
+
+def _run_refpass(cfg: RunConfig, store: Path, plan: refpass_stage.RefPassPlan) -> dict[str, Any]:
+    """Map the shards not yet done over the configured runner, then finalize (cached stage)."""
+    artifact = refpass_stage.refpass_artifact(store, plan)
+    present = artifact.looks_complete()
+    if not present:
+        artifact.prepare()  # reopens a complete artifact with a damaged shard
+        refresh = [not artifact.looks_done(i) for i in range(plan.n_shards)]
+        runner = refpass_task_runner(cfg.refpass)
+        refpass_shards.with_options(task_runner=runner)(
+            store=str(store), key=plan.key, plan=plan.__dict__, refresh=refresh
+        )
+    return _run_stage(refpass_task, store, present=present, key=plan.key, plan=plan.__dict__)
+
+
+def _run_stage(stage_task, store: Path, present: bool | None = None, **params: Any) -> dict[str, Any]:
     """Run one cached stage; mark whether Prefect's cache, the store, or a fresh build answered."""
     # A cache record whose artifact was removed from the store must not answer: refresh it.
-    present = (artifact_dir(store, stage_task.name, params["key"]) / MANIFEST).is_file()
+    if present is None:
+        present = (artifact_dir(store, stage_task.name, params["key"]) / MANIFEST).is_file()
     options = stage_task.with_options(result_storage=store / RESULTS_DIR, refresh_cache=not present)
     state = options(store=str(store), return_state=True, **params)
     outcome = dict(state.result())
@@ -130,6 +205,10 @@ def pipeline(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # n
     outcomes["tokenize"] = _run_stage(
         tokenize_task, store, key=tplan.key, plan=tplan.__dict__, tokenizer_source=tokenizer_source
     )
+    rplan = refpass_stage.plan_refpass(
+        cfg.refpass, cfg.model, model_path, outcomes["tokenize"]["path"], tok_fp
+    )
+    outcomes["refpass"] = _run_refpass(cfg, store, rplan)
     for name, outcome in outcomes.items():
         logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
     return outcomes

@@ -58,23 +58,31 @@ def artifact_dir(store: Path, stage: str, key: str) -> Path:
 
 
 @contextlib.contextmanager
-def artifact_lock(store: Path, stage: str, key: str) -> Iterator[None]:
-    """Exclusive lock for building one artifact; waits (and says so) while another process holds it."""
+def artifact_lock(store: Path, stage: str, key: str, shared: bool = False) -> Iterator[None]:
+    """Lock for building one artifact; waits (and says so) while another process holds it.
+
+    Exclusive by default. `shared=True` takes a shared lock: several holders at once (e.g. the
+    writers of different shards), all excluded while someone holds it exclusively. flock locks
+    belong to the open file, so threads of one process exclude each other too.
+    """
     lock_dir = Path(store) / stage / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     with open(lock_dir / f"{key}.lock", "a+") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("%s/%s is being built by another process; waiting for it", stage, key)
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            # waits for shared locks are routine (shard writers queue behind a finalize)
+            level = logging.DEBUG if shared else logging.WARNING
+            log.log(level, "%s/%s is being built by another process; waiting for it", stage, key)
+            fcntl.flock(fh, mode)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,11 +96,11 @@ def _remove_stale_staging(parent: Path, key: str) -> None:
     """Delete staging dirs of `key` left by killed processes (their pid is gone)."""
     for tmp in parent.glob(f".{key}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _quarantine(path: Path, reason: Exception) -> None:
+def quarantine(path: Path, reason: Exception) -> None:
     """Move a corrupt artifact aside (never delete what a user may want to inspect)."""
     target = path.with_name(f".corrupt-{path.name}-{int(time.time())}")
     log.warning("%s is corrupt (%s); moved to %s and rebuilding", path, reason, target.name)
@@ -129,11 +137,11 @@ def ensure_artifact(
             try:
                 manifest = complete_artifact(store, stage, key, stage_version)
             except ArtifactError as exc:
-                _quarantine(final, exc)
+                quarantine(final, exc)
             else:
                 if manifest is not None:
                     return ArtifactResult(stage, key, final, False, manifest)
-                _quarantine(final, ArtifactError("no manifest"))
+                quarantine(final, ArtifactError("no manifest"))
         _remove_stale_staging(final.parent, key)
         staging = final.with_name(f".{key}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,10 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from alignheads import __version__
 from alignheads.storage.atomic import write_json_atomic
 from alignheads.storage.fingerprint import file_sha256
-
-from alignheads import __version__
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+
 from alignheads.storage.manifest import MANIFEST, ArtifactError, read_manifest
 
 VIEW_NAMES = ("pairs", "rejects", "tokenized", "refcache", "generations", "scores", "summary")

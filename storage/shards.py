@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from alignheads.storage.atomic import atomic_path
 from alignheads.storage.fingerprint import file_sha256
 from alignheads.storage.manifest import ArtifactError, ShardInfo, read_manifest, verify_shard
@@ -81,4 +82,32 @@ def read_table(directory: Path, name: str, verify: bool = True) -> pa.Table:
         if verify:
             verify_shard(directory, shard)
         parts.append(pq.read_table(directory / shard.path))
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def read_table_rows(directory: Path, name: str, start: int, stop: int, verify: bool = True) -> pa.Table:
+    """Rows `start <= row < stop` of table `name` of a complete artifact.
+
+    Opens only the shards that hold those rows, each checked against the manifest first when
+    `verify`. An empty range gives an empty table with the table's schema.
+    """
+    manifest = read_manifest(directory)
+    if name not in manifest.tables:
+        raise ArtifactError(f"{directory}: artifact has no table {name!r} (has {sorted(manifest.tables)})")
+    shards = manifest.tables[name]
+    total = sum(s.rows for s in shards)
+    if not 0 <= start <= stop <= total:
+        raise ValueError(
+            f"{directory}: rows [{start}, {stop}) out of range for table {name!r} ({total} rows)"
+        )
+    parts, offset = [], 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.rows)
+        if lo < hi:
+            if verify:
+                verify_shard(directory, shard)
+            parts.append(pq.read_table(directory / shard.path).slice(lo - offset, hi - lo))
+        offset += shard.rows
+    if not parts:
+        return pq.read_schema(directory / shards[0].path).empty_table()
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]

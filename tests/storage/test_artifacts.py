@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact, list_artifacts
 from alignheads.storage.fingerprint import artifact_key, canonical_json, fingerprint
 from alignheads.storage.shards import read_table, write_table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
 from alignheads.storage.query import QueryError, check_read_only, run_query
 from alignheads.storage.shards import write_table

@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from alignheads.storage.atomic import atomic_path
 from alignheads.storage.manifest import (
     MANIFEST,

@@ -1,0 +1,138 @@
+"""The `refcache` table: its row layout, building rows from scores, reading them back as arrays.
+
+Row layout — one row per (pair, side), the chosen row of a pair directly followed by its
+rejected row, pairs in the order of the `tokenized` table (a shard holds a contiguous range
+of its rows). A DPO batch is therefore two consecutive rows, and a shard can be zipped with
+the same rows of `tokenized` without a join. Columns:
+
+| column | type | meaning |
+|---|---|---|
+| pair_index | int64 | row of the pair in the `tokenized` table |
+| id, split | string | the pair's id and split (as in `pairs` / `tokenized`) |
+| side | string | `chosen` or `rejected` |
+| prompt_len, response_len | int32 | tokens of the prompt and of the response (incl. EOS) |
+| seq_logprob | float64 | Σ of `token_logprobs`: the reference's summed response log-prob |
+| token_logprobs | list<float32> | per scored response token: log p_ref(actual token) |
+| topk_ids | list<fixed_size_list<int32>[K]> | per scored token: the K most likely ids, most likely first |
+| topk_logprobs | list<fixed_size_list<float16 or float32>[K]> | their log-probs, normalised over the full vocabulary |
+| hidden (optional) | list<fixed_size_list<float16>[H]> | the last hidden state that predicts each scored token |
+
+"Scored" response tokens are all of them, except a first response token at position 0 (an
+empty prompt), which nothing predicts; the list length is the number of scored tokens.
+Parquet stores the lists column by column, so a reader that asks for `seq_logprob` only never
+reads the top-k or hidden columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from alignheads.reference import BatchScores
+
+__all__ = [
+    "SIDES",
+    "TABLE",
+    "build_rows",
+    "refcache_schema",
+    "token_matrix",
+    "token_vector",
+]
+
+TABLE = "refcache"
+SIDES = ("chosen", "rejected")
+_VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+_NUMPY = {"float16": np.float16, "float32": np.float32}
+
+
+def refcache_schema(k: int, dtype: str, hidden_size: int | None = None) -> pa.Schema:
+    """Schema of the refcache table for top-k ``k``, top-k storage ``dtype`` and, when
+    ``hidden_size`` is given, a float16 ``hidden`` column of that width."""
+    fields = [
+        ("pair_index", pa.int64()),
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("side", pa.string()),
+        ("prompt_len", pa.int32()),
+        ("response_len", pa.int32()),
+        ("seq_logprob", pa.float64()),
+        ("token_logprobs", pa.list_(pa.float32())),
+        ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),
+        ("topk_logprobs", pa.list_(pa.list_(_VALUE_TYPES[dtype], k))),
+    ]
+    if hidden_size is not None:
+        fields.append(("hidden", pa.list_(pa.list_(pa.float16(), hidden_size))))
+    return pa.schema(fields)
+
+
+def _per_token(offsets: pa.Array, values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A list-per-row column from flat per-token values ``(N,)`` or ``(N, W)``."""
+    if values.ndim == 1:
+        inner = pa.array(values, type=arrow_type.value_type)
+    else:
+        fixed = arrow_type.value_type
+        inner = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.reshape(-1), type=fixed.value_type), fixed.list_size
+        )
+    return pa.ListArray.from_arrays(offsets, inner, type=arrow_type)
+
+
+def build_rows(
+    pairs: pa.Table,
+    pair_offset: int,
+    scores: BatchScores,
+    k: int,
+    dtype: str,
+) -> pa.Table:
+    """The refcache rows of a range of pairs.
+
+    pairs: `tokenized` rows (id, split, prompt_len, chosen_len, rejected_len), ``P`` of them,
+    whose first row is row ``pair_offset`` of the table; scores: the ``2P`` sequences in row
+    order (chosen of pair 0, rejected of pair 0, chosen of pair 1, ...). Top-k log-probs are
+    rounded to ``dtype`` here, nowhere else.
+    """
+    n = pairs.num_rows
+    if scores.counts.shape[0] != 2 * n:
+        raise ValueError(f"{scores.counts.shape[0]} scored sequences for {n} pairs (need {2 * n})")
+    hidden_size = scores.hidden.shape[1] if scores.hidden is not None else None
+    schema = refcache_schema(k, dtype, hidden_size)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(scores.counts)]), type=pa.int32())
+
+    def twice(name: str) -> np.ndarray:
+        return np.repeat(np.asarray(pairs.column(name).to_numpy(zero_copy_only=False)), 2)
+
+    response_len = np.stack(
+        [pairs.column("chosen_len").to_numpy(), pairs.column("rejected_len").to_numpy()], axis=1
+    ).reshape(-1)
+    columns = {
+        "pair_index": pa.array(np.repeat(np.arange(pair_offset, pair_offset + n, dtype=np.int64), 2)),
+        "id": pa.array(twice("id"), type=pa.string()),
+        "split": pa.array(twice("split"), type=pa.string()),
+        "side": pa.array(np.tile(np.array(SIDES, dtype=object), n), type=pa.string()),
+        "prompt_len": pa.array(twice("prompt_len"), type=pa.int32()),
+        "response_len": pa.array(response_len, type=pa.int32()),
+        "seq_logprob": pa.array(scores.seq_logprobs, type=pa.float64()),
+        "token_logprobs": _per_token(offsets, scores.target_logprobs, schema.field("token_logprobs").type),
+        "topk_ids": _per_token(offsets, scores.topk_ids, schema.field("topk_ids").type),
+        "topk_logprobs": _per_token(
+            offsets, scores.topk_logprobs.astype(_NUMPY[dtype]), schema.field("topk_logprobs").type
+        ),
+    }
+    if hidden_size is not None:
+        columns["hidden"] = _per_token(offsets, scores.hidden, schema.field("hidden").type)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def token_vector(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A ``list<x>`` column flattened over rows: ``(N,)``, the rows' tokens one after another
+    (a writable copy, ready for ``torch.from_numpy``)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.flatten().to_numpy(zero_copy_only=False, writable=True)
+
+
+def token_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A ``list<fixed_size_list<x>[W]>`` column flattened over rows: ``(N, W)`` (a writable copy)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.value_type.list_size
+    inner = arr.flatten()
+    return inner.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(-1, width)

@@ -1,0 +1,318 @@
+"""Scoring response tokens with a frozen reference model: log-prob of each actual token, top-k.
+
+Shapes: ``B`` sequences in a batch, ``T`` padded length, ``N`` scored tokens in the batch
+(all response tokens that have a predicting position), ``V`` vocabulary, ``H`` hidden size,
+``K`` top-k. A sequence is ``prompt + response``; the hidden state at position ``t`` predicts
+the token at ``t + 1`` (DESIGN.md), so a response token at ``t`` is scored by the logits at
+``t − 1``, and a response token at position 0 (empty prompt) has none and is not scored.
+
+Batches are right-padded: with a causal model the real tokens never see the padding and their
+position ids are the plain ``0..n−1``, so no position-id bookkeeping is needed. The output
+layer runs only on the ``N`` scoring positions (not on prompt or padding positions), which is
+what keeps the reference pass as fast as a bare forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BatchScores",
+    "PackedBatch",
+    "ReferenceModel",
+    "length_sorted_batches",
+    "load_reference",
+    "pack_batch",
+    "resolve_device",
+    "score_sequences",
+    "segment_sums",
+    "topk_reference",
+]
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Right-padded sequences and where their scored response tokens are.
+
+    input_ids, attention_mask: ``(B, T)``; rows, cols: ``(N,)`` the predicting positions
+    (sequence-major, ascending position); targets: ``(N,)`` the token each one predicts;
+    counts: ``(B,)`` scored tokens per sequence (sums to ``N``).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    rows: Tensor
+    cols: Tensor
+    targets: Tensor
+    counts: Tensor
+
+
+def pack_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> PackedBatch:
+    """Concatenate each prompt with its response, right-pad to the longest, index the response.
+
+    For a prompt of ``P`` tokens and a response of ``L``, the scored targets are the tokens at
+    positions ``max(P, 1) .. P + L − 1``, predicted from positions one earlier.
+    """
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need matching, non-empty prompts and responses ({len(prompts)}, {len(responses)})")
+    n_prompt = np.array([len(p) for p in prompts], dtype=np.int64)
+    total = n_prompt + np.array([len(r) for r in responses], dtype=np.int64)
+    ids = np.full((len(prompts), max(int(total.max()), 1)), pad_id, dtype=np.int64)
+    for b, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        ids[b, : n_prompt[b]] = prompt
+        ids[b, n_prompt[b] : total[b]] = response
+    mask = (np.arange(ids.shape[1]) < total[:, None]).astype(np.int64)
+    first = np.maximum(n_prompt, 1)  # first scored target position of each sequence
+    counts = np.maximum(total - first, 0)
+    rows = np.repeat(np.arange(len(prompts)), counts)
+    # position of each target: first[row] + its rank inside its sequence
+    rank = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    targets_at = np.repeat(first, counts) + rank
+    return PackedBatch(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        rows=torch.from_numpy(rows),
+        cols=torch.from_numpy(targets_at - 1),
+        targets=torch.from_numpy(ids[rows, targets_at]),
+        counts=torch.from_numpy(counts),
+    )
+
+
+def topk_reference(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference statistics of each scored position.
+
+    logits: ``(N, V)``; targets: ``(N,)``. Returns ``(target_logprobs (N,) float32,
+    topk_ids (N, K) int32, topk_logprobs (N, K) float32)``: the log-prob of the actual token
+    (``z[y] − logsumexp z``, as :func:`alignheads.losses.token_logprobs` computes it), and the K
+    most likely ids with their log-probs normalised over the full vocabulary, most likely
+    first (the inputs of :func:`alignheads.losses.topk_tail_kl`).
+    """
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k = {k} must be between 1 and the vocabulary size {logits.shape[-1]}")
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target_lp = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    # top-k of the logits, then normalise only those k: no (N, V) log-softmax is materialised
+    values, ids = logits.topk(k, dim=-1, sorted=True)
+    return target_lp, ids.to(torch.int32), values - lse.unsqueeze(-1)
+
+
+def segment_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sum of each consecutive segment: values ``(N,)``, counts ``(B,)`` → ``(B,)`` float64.
+
+    Summed in float64 so that the per-sequence total does not depend on how the sequences
+    were batched.
+    """
+    ends = np.cumsum(counts)
+    totals = np.concatenate([[0.0], np.cumsum(values.astype(np.float64))])
+    return totals[ends] - totals[ends - counts]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (padding stays small and an
+    out-of-memory error shows on the first batch). Ties keep input order (deterministic)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Scores of sequences, in the order they were given (numpy, on the CPU).
+
+    counts ``(B,)`` scored tokens per sequence; target_logprobs ``(N,)`` float32;
+    topk_ids ``(N, K)`` int32; topk_logprobs ``(N, K)`` float32; seq_logprobs ``(B,)``
+    float64; hidden ``(N, H)`` float16 or None.
+    """
+
+    counts: np.ndarray
+    target_logprobs: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    seq_logprobs: np.ndarray
+    hidden: np.ndarray | None
+
+
+class ReferenceModel:
+    """A frozen causal LM used as the reference: its backbone, then its own output layer on the
+    scoring positions only.
+
+    At construction the split path (backbone → output layer) is checked against the model's own
+    forward on a short probe, so a model whose logits are not ``lm_head(last hidden state)``
+    (e.g. extra logit scaling) is refused instead of cached wrongly.
+    """
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", check: bool = True) -> None:
+        from alignheads.models.head_base import lm_output_layer
+
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        backbone = getattr(model, "base_model", None)
+        if backbone is None or backbone is model:
+            raise TypeError(f"{type(model).__name__} has no separate backbone (model.base_model)")
+        self.backbone = backbone
+        self.output_layer = lm_output_layer(model)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.vocab_size = int(self.output_layer.weight.shape[0])
+        self.hidden_size = int(cfg.hidden_size)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        if check:
+            self._check_split_path()
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """Logits ``(..., V)`` of last hidden states ``(..., H)``, as the model's forward makes them."""
+        logits = self.output_layer(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.inference_mode()
+    def _check_split_path(self) -> None:
+        probe = (torch.arange(8, device=self.device) * 7 + 3) % self.vocab_size
+        probe = probe.unsqueeze(0)
+        full = self.model(input_ids=probe, use_cache=False).logits.float()
+        hidden = self.backbone(input_ids=probe, use_cache=False).last_hidden_state
+        split = self.output_logits(hidden).float()
+        # same ops either way; the tolerance only absorbs kernel differences in low precision
+        tol = 1e-4 if self.output_layer.weight.dtype == torch.float32 else 5e-2
+        if not torch.allclose(full, split, atol=tol, rtol=tol):
+            worst = (full - split).abs().max().item()
+            raise ValueError(
+                f"{type(self.model).__name__}: its logits are not lm_head(last hidden state) "
+                f"(max difference {worst:.3g}); this model cannot be used as a cached reference"
+            )
+
+    @torch.inference_mode()
+    def forward_hidden(self, batch: PackedBatch) -> Tensor:
+        """Last hidden states at the batch's N scoring positions, ``(N, H)``, on the model's device."""
+        ids = batch.input_ids.to(self.device)
+        mask = batch.attention_mask.to(self.device)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return hidden[batch.rows.to(self.device), batch.cols.to(self.device)]
+
+    @torch.inference_mode()
+    def extract(self, picked: Tensor, batch: PackedBatch, k: int, store_hidden: bool = False) -> BatchScores:
+        """Output layer on the hidden states ``picked (N, H)``, then the statistics, on the CPU."""
+        target_lp, topk_ids, topk_lp = topk_reference(
+            self.output_logits(picked), batch.targets.to(picked.device), k
+        )
+        counts = batch.counts.numpy()
+        target_np = target_lp.cpu().numpy()
+        return BatchScores(
+            counts=counts,
+            target_logprobs=target_np,
+            topk_ids=topk_ids.cpu().numpy(),
+            topk_logprobs=topk_lp.cpu().numpy(),
+            seq_logprobs=segment_sums(target_np, counts),
+            hidden=picked.to(torch.float16).cpu().numpy() if store_hidden else None,
+        )
+
+    def score_batch(self, batch: PackedBatch, k: int, store_hidden: bool = False) -> BatchScores:
+        """Score one packed batch: the backbone, then the output layer on the N positions only."""
+        return self.extract(self.forward_hidden(batch), batch, k, store_hidden)
+
+
+def score_sequences(
+    reference: ReferenceModel,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    k: int,
+    batch_size: int,
+    pad_id: int = 0,
+    store_hidden: bool = False,
+) -> BatchScores:
+    """Score every (prompt, response) in length-sorted batches; results in the input order."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    parts: list[tuple[list[int], BatchScores]] = []
+    for idx in length_sorted_batches(lengths, batch_size):
+        batch = pack_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
+        parts.append((idx, reference.score_batch(batch, k, store_hidden)))
+    return _restore_order(parts, len(lengths), k, reference.hidden_size if store_hidden else None)
+
+
+def _restore_order(
+    parts: list[tuple[list[int], BatchScores]], n: int, k: int, hidden_size: int | None
+) -> BatchScores:
+    """Concatenate per-batch scores and permute tokens back to the sequences' input order."""
+    if not parts:
+        empty = np.zeros((0,), np.float32)
+        return BatchScores(
+            counts=np.zeros(0, np.int64),
+            target_logprobs=empty,
+            topk_ids=np.zeros((0, k), np.int32),
+            topk_logprobs=np.zeros((0, k), np.float32),
+            seq_logprobs=np.zeros(0, np.float64),
+            hidden=np.zeros((0, hidden_size), np.float16) if hidden_size else None,
+        )
+    order = np.concatenate([np.asarray(idx, dtype=np.int64) for idx, _ in parts])  # batch pos -> input index
+    counts_sorted = np.concatenate([s.counts for _, s in parts])
+    starts_sorted = np.concatenate([[0], np.cumsum(counts_sorted)[:-1]])
+    counts = np.empty(n, np.int64)
+    counts[order] = counts_sorted
+    starts = np.empty(n, np.int64)
+    starts[order] = starts_sorted
+    # token gather index: for each sequence in input order, its token range in the sorted layout
+    take = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts, strict=True)]) if n else []
+    take = np.asarray(take, dtype=np.int64)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(s, name) for _, s in parts])[take]
+
+    seq = np.empty(n, np.float64)
+    seq[order] = np.concatenate([s.seq_logprobs for _, s in parts])
+    return BatchScores(
+        counts=counts,
+        target_logprobs=cat("target_logprobs"),
+        topk_ids=cat("topk_ids"),
+        topk_logprobs=cat("topk_logprobs"),
+        seq_logprobs=seq,
+        hidden=cat("hidden") if hidden_size else None,
+    )
+
+
+# --------------------------------------------------------------------------- loading, once per process
+
+_LOADED: dict[tuple, ReferenceModel] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_reference(
+    name_or_path: str,
+    revision: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: str = "auto",
+) -> ReferenceModel:
+    """The reference model, loaded once per process and shared by every shard task in it
+    (threads of one process must not each hold a copy of a 7B model)."""
+    from alignheads.loading import load_causal_lm
+
+    key = (name_or_path, revision, dtype, trust_remote_code, resolve_device(device))
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            model = load_causal_lm(name_or_path, revision, dtype, trust_remote_code)
+            model.requires_grad_(False)
+            _LOADED[key] = ReferenceModel(model, key[-1])
+        return _LOADED[key]

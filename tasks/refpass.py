@@ -1,0 +1,321 @@
+"""Reference-pass stage: the `refcache` table, built shard by shard and resumable.
+
+For every response token of every chosen and rejected response, the frozen reference model's
+log-prob of the actual token and its top-k distribution (ids int32, log-probs float16 by
+default), per sequence the summed log-prob, and optionally the float16 hidden state that
+predicts each token. Row layout: see :mod:`alignheads.refcache` (one row per (pair, side),
+chosen then rejected, pairs in `tokenized` order).
+
+The reference is, by default, the run's own model with its own `lm_head`; another model can be
+configured (`refpass.reference_model`) only if its tokenizer is identical to the run's (the
+token ids in `tokenized` must mean the same tokens to it).
+
+Shard `i` covers `tokenized` rows `[i · pairs_per_shard, (i + 1) · pairs_per_shard)` and is an
+independent piece of work (a Prefect task in the flow); :mod:`alignheads.storage.sharded`
+records each finished shard, so a killed run recomputes only the shards that are missing or
+fail their checksum. The key hashes everything the numbers depend on: the model (Hub id +
+revision, or a hash of a local directory's weights and config), its dtype, the tokenizer,
+the tokenized data (and through it the data and the token limits), k, the storage dtype,
+`store_hidden`, the shard size and the format version. Batch size, device and task runner are
+not in the key: they change nothing but floating-point rounding and speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignheads.config import ModelConfig, RefPassConfig
+from alignheads.refcache import TABLE, build_rows
+from alignheads.reference import ReferenceModel, load_reference, score_sequences
+from alignheads.storage.artifacts import ArtifactResult
+from alignheads.storage.fingerprint import artifact_key, file_sha256, fingerprint
+from alignheads.storage.manifest import ArtifactError, Manifest, read_manifest, verify_artifact
+from alignheads.storage.sharded import ShardData, ShardedArtifact, ShardOutcome, ShardRecord, build_sharded
+from alignheads.storage.shards import read_table_rows
+
+__all__ = [
+    "REFPASS_VERSION",
+    "STAGE",
+    "RefPassPlan",
+    "check_refcache",
+    "compute_refpass_shard",
+    "finalize_refpass",
+    "model_identity",
+    "plan_refpass",
+    "refpass_artifact",
+    "run_refpass",
+    "run_refpass_shard",
+]
+
+log = logging.getLogger(__name__)
+
+STAGE = "refpass"
+REFPASS_VERSION = 1
+# Files that decide a local model's logits: weights and architecture (not generation settings).
+_MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class RefPassPlan:
+    """The reference pass's inputs, resolved, with the artifact key they hash to (JSON-able)."""
+
+    key: str
+    tokenize_path: str
+    model_path: str
+    model_revision: str | None
+    model_dtype: str
+    trust_remote_code: bool
+    device: str
+    k: int
+    dtype: str
+    store_hidden: bool
+    batch_size: int
+    pairs_per_shard: int
+    n_pairs: int
+    n_shards: int
+    vocab_size: int
+    hidden_size: int
+    config: dict
+    inputs: dict[str, str]
+
+    def shard_rows(self, index: int) -> tuple[int, int]:
+        """`tokenized` rows [start, stop) of shard `index`."""
+        start = index * self.pairs_per_shard
+        return start, min(self.n_pairs, start + self.pairs_per_shard)
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_sha256(path: Path) -> str:
+    """file_sha256, remembered per (path, size, mtime) for this process: a flow plans the stage
+    once per run, but tests and notebooks plan it many times over multi-GB weights."""
+    stat = path.stat()
+    memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _SHA_MEMO:
+        _SHA_MEMO[memo_key] = file_sha256(path)
+    return _SHA_MEMO[memo_key]
+
+
+def model_identity(name_or_path: str, revision: str | None) -> dict[str, Any]:
+    """What identifies a model's weights: a hash of a local directory's weight and config files,
+    or the Hub id and revision (unpinned revisions cannot be told apart: pin one)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        files = sorted({p for pattern in _MODEL_FILES for p in path.glob(pattern) if p.is_file()})
+        if not any(p.suffix == ".safetensors" for p in files):
+            raise ValueError(f"{path}: no *.safetensors weights (only safetensors models are loaded)")
+        return {"kind": "dir", "files": {p.name: _weights_sha256(p) for p in files}}
+    if revision is None:
+        log.warning(
+            "model %s has no pinned revision: a new upload would not change the refcache key", name_or_path
+        )
+    return {"kind": "hub", "id": name_or_path, "revision": revision}
+
+
+def _model_shape(name_or_path: str, revision: str | None, trust_remote_code: bool) -> tuple[int, int]:
+    """(vocabulary size, hidden size) from the model's config, without loading its weights."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.vocab_size), int(text.hidden_size)
+
+
+def plan_refpass(
+    cfg: RefPassConfig,
+    model: ModelConfig,
+    model_path: str,
+    tokenize_path: str | Path,
+    tokenizer_fp: str,
+) -> RefPassPlan:
+    """Resolve the reference model and the data, check them, and compute the stage's key.
+
+    model / model_path: the run's model section and where its model is (the world's model
+    directory for the embedded default); tokenize_path: the complete `tokenize` artifact;
+    tokenizer_fp: the run tokenizer's fingerprint. Raises ValueError if a configured reference
+    model's tokenizer differs from the run's, or if k exceeds the vocabulary.
+    """
+    from alignheads.loading import load_tokenizer
+    from alignheads.storage.fingerprint import tokenizer_fingerprint
+
+    tokenize = read_manifest(Path(tokenize_path), "tokenize")
+    if cfg.reference_model is not None:
+        ref_path, ref_revision = cfg.reference_model, cfg.reference_revision
+        ref_fp = tokenizer_fingerprint(load_tokenizer(ref_path, ref_revision, model.trust_remote_code))
+        if ref_fp != tokenizer_fp:
+            raise ValueError(
+                f"refpass.reference_model {ref_path}: its tokenizer differs from the run's "
+                f"(fingerprint {ref_fp[:12]}… vs {tokenizer_fp[:12]}…), so the cached token ids would "
+                "not mean the same tokens to it; use a reference model with the same tokenizer"
+            )
+    else:
+        ref_path, ref_revision = model_path, model.revision
+    vocab_size, hidden_size = _model_shape(ref_path, ref_revision, model.trust_remote_code)
+    if cfg.k > vocab_size:
+        raise ValueError(
+            f"refpass.k = {cfg.k} exceeds the vocabulary of the reference model {ref_path} "
+            f"({vocab_size} tokens); choose k <= {vocab_size}"
+        )
+    n_pairs = sum(s.rows for s in tokenize.tables["tokenized"])
+    config = {
+        "model": model_identity(ref_path, ref_revision),
+        "model_dtype": model.dtype,
+        "k": cfg.k,
+        "dtype": cfg.dtype,
+        "store_hidden": cfg.store_hidden,
+        "pairs_per_shard": cfg.pairs_per_shard,
+        "max_prompt_length": tokenize.config["max_prompt_length"],
+        "max_response_length": tokenize.config["max_response_length"],
+    }
+    inputs = {"tokenize": tokenize.key, "data": tokenize.inputs["data"], "tokenizer": tokenizer_fp}
+    return RefPassPlan(
+        key=artifact_key(STAGE, config, inputs, REFPASS_VERSION),
+        tokenize_path=str(tokenize_path),
+        model_path=ref_path,
+        model_revision=ref_revision,
+        model_dtype=model.dtype,
+        trust_remote_code=model.trust_remote_code,
+        device=cfg.device,
+        k=cfg.k,
+        dtype=cfg.dtype,
+        store_hidden=cfg.store_hidden,
+        batch_size=cfg.batch_size,
+        pairs_per_shard=cfg.pairs_per_shard,
+        n_pairs=n_pairs,
+        n_shards=max(1, math.ceil(n_pairs / cfg.pairs_per_shard)),
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        config=config,
+        inputs=inputs,
+    )
+
+
+def refpass_artifact(store: Path, plan: RefPassPlan) -> ShardedArtifact:
+    """The sharded artifact this plan builds (nothing is read or written yet)."""
+    return ShardedArtifact(
+        Path(store), STAGE, plan.key, REFPASS_VERSION, plan.config, plan.inputs, plan.n_shards, (TABLE,)
+    )
+
+
+def _reference(plan: RefPassPlan, reference: ReferenceModel | None) -> ReferenceModel:
+    if reference is None:
+        reference = load_reference(
+            plan.model_path, plan.model_revision, plan.model_dtype, plan.trust_remote_code, plan.device
+        )
+    if reference.vocab_size != plan.vocab_size:
+        raise ValueError(
+            f"reference model {plan.model_path}: output layer has {reference.vocab_size} rows, "
+            f"its config says {plan.vocab_size}"
+        )
+    return reference
+
+
+def compute_refpass_shard(
+    plan: RefPassPlan, index: int, reference: ReferenceModel | None = None
+) -> ShardData:
+    """Score shard `index`'s pairs (chosen and rejected) and build its refcache rows."""
+    reference = _reference(plan, reference)
+    start, stop = plan.shard_rows(index)
+    pairs = read_table_rows(Path(plan.tokenize_path), "tokenized", start, stop)
+    prompts = pairs.column("prompt_ids").to_pylist()
+    chosen = pairs.column("chosen_ids").to_pylist()
+    rejected = pairs.column("rejected_ids").to_pylist()
+    for name, seqs in (("prompt_ids", prompts), ("chosen_ids", chosen), ("rejected_ids", rejected)):
+        for row, ids in enumerate(seqs):
+            if ids and (max(ids) >= plan.vocab_size or min(ids) < 0):
+                raise ValueError(
+                    f"{plan.tokenize_path}: tokenized row {start + row}, field '{name}': token id "
+                    f"outside the reference model's vocabulary (0..{plan.vocab_size - 1})"
+                )
+    # sequences interleaved chosen/rejected per pair: the row order of the refcache table
+    seq_prompts = [p for p in prompts for _ in range(2)]
+    seq_responses = [r for pair in zip(chosen, rejected, strict=True) for r in pair]
+    # padding id 0: right padding is never attended to by a causal model, any valid id will do
+    scores = score_sequences(
+        reference, seq_prompts, seq_responses, plan.k, plan.batch_size, 0, plan.store_hidden
+    )
+    table = build_rows(pairs, start, scores, plan.k, plan.dtype)
+    info = {
+        "index": index,
+        "pairs": pairs.num_rows,
+        "response_tokens": int(sum(len(r) for r in seq_responses)),
+        "scored_tokens": int(scores.counts.sum()),
+    }
+    return ShardData(tables={TABLE: table}, info=info)
+
+
+def _summarize(plan: RefPassPlan):
+    def summarize(records: list[ShardRecord]) -> dict[str, Any]:
+        return {
+            "pairs": sum(r.info["pairs"] for r in records),
+            "scored_tokens": sum(r.info["scored_tokens"] for r in records),
+            "shards": len(records),
+            "model": plan.model_path,
+            "revision": plan.model_revision,
+            "vocab_size": plan.vocab_size,
+            "hidden_size": plan.hidden_size,
+            "k": plan.k,
+            "dtype": plan.dtype,
+            "store_hidden": plan.store_hidden,
+            "batch_size": plan.batch_size,
+        }
+
+    return summarize
+
+
+def run_refpass_shard(
+    store: Path, plan: RefPassPlan, index: int, reference: ReferenceModel | None = None
+) -> ShardOutcome:
+    """Make sure shard `index` is done (computing it unless a verified one is on disk)."""
+    artifact = refpass_artifact(store, plan)
+    return artifact.ensure_shard(index, lambda: compute_refpass_shard(plan, index, reference))
+
+
+def run_refpass(store: Path, plan: RefPassPlan, reference: ReferenceModel | None = None) -> ArtifactResult:
+    """Build the refcache artifact: compute the shards not yet done, then finalize (write the
+    manifest, make it visible). A sound complete artifact is returned without any work."""
+    artifact = refpass_artifact(store, plan)
+    build = build_sharded(
+        artifact, lambda index: compute_refpass_shard(plan, index, reference), _summarize(plan)
+    )
+    if build.computed_shards:
+        log.info("refpass %s: computed shards %s", plan.key, build.computed_shards)
+    return build.result
+
+
+def finalize_refpass(store: Path, plan: RefPassPlan) -> ArtifactResult:
+    """Finalize after every shard is done (raises ArtifactError naming the missing shards)."""
+    return refpass_artifact(store, plan).finalize(_summarize(plan))
+
+
+def check_refcache(path: str | Path, plan: RefPassPlan | None = None, verify: bool = True) -> Manifest:
+    """Open a refcache artifact for reading; with `plan`, refuse one built under other settings
+    (another model, tokenizer, data, k, dtype, ...) instead of using it silently."""
+    path = Path(path)
+    manifest = (
+        verify_artifact(path, STAGE, REFPASS_VERSION)
+        if verify
+        else read_manifest(path, STAGE, REFPASS_VERSION)
+    )
+    if plan is not None:
+        want, found = (
+            {"config": plan.config, "inputs": plan.inputs},
+            {"config": manifest.config, "inputs": manifest.inputs},
+        )
+        if fingerprint(want) != fingerprint(found):
+            diff = [
+                f"{section}.{k}"
+                for section in ("config", "inputs")
+                for k in sorted(set(want[section]) | set(found[section]))
+                if fingerprint(want[section].get(k)) != fingerprint(found[section].get(k))
+            ]
+            raise ArtifactError(
+                f"{path}: refcache built under other settings (differs in {', '.join(diff)}); "
+                "it cannot serve this run"
+            )
+    return manifest

@@ -1,0 +1,126 @@
+"""Reference scoring and the refcache row layout, on hand-computed numbers (no model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from alignheads.refcache import build_rows, refcache_schema, token_matrix, token_vector
+from alignheads.reference import (
+    BatchScores,
+    length_sorted_batches,
+    pack_batch,
+    score_sequences,
+    segment_sums,
+    topk_reference,
+)
+
+
+def test_pack_batch_right_pads_and_indexes_the_response():
+    b = pack_batch([[5, 6], [7]], [[8, 9, 2], [2]], pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 8, 9, 2], [7, 2, 0, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    # the logits at position t score the token at t + 1
+    assert b.rows.tolist() == [0, 0, 0, 1] and b.cols.tolist() == [1, 2, 3, 0]
+    assert b.targets.tolist() == [8, 9, 2, 2] and b.counts.tolist() == [3, 1]
+
+
+def test_pack_batch_without_prompt_skips_the_first_response_token():
+    b = pack_batch([[]], [[4, 5, 6]], pad_id=0)
+    assert b.cols.tolist() == [0, 1] and b.targets.tolist() == [5, 6] and b.counts.tolist() == [2]
+    with pytest.raises(ValueError):
+        pack_batch([], [], pad_id=0)
+
+
+def test_topk_reference_on_hand_numbers():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])) + 3.0
+    target_lp, ids, lps = topk_reference(logits, torch.tensor([1, 3]), k=2)
+    assert target_lp.tolist() == pytest.approx([math.log(0.2), math.log(0.25)], abs=1e-6)
+    assert ids.dtype == torch.int32 and ids[0].tolist() == [3, 2]
+    assert lps[0].tolist() == pytest.approx([math.log(0.4), math.log(0.3)], abs=1e-6)
+    assert lps[1].tolist() == pytest.approx([math.log(0.25)] * 2, abs=1e-6)  # normalised over V, not over k
+    with pytest.raises(ValueError, match="vocabulary size 4"):
+        topk_reference(logits, torch.tensor([0, 0]), k=5)
+
+
+def test_segment_sums_and_length_sorting():
+    assert segment_sums(np.array([1.0, 2.0, 3.0, 4.0], np.float32), np.array([1, 0, 3])).tolist() == [1, 0, 9]
+    assert length_sorted_batches([3, 5, 5, 1], 2) == [[1, 2], [0, 3]]
+    with pytest.raises(ValueError):
+        length_sorted_batches([1], 0)
+
+
+class StubReference:
+    """Scores derived from the targets only: any batching must give the same per-sequence result."""
+
+    hidden_size = 2
+
+    def score_batch(self, batch, k, store_hidden=False):
+        t = batch.targets.numpy().astype(np.float32)
+        counts = batch.counts.numpy()
+        return BatchScores(
+            counts=counts,
+            target_logprobs=-t,
+            topk_ids=np.stack([t.astype(np.int32)] * k, axis=1),
+            topk_logprobs=np.stack([-t] * k, axis=1),
+            seq_logprobs=segment_sums(-t, counts),
+            hidden=np.stack([t, -t], axis=1).astype(np.float16) if store_hidden else None,
+        )
+
+
+def test_score_sequences_returns_input_order_for_any_batching():
+    prompts = [[1], [1, 2], [3], [4, 4, 4], [5]]
+    responses = [[10, 11], [12], [13, 14, 15], [16], [17, 18, 19, 20]]
+    one = score_sequences(StubReference(), prompts, responses, k=2, batch_size=1, store_hidden=True)
+    three = score_sequences(StubReference(), prompts, responses, k=2, batch_size=3, store_hidden=True)
+    assert one.counts.tolist() == [2, 1, 3, 1, 4]
+    assert (-one.target_logprobs).tolist() == [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    assert one.seq_logprobs.tolist() == [-21, -12, -42, -16, -74]
+    for name in ("counts", "target_logprobs", "topk_ids", "topk_logprobs", "seq_logprobs", "hidden"):
+        assert np.array_equal(getattr(one, name), getattr(three, name)), name
+
+
+def _pairs() -> pa.Table:
+    return pa.table(
+        {
+            "id": ["a", "b"],
+            "split": ["train", "test"],
+            "prompt_len": pa.array([2, 3], pa.int32()),
+            "chosen_len": pa.array([2, 1], pa.int32()),
+            "rejected_len": pa.array([1, 3], pa.int32()),
+        }
+    )
+
+
+def test_build_rows_layout_and_round_trip():
+    counts = np.array([2, 1, 1, 3])
+    n = int(counts.sum())
+    scores = BatchScores(
+        counts=counts,
+        target_logprobs=-np.arange(n, dtype=np.float32) / 3,
+        topk_ids=np.arange(2 * n, dtype=np.int32).reshape(n, 2),
+        topk_logprobs=-np.arange(2 * n, dtype=np.float32).reshape(n, 2) / 7,
+        seq_logprobs=np.array([-1.0, -2.0, -3.0, -4.0]),
+        hidden=np.ones((n, 3), np.float16),
+    )
+    table = build_rows(_pairs(), 10, scores, k=2, dtype="float16")
+    assert table.schema.equals(refcache_schema(2, "float16", hidden_size=3))
+    assert table.column("pair_index").to_pylist() == [10, 10, 11, 11]
+    assert table.column("side").to_pylist() == ["chosen", "rejected", "chosen", "rejected"]
+    assert table.column("id").to_pylist() == ["a", "a", "b", "b"]
+    assert table.column("response_len").to_pylist() == [2, 1, 1, 3]
+    assert table.column("prompt_len").to_pylist() == [2, 2, 3, 3]
+    assert [len(x) for x in table.column("topk_ids").to_pylist()] == [2, 1, 1, 3]
+    assert np.array_equal(token_matrix(table.column("topk_ids")), scores.topk_ids)
+    assert np.array_equal(token_vector(table.column("token_logprobs")), scores.target_logprobs)
+    lp = token_matrix(table.column("topk_logprobs"))
+    assert lp.dtype == np.float16 and np.array_equal(lp, scores.topk_logprobs.astype(np.float16))
+    # a slice (one pair) flattens to its own tokens
+    assert token_matrix(table.slice(2, 2).column("topk_ids")).tolist() == scores.topk_ids[3:].tolist()
+    assert refcache_schema(2, "float32").field("topk_logprobs").type.value_type.value_type == pa.float32()
+    with pytest.raises(ValueError, match="3 scored sequences for 2 pairs"):
+        build_rows(_pairs(), 0, BatchScores(counts[:3], *(None,) * 4, None), k=2, dtype="float16")
