@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from alignheads.training.config import TrainConfig
 from alignheads.world.config import WorldConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -113,6 +114,16 @@ class RefPassConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    """MLflow tracking: a parent run per pipeline run, child runs per trained head."""
+
+    enabled: bool = Field(True, description="Log runs, metrics and artifacts to MLflow")
+    uri: str | None = Field(
+        None,
+        description="Tracking URI; empty uses $MLFLOW_TRACKING_URI, else sqlite:///<store>/mlflow.db",
+    )
+
+
 class RunConfig(_Section):
     """A whole pipeline run."""
 
@@ -125,6 +136,8 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     refpass: RefPassConfig = Field(default_factory=RefPassConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("name")
     @classmethod

@@ -23,6 +23,7 @@ def print_run_summary(
         tables = ", ".join(f"{n} ({r})" for n, r in out["tables"].items()) or "-"
         table.add_row(stage, out["status"], out["key"], tables, out["path"])
     console.print(table)
+    print_head_summary(outcomes, console)
     rejected = sum(outcomes.get("data", {}).get("info", {}).get("rejects", {}).values())
     if rejected:
         console.print(
@@ -32,8 +33,35 @@ def print_run_summary(
         console.print("Nothing recomputed: every stage was already complete in the store.")
     else:
         done = [s for s, out in outcomes.items() if out["status"] == "computed"]
-        console.print(f"Computed: {', '.join(done)}; the other stages were reused from the store.")
+        reused = [s for s, out in outcomes.items() if out["status"] != "computed"]
+        tail = f"; reused from the store: {', '.join(reused)}" if reused else ""
+        console.print(f"Computed: {', '.join(done)}{tail}.")
     console.print(f"Store: {cfg.store}")
+
+
+def print_head_summary(outcomes: dict[str, dict[str, Any]], console: Console) -> None:
+    """Trained heads: steps, final training loss, held-out preference accuracy and margin at α = 1."""
+    heads = {name.removeprefix("train-"): out for name, out in outcomes.items() if name.startswith("train-")}
+    if not heads:
+        return
+    table = Table(title="trained heads (held-out pairs, alpha = 1)")
+    for col in ("head", "steps", "train loss", "preference accuracy", "reward margin"):
+        table.add_column(col, justify="right")
+    for kind, out in heads.items():
+        info = out["info"]
+        ev, final = info.get("eval", {}), info.get("final", {})
+        table.add_row(
+            kind,
+            str(info.get("steps", "-")),
+            _fmt(final.get("loss")),
+            _fmt(ev.get("eval/rewards/accuracies")),
+            _fmt(ev.get("eval/rewards/margins")),
+        )
+    console.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def print_arrow_table(data: pa.Table, max_rows: int = 50, console: Console | None = None) -> None:

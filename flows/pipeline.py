@@ -13,10 +13,12 @@ on disk are not recomputed, whichever process computed them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alignheads.config import RefPassConfig, RunConfig
@@ -24,9 +26,11 @@ from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.artifacts import ArtifactResult, artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST
+from alignheads.storage.tracking import Tracker, flatten, open_tracker
 from alignheads.tasks import data as data_stage
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import tokenize as tokenize_stage
+from alignheads.tasks import train as train_stage
 from alignheads.tasks import world as world_stage
 from alignheads.world.config import WorldConfig
 
@@ -164,12 +168,79 @@ def _run_stage(stage_task, store: Path, present: bool | None = None, **params: A
     return outcome
 
 
+@task(**_task_options("train"))
+def train_task(store: str, key: str, plan: dict[str, Any], tracking: dict[str, str] | None) -> dict[str, Any]:
+    log = None
+    if tracking is not None:
+        tracker, run_id = Tracker(tracking["uri"], tracking["experiment_id"]), tracking["run_id"]
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            tracker.log_metrics(run_id, metrics, step)
+
+    return _outcome(train_stage.run_train(Path(store), train_stage.TrainPlan(**plan), log=log))
+
+
 @flow(name="alignheads-pipeline", log_prints=True)
 def pipeline(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # noqa: B008 (UI default)
     """Run the alignheads pipeline on one run config; returns each stage's artifact and status."""
     cfg = config.resolved()
+    cfg.store.mkdir(parents=True, exist_ok=True)
+    if not cfg.tracking.enabled:
+        return _pipeline(cfg, None, None)
+    # one MLflow experiment per config name; this flow run is its parent run
+    tracker = open_tracker(cfg.store, cfg.name, cfg.tracking.uri)
+    tags = {"prefect.flow_run_id": str(flow_run.id), "alignheads.store": str(cfg.store)}
+    parent_run = tracker.start_run(flow_run.name or "pipeline", flatten(cfg), tags=tags)
+    try:
+        outcomes = _pipeline(cfg, tracker, parent_run)
+    except BaseException:
+        tracker.end_run(parent_run, "FAILED")
+        raise
+    tracker.log_metrics(parent_run, _summary_metrics(outcomes), 0)
+    tracker.end_run(parent_run)
+    for outcome in outcomes.values():
+        outcome["mlflow_run"] = parent_run
+    return outcomes
+
+
+def _summary_metrics(outcomes: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The parent run's headline numbers: each head's held-out preference accuracy at α = 1."""
+    out = {}
+    for name, outcome in outcomes.items():
+        acc = (
+            outcome["info"].get("eval", {}).get("eval/rewards/accuracies")
+            if name.startswith("train-")
+            else None
+        )
+        if acc is not None:
+            out[f"{name.removeprefix('train-')}/eval_accuracy"] = acc
+    return out
+
+
+def _run_training(store: Path, plan: train_stage.TrainPlan, tracker: Tracker | None, parent_run: str | None):
+    """Train one head as a cached stage, in an MLflow child run of the pipeline's run."""
+    tracking, child = None, None
+    if tracker is not None:
+        params = flatten(plan.train) | {"head": plan.kind, "artifact": plan.key}
+        child = tracker.start_run(f"train-{plan.kind}", params, parent=parent_run, tags={"head": plan.kind})
+        tracking = {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": child}
+    try:
+        outcome = _run_stage(train_task, store, key=plan.key, plan=asdict(plan), tracking=tracking)
+    except BaseException:
+        if tracker is not None:
+            tracker.end_run(child, "FAILED")
+        raise
+    if tracker is not None:
+        info = outcome["info"]
+        if outcome["status"] != "computed":  # the metrics were logged by the run that trained it
+            tracker.log_metrics(child, info.get("final", {}) | info.get("eval", {}), info.get("steps", 0))
+        tracker.log_artifacts(child, [Path(outcome["path"]) / train_stage.HEAD_SUBDIR], "head")
+        tracker.end_run(child)
+    return outcome
+
+
+def _pipeline(cfg: RunConfig, tracker: Tracker | None, parent_run: str | None) -> dict[str, dict[str, Any]]:
     store = cfg.store
-    store.mkdir(parents=True, exist_ok=True)
     logger = get_run_logger()
     outcomes: dict[str, dict[str, Any]] = {}
 
@@ -209,6 +280,13 @@ def pipeline(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # n
         cfg.refpass, cfg.model, model_path, outcomes["tokenize"]["path"], tok_fp
     )
     outcomes["refpass"] = _run_refpass(cfg, store, rplan)
+
+    model_source = tokenizer_source | {"dtype": cfg.model.dtype}
+    for kind in train_stage.CONFIG_CLASSES:
+        head_cfg = getattr(cfg.train, kind)
+        if head_cfg.enabled:
+            plan = train_stage.plan_train(kind, head_cfg, outcomes["refpass"]["path"], model_source)
+            outcomes[f"train-{kind}"] = _run_training(store, plan, tracker, parent_run)
     for name, outcome in outcomes.items():
         logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
     return outcomes

@@ -1,4 +1,4 @@
-"""The pipeline flow end to end on the test-size tiny world: world -> data -> tokenize.
+"""The pipeline flow end to end on the test-size tiny world: world -> data -> tokenize -> refpass.
 
 One Prefect test harness for the session (starting one costs ~20 s); one first run shared by
 the module; later runs show what is cached and what is recomputed.
@@ -20,6 +20,8 @@ from alignheads.config import RunConfig, load_config
 from alignheads.flows.pipeline import pipeline
 from alignheads.storage.manifest import verify_artifact
 from alignheads.storage.query import run_query
+from alignheads.storage.sharded import shard_path
+from alignheads.storage.shards import read_table
 from alignheads.tasks.ingest import BadRowError
 from alignheads.world.build import tiny_test_config
 
@@ -35,6 +37,11 @@ def config_file(tmp_path_factory) -> Path:
         "store": str(root / "store"),
         "world": tiny_test_config().model_dump(mode="json"),
         "tokenize": {"max_prompt_length": 64, "max_response_length": 48},
+        "refpass": {"k": 32, "pairs_per_shard": 128, "max_workers": 2},  # 3 shards, 2 at a time
+        "train": {
+            "iav": {"lr": 1e-2, "batch_size": 16, "epochs": 2, "eval_every": 8, "checkpoint_every": 8},
+            "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 2, "rank": 8, "eval_every": 8},
+        },
     }
     path = root / "tiny-test.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -47,23 +54,88 @@ def first_run(prefect_harness, config_file):
     return cfg, pipeline(config=cfg)
 
 
+STAGES = ("world", "data", "tokenize", "refpass", "train-iav", "train-calm")
+NO_TRAINING = {"iav": {"enabled": False}, "calm": {"enabled": False}}
+
+
 def _statuses(outcomes):
     return {stage: out["status"] for stage, out in outcomes.items()}
 
 
+def _all(status: str, **others: str) -> dict[str, str]:
+    return {stage: others.get(stage.replace("-", "_"), status) for stage in STAGES}
+
+
 def test_first_run_builds_every_stage(first_run):
     cfg, outcomes = first_run
-    assert _statuses(outcomes) == {"world": "computed", "data": "computed", "tokenize": "computed"}
+    assert _statuses(outcomes) == _all("computed")
     world = tiny_test_config()
     n_pairs = world.n_train_pairs + world.n_test_pairs
     assert outcomes["data"]["tables"] == {"pairs": n_pairs, "rejects": 0}
     assert outcomes["tokenize"]["tables"] == {"tokenized": n_pairs}
-    for stage, out in outcomes.items():
+    assert outcomes["refpass"]["tables"] == {"refcache": 2 * n_pairs}
+    assert outcomes["refpass"]["info"]["shards"] == 3
+    for name, out in outcomes.items():
+        stage = name.split("-")[0]
         path = Path(out["path"])
         assert path == cfg.store / stage / out["key"]
         verify_artifact(path, stage)  # every shard and file matches its checksum
     # the world's build report travels in the manifest (its properties are tested in tests/world)
     assert outcomes["world"]["info"]["pair_accuracy"] == 1.0
+
+
+def test_heads_are_trained_and_tracked_in_mlflow(first_run):
+    """Both heads learn the world's preference; MLflow holds a parent run with the flattened
+    config and one child run per head with TRL-named metrics and the head as an artifact."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from alignheads.models import read_head_file
+
+    cfg, outcomes = first_run
+    for kind in ("iav", "calm"):
+        info = outcomes[f"train-{kind}"]["info"]
+        assert info["steps"] == 2 * (tiny_test_config().n_train_pairs // 16)
+        assert info["eval"]["eval/rewards/accuracies"] >= 0.8, (kind, info["eval"])
+        head = read_head_file(Path(outcomes[f"train-{kind}"]["path"]) / "head")
+        assert head.head_type == kind
+    uri = f"sqlite:///{cfg.store / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = outcomes["world"]["mlflow_run"]
+    parent = client.get_run(parent_id)
+    assert parent.data.params["train.iav.lr"] == "0.01" and parent.data.params["name"] == "tiny-test"
+    assert parent.data.metrics["iav/eval_accuracy"] >= 0.8
+    mlflow.set_tracking_uri(uri)
+    children = mlflow.search_runs(
+        experiment_names=["tiny-test"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        output_format="list",
+    )
+    assert sorted(r.info.run_name for r in children) == ["train-calm", "train-iav"]
+    for run in children:
+        kind = run.data.params["head"]
+        names = set(run.data.metrics)
+        assert {
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+        } <= names
+        assert {"logps/chosen", "logps/rejected", "l2", "eval/rewards/accuracies"} <= names
+        assert ("kl" in names) == (kind == "iav") and ("strength/mean" in names) == (kind == "calm")
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert len(history) == 2 * (tiny_test_config().n_train_pairs // 16)
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "head")]
+        assert sorted(artifacts) == ["head/head_config.json", "head/head_model.safetensors"]
+
+
+def test_changing_a_training_setting_reruns_only_that_head(first_run):
+    cfg, outcomes = first_run
+    calm = cfg.train.calm.model_copy(update={"lr": 1e-3})
+    out = pipeline(config=cfg.model_copy(update={"train": cfg.train.model_copy(update={"calm": calm})}))
+    assert _statuses(out) == _all("cached", train_calm="computed")
+    assert out["train-calm"]["key"] != outcomes["train-calm"]["key"]
 
 
 def test_tables_are_queryable(first_run):
@@ -86,7 +158,7 @@ def test_tables_are_queryable(first_run):
 def test_second_run_recomputes_nothing(first_run, capsys):
     cfg, outcomes = first_run
     again = pipeline(config=cfg)
-    assert _statuses(again) == {"world": "cached", "data": "cached", "tokenize": "cached"}
+    assert _statuses(again) == _all("cached")
     assert {s: o["key"] for s, o in again.items()} == {s: o["key"] for s, o in outcomes.items()}
     from alignheads.report import print_run_summary
 
@@ -94,11 +166,69 @@ def test_second_run_recomputes_nothing(first_run, capsys):
     assert "Nothing recomputed" in capsys.readouterr().out
 
 
-def test_changing_token_limits_reruns_only_tokenize(first_run):
+def test_refcache_sums_match_the_model(first_run):
+    """The reference pass on the tiny world: the view answers, summed log-probs match the model."""
+    import torch
+
+    from alignheads.losses import sequence_logprobs
+    from alignheads.reference import load_reference, pack_batch
+
+    cfg, outcomes = first_run
+    key = outcomes["refpass"]["key"]
+    rows = run_query(
+        cfg.store,
+        "SELECT r.side, r.seq_logprob, t.prompt_ids, t.chosen_ids, t.rejected_ids FROM refcache r "
+        f"JOIN tokenized t USING (id) WHERE r.artifact = '{key}' "
+        f"AND t.artifact = '{outcomes['tokenize']['key']}' ORDER BY r.pair_index, r.side LIMIT 6",
+    ).to_pylist()
+    prompts = [r["prompt_ids"] for r in rows]
+    responses = [r[f"{r['side']}_ids"] for r in rows]
+    batch = pack_batch(prompts, responses, pad_id=0)
+    mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        mask[b, len(p) : len(p) + len(r)] = True
+    model = load_reference(str(Path(outcomes["world"]["path"]) / "model"), device="cpu").model
+    with torch.inference_mode():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    want = sequence_logprobs(logits, batch.input_ids, mask).tolist()
+    assert [r["seq_logprob"] for r in rows] == pytest.approx(want, abs=1e-4)
+    # the tiny world's model prefers chosen over rejected on most training pairs
+    acc = run_query(
+        cfg.store,
+        "SELECT avg((m > 0)::INT) AS acc FROM (SELECT pair_index, "
+        "sum(CASE side WHEN 'chosen' THEN seq_logprob ELSE -seq_logprob END) AS m "
+        f"FROM refcache WHERE artifact = '{key}' GROUP BY pair_index)",
+    ).to_pylist()[0]["acc"]
+    assert acc > 0.5
+
+
+def test_refpass_identical_under_dask_and_resumes_one_shard(first_run):
+    cfg, outcomes = first_run
+    path = Path(outcomes["refpass"]["path"])
+    threads_table = read_table(path, "refcache")
+    shutil.rmtree(path)
+    dask = cfg.model_copy(update={"refpass": cfg.refpass.model_copy(update={"task_runner": "dask"})})
+    out = pipeline(config=dask)
+    assert out["refpass"]["status"] == "computed" and out["refpass"]["key"] == outcomes["refpass"]["key"]
+    assert read_table(path, "refcache").equals(threads_table)
+    # a damaged shard of the complete cache: only that shard is recomputed
+    shards = [path / shard_path("refcache", i) for i in range(3)]
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    with open(shards[1], "r+b") as fh:
+        fh.truncate(shards[1].stat().st_size // 2)
+    again = pipeline(config=cfg)
+    assert again["refpass"]["status"] == "computed"
+    assert [p.stat().st_mtime_ns == s for p, s in zip(shards, stamps, strict=True)] == [True, False, True]
+    verify_artifact(path, "refpass")
+    assert read_table(path, "refcache").equals(threads_table)
+
+
+def test_changing_token_limits_reruns_tokenize_and_refpass(first_run):
     cfg, outcomes = first_run
     shorter = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"max_prompt_length": 8})})
     out = pipeline(config=shorter)
-    assert _statuses(out) == {"world": "cached", "data": "cached", "tokenize": "computed"}
+    assert _statuses(out) == _all("computed", world="cached", data="cached")
+    assert out["refpass"]["key"] != outcomes["refpass"]["key"]
     assert out["tokenize"]["key"] != outcomes["tokenize"]["key"]
     assert out["tokenize"]["info"]["truncated"]["prompt"] > 0
     rows = run_query(
@@ -113,7 +243,8 @@ def test_artifact_removed_from_store_is_rebuilt(first_run):
     cfg, outcomes = first_run
     shutil.rmtree(outcomes["tokenize"]["path"])
     out = pipeline(config=cfg)
-    assert _statuses(out) == {"world": "cached", "data": "cached", "tokenize": "computed"}
+    # same tokenize key, so the reference cache (still complete on disk) stays valid
+    assert _statuses(out) == _all("cached", tokenize="computed")
     verify_artifact(Path(out["tokenize"]["path"]), "tokenize")
 
 
@@ -132,7 +263,11 @@ def test_bad_rows_stop_the_run_naming_file_row_and_field(first_run, tmp_path):
     cfg, _ = first_run
     data = _bad_data(tmp_path)
     bad = RunConfig.model_validate(
-        {**cfg.model_dump(), "data": {"train": {"path": str(data)}, "on_bad_rows": "error"}}
+        {
+            **cfg.model_dump(),
+            "data": {"train": {"path": str(data)}, "on_bad_rows": "error"},
+            "train": NO_TRAINING,
+        }
     )
     with pytest.raises(BadRowError, match=r"mine\.jsonl: row 1 \(line 2\), field 'chosen': empty string"):
         pipeline(config=bad)
@@ -142,7 +277,11 @@ def test_bad_rows_skipped_are_counted_and_queryable(first_run, tmp_path, capsys)
     cfg, _ = first_run
     data = _bad_data(tmp_path)
     skip = RunConfig.model_validate(
-        {**cfg.model_dump(), "data": {"train": {"path": str(data)}, "on_bad_rows": "skip"}}
+        {
+            **cfg.model_dump(),
+            "data": {"train": {"path": str(data)}, "on_bad_rows": "skip"},
+            "train": NO_TRAINING,
+        }
     )
     out = pipeline(config=skip)
     assert out["data"]["info"]["rejects"] == {"train": 2, "test": 0}
@@ -216,3 +355,32 @@ def test_world_verb_reuses_the_pipeline_world(first_run, config_file, capsys):
     out = capsys.readouterr().out
     assert "already in the store, reused" in out
     assert first_run[1]["world"]["key"] in out
+
+
+@pytest.mark.parametrize("kind", ["iav", "calm"])
+def test_heads_generate_on_the_world_model(first_run, kind):
+    """Both heads inside transformers' own generate() on the world's model: sampling, beams,
+    left-padded batches; at initialisation every α gives the base model's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignheads.models import AlignedLM, new_head
+
+    model_dir = Path(first_run[1]["world"]["path"]) / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["\n\nHuman: What is 2 + 3?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert tok.padding_side == "left" and batch["attention_mask"][1, 0] == 0
+    with torch.no_grad():
+        base = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    aligned = AlignedLM(model, new_head(kind, model))
+    common = {"max_new_tokens": 12, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        for alpha in (0.0, 1.0, -2.0):
+            assert torch.equal(aligned.generate(**batch, alpha=alpha, do_sample=False, **common), base)
+        torch.manual_seed(0)
+        sampled = aligned.generate(**batch, alpha=1.5, do_sample=True, top_p=0.9, **common)
+        beams = aligned.generate(**batch, alpha=1.5, num_beams=3, **common)
+    assert sampled.shape[0] == 2 and beams.shape[0] == 2
+    assert all(len(t) > 0 for t in tok.batch_decode(sampled[:, batch["input_ids"].shape[1] :]))

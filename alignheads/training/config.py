@@ -1,0 +1,75 @@
+"""Training settings for the two heads (the `train:` section of a run config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HeadTrainConfig(_Section):
+    """What both heads' training loops share."""
+
+    enabled: bool = Field(True, description="Train this head")
+    features: Literal["backbone", "cached"] = Field(
+        "backbone",
+        description="'backbone' runs the frozen LM each step; 'cached' reads the reference pass's "
+        "hidden states (needs refpass.store_hidden) and never runs the LM",
+    )
+    batch_size: int = Field(
+        8, gt=0, description="Pairs per optimizer step, over all processes and accumulation"
+    )
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step")
+    epochs: int = Field(1, gt=0, description="Passes over the training pairs")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm)")
+    seed: int = Field(0, description="Seed for head initialisation, data order and dropout")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU)")
+    num_processes: int = Field(
+        1,
+        gt=0,
+        description="Processes for `accelerate launch` (GPUs, or CPU processes with gloo); 1 trains in-process",
+    )
+    eval_every: int = Field(50, gt=0, description="Evaluate on the held-out pairs every N steps")
+    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps")
+    resume: bool = Field(True, description="Continue from the latest checkpoint of the same run key")
+    beta: float = Field(0.1, gt=0, description="DPO temperature β")
+
+
+class IAVTrainConfig(HeadTrainConfig):
+    """IAV: base head (from lm_head) + zero-initialised alignment head."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW)")
+    kl: Literal["topk", "exact"] = Field(
+        "topk",
+        description="KL of the base head to the reference: 'topk' from the cache (top-k + tail), "
+        "'exact' from the backbone's own head (reference = the run's model)",
+    )
+    lambda_kl: float = Field(0.1, ge=0, description="Weight of the KL to the reference")
+    lambda_l2: float = Field(0.01, ge=0, description="Weight of mean ‖W_a h‖²")
+
+
+class CALMTrainConfig(HeadTrainConfig):
+    """CALM: frozen lm_head + gated low-rank modulation."""
+
+    rank: int = Field(32, gt=0, description="Rank R of the modulation")
+    s_max: float = Field(5.0, gt=0, description="Largest gate strength")
+    max_positions: int = Field(2048, gt=0, description="Rows of the position embedding")
+    lambda_l2: float = Field(0.001, ge=0, description="Weight of mean ‖v‖²")
+    lambda_var: float = Field(0.01, ge=0, description="Reward for strength variance (subtracted)")
+    lambda_ent: float = Field(0.01, ge=0, description="Reward for policy entropy (subtracted)")
+
+
+class TrainConfig(_Section):
+    """Both heads' training settings."""
+
+    iav: IAVTrainConfig = Field(default_factory=IAVTrainConfig)
+    calm: CALMTrainConfig = Field(default_factory=CALMTrainConfig)

@@ -1,0 +1,56 @@
+"""Entry point for multi-process training: `accelerate launch -m alignheads.training.launch PLAN OUT`.
+
+PLAN is a train plan as JSON (what `tasks.train.plan_train` returns); every process builds
+the same head and stream, takes its share of each step's micro-batches, and process 0 writes
+OUT/head (the trained head) and OUT/result.json (steps, metrics history). The train stage
+runs this through `accelerate launch` when `train.<head>.num_processes` is above 1; it also
+works by hand on GPUs (`--multi_gpu`) or CPUs (gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def train_from_plan(plan_file: Path, out_dir: Path, checkpoint_dir: Path, progress: bool = True) -> None:
+    from accelerate import Accelerator
+
+    from alignheads.models.head_io import save_head
+    from alignheads.tasks.train import TrainPlan, make_job, result_summary
+    from alignheads.training.loop import train_head
+
+    plan = TrainPlan(**json.loads(plan_file.read_text()))
+    accelerator = Accelerator(mixed_precision=plan.head_config.mixed_precision, cpu=not _cuda())
+    job = make_job(plan, checkpoint_dir, progress=progress)
+    result = train_head(job, accelerator)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        training = {"config": plan.train, "steps": result.steps}
+        save_head(result.head, out_dir / "head", base_model=job.model, training=training)
+        summary = result_summary(result) | {"processes": accelerator.num_processes}
+        (out_dir / "result.json").write_text(json.dumps(summary))
+    accelerator.wait_for_everyone()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignheads.training.launch", description=__doc__)
+    parser.add_argument("plan", type=Path, help="train plan JSON")
+    parser.add_argument("out", type=Path, help="output directory (head/ and result.json)")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint directory (resume)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    train_from_plan(args.plan, args.out, args.checkpoints, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Training objectives: a batch of preference pairs and a head's outputs -> the IAV or CALM loss.
+
+Pure functions over tensors. A batch holds B pairs as 2B sequences (chosen rows first, then
+rejected rows, through the backbone in one concatenated forward) in the compact layout of
+:class:`PairBatch`: the head only ever sees the hidden states that predict response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alignheads.losses import (
+    CALMLoss,
+    CALMWeights,
+    IAVLoss,
+    IAVWeights,
+    PreferenceLogps,
+    calm_loss,
+    exact_kl,
+    iav_loss,
+    masked_mean,
+    masked_variance,
+    mean_entropy,
+    mean_squared_norm,
+    token_logprobs,
+    topk_tail_kl,
+)
+from alignheads.models.calm import CALMOutput
+from alignheads.models.iav import IAVOutput
+
+
+@dataclass
+class PairBatch:
+    """B preference pairs as 2B sequences (rows ``[:B]`` chosen, ``[B:]`` rejected), compact.
+
+    Compact means one column per *scored* response token (``R`` = the most any row has):
+    targets, mask: ``(2B, R)`` the response tokens and which columns are real; ref_logps:
+    ``(2B,)`` the reference's summed response log-probs; ref_topk_ids / ref_topk_logprobs:
+    ``(2B, R, k)`` or None. The features that predict each target come either from the
+    backbone — input_ids, attention_mask ``(2B, T)`` right-padded prompt + response and
+    gather_index ``(2B, R)`` the position predicting each target — or from the cache —
+    hidden ``(2B, R, H)``, positions ``(2B, R)`` their true positions, prefix_sum ``(2B, H)``
+    and prefix_count ``(2B,)`` the hidden states before the first scored position (CALM's
+    causal context mean needs them).
+    """
+
+    targets: Tensor
+    mask: Tensor
+    ref_logps: Tensor
+    ref_topk_ids: Tensor | None = None
+    ref_topk_logprobs: Tensor | None = None
+    input_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    gather_index: Tensor | None = None
+    hidden: Tensor | None = None
+    positions: Tensor | None = None
+    prefix_sum: Tensor | None = None
+    prefix_count: Tensor | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return self.targets.shape[0] // 2
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return PairBatch(**moved)
+
+
+def response_logps(policy_logits: Tensor, batch: PairBatch) -> Tensor:
+    """``(2B,)`` summed log-probs of the targets under ``policy_logits (2B, R, V)``."""
+    per_token = token_logprobs(policy_logits, batch.targets)
+    return torch.where(batch.mask, per_token, torch.zeros_like(per_token)).sum(-1)
+
+
+def preference_logps(policy_logits: Tensor, batch: PairBatch) -> PreferenceLogps:
+    """Policy (``(2B, R, V)`` logits at α = 1) and cached reference log-probs, split by side."""
+    logps = response_logps(policy_logits, batch)
+    b = batch.n_pairs
+    return PreferenceLogps(logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:])
+
+
+def _per_side_mean(values: Tensor, mask: Tensor, n_pairs: int) -> tuple[Tensor, Tensor]:
+    """Masked means of ``(2B, T)`` values over the chosen rows and over the rejected rows."""
+    return masked_mean(values[:n_pairs], mask[:n_pairs]), masked_mean(values[n_pairs:], mask[n_pairs:])
+
+
+def topk_kl_per_token(base_logits: Tensor, batch: PairBatch) -> Tensor:
+    """``(2B, R)`` top-k + tail KL of the cached reference to ``softmax(base_logits)``."""
+    if batch.ref_topk_ids is None or batch.ref_topk_logprobs is None:
+        raise ValueError("kl: topk needs the reference cache's top-k columns, and this batch has none")
+    return topk_tail_kl(batch.ref_topk_ids, batch.ref_topk_logprobs, base_logits)
+
+
+def exact_kl_per_token(base_logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """``(2B, R)`` exact KL of the reference logits (the backbone's own head) to the base head."""
+    return exact_kl(ref_logits, base_logits)
+
+
+def iav_objective(out: IAVOutput, batch: PairBatch, kl_per_token: Tensor, weights: IAVWeights) -> IAVLoss:
+    """IAV loss: DPO at α = 1 + λ_kl · ½(KL_chosen + KL_rejected) + λ_l2 · mean‖a_t‖².
+
+    kl_per_token: ``(2B, R)`` KL(reference ‖ base head) at each scored token.
+    """
+    mask = batch.mask
+    kl_chosen, kl_rejected = _per_side_mean(kl_per_token, mask, batch.n_pairs)
+    return iav_loss(
+        preference_logps(out.logits(1.0), batch),
+        kl_chosen,
+        kl_rejected,
+        mean_squared_norm(out.align_logits, mask),
+        weights,
+    )
+
+
+def calm_objective(out: CALMOutput, batch: PairBatch, weights: CALMWeights) -> CALMLoss:
+    """CALM loss: DPO at α = 1 + λ_l2 · mean‖v_t‖² − λ_var · Var(s) − λ_ent · mean H(π_t)."""
+    mask = batch.mask
+    policy = out.logits(1.0)
+    return calm_loss(
+        preference_logps(policy, batch),
+        mean_squared_norm(out.modulation, mask),
+        masked_variance(out.strength, mask),
+        mean_entropy(policy, mask),
+        weights,
+    )
