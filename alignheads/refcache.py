@@ -16,9 +16,14 @@ the same rows of `tokenized` without a join. Columns:
 | topk_ids | list<fixed_size_list<int32>[K]> | per scored token: the K most likely ids, most likely first |
 | topk_logprobs | list<fixed_size_list<float16 or float32>[K]> | their log-probs, normalised over the full vocabulary |
 | hidden (optional) | list<fixed_size_list<float16>[H]> | the last hidden state that predicts each scored token |
+| prefix_hidden_sum (with hidden) | fixed_size_list<float32>[H] | Σ of the last hidden states at positions 0 … prompt_len−2: every real token before the first predicting position (zeros when prompt_len ≤ 1) |
 
 "Scored" response tokens are all of them, except a first response token at position 0 (an
 empty prompt), which nothing predicts; the list length is the number of scored tokens.
+The predicting positions are ``prompt_len − 1 …`` (``0 …`` for an empty prompt), one per
+scored token, so with `hidden` and `prefix_hidden_sum` CALM's causal context mean at the
+j-th one is ``(prefix_hidden_sum + Σ_{u≤j} hidden_u) / (max(prompt_len − 1, 0) + j + 1)``
+without running the model.
 Parquet stores the lists column by column, so a reader that asks for `seq_logprob` only never
 reads the top-k or hidden columns.
 """
@@ -47,7 +52,8 @@ _NUMPY = {"float16": np.float16, "float32": np.float32}
 
 def refcache_schema(k: int, dtype: str, hidden_size: int | None = None) -> pa.Schema:
     """Schema of the refcache table for top-k ``k``, top-k storage ``dtype`` and, when
-    ``hidden_size`` is given, a float16 ``hidden`` column of that width."""
+    ``hidden_size`` is given, a float16 ``hidden`` column and a float32 ``prefix_hidden_sum``
+    column of that width."""
     fields = [
         ("pair_index", pa.int64()),
         ("id", pa.string()),
@@ -62,6 +68,7 @@ def refcache_schema(k: int, dtype: str, hidden_size: int | None = None) -> pa.Sc
     ]
     if hidden_size is not None:
         fields.append(("hidden", pa.list_(pa.list_(pa.float16(), hidden_size))))
+        fields.append(("prefix_hidden_sum", pa.list_(pa.float32(), hidden_size)))
     return pa.schema(fields)
 
 
@@ -95,6 +102,11 @@ def build_rows(
     if scores.counts.shape[0] != 2 * n:
         raise ValueError(f"{scores.counts.shape[0]} scored sequences for {n} pairs (need {2 * n})")
     hidden_size = scores.hidden.shape[1] if scores.hidden is not None else None
+    if hidden_size is not None and (
+        scores.prefix_hidden_sum is None or scores.prefix_hidden_sum.shape != (2 * n, hidden_size)
+    ):
+        got = None if scores.prefix_hidden_sum is None else scores.prefix_hidden_sum.shape
+        raise ValueError(f"hidden states need prefix_hidden_sum of shape {(2 * n, hidden_size)}, got {got}")
     schema = refcache_schema(k, dtype, hidden_size)
     offsets = pa.array(np.concatenate([[0], np.cumsum(scores.counts)]), type=pa.int32())
 
@@ -120,6 +132,9 @@ def build_rows(
     }
     if hidden_size is not None:
         columns["hidden"] = _per_token(offsets, scores.hidden, schema.field("hidden").type)
+        columns["prefix_hidden_sum"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(scores.prefix_hidden_sum.astype(np.float32).reshape(-1), type=pa.float32()), hidden_size
+        )
     return pa.Table.from_pydict(columns, schema=schema)
 
 

@@ -10,6 +10,12 @@ Batches are right-padded: with a causal model the real tokens never see the padd
 position ids are the plain ``0..n−1``, so no position-id bookkeeping is needed. The output
 layer runs only on the ``N`` scoring positions (not on prompt or padding positions), which is
 what keeps the reference pass as fast as a bare forward pass.
+
+With ``store_hidden`` the pass also keeps what CALM's causal context needs without the
+backbone: the hidden states at the ``N`` predicting positions, and per sequence the float32
+sum of the hidden states at the real tokens *before* its first predicting position (positions
+``0 .. P − 2`` for a prompt of ``P ≥ 1`` tokens; none for ``P ≤ 1``). The running context mean
+at predicting position ``p`` is then ``(prefix sum + Σ of the cached states up to p) / (p + 1)``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
     "length_sorted_batches",
     "load_reference",
     "pack_batch",
+    "prefix_hidden_sums",
     "resolve_device",
     "score_sequences",
     "segment_sums",
@@ -45,7 +52,8 @@ class PackedBatch:
 
     input_ids, attention_mask: ``(B, T)``; rows, cols: ``(N,)`` the predicting positions
     (sequence-major, ascending position); targets: ``(N,)`` the token each one predicts;
-    counts: ``(B,)`` scored tokens per sequence (sums to ``N``).
+    counts: ``(B,)`` scored tokens per sequence (sums to ``N``); prefix_lens: ``(B,)`` the
+    real tokens before each sequence's first predicting position, ``max(P − 1, 0)``.
     """
 
     input_ids: Tensor
@@ -54,6 +62,7 @@ class PackedBatch:
     cols: Tensor
     targets: Tensor
     counts: Tensor
+    prefix_lens: Tensor
 
 
 def pack_batch(
@@ -86,6 +95,8 @@ def pack_batch(
         cols=torch.from_numpy(targets_at - 1),
         targets=torch.from_numpy(ids[rows, targets_at]),
         counts=torch.from_numpy(counts),
+        # the first predicting position is max(P, 1) - 1: every real token before it
+        prefix_lens=torch.from_numpy(first - 1),
     )
 
 
@@ -106,6 +117,27 @@ def topk_reference(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Ten
     # top-k of the logits, then normalise only those k: no (N, V) log-softmax is materialised
     values, ids = logits.topk(k, dim=-1, sorted=True)
     return target_lp, ids.to(torch.int32), values - lse.unsqueeze(-1)
+
+
+def prefix_hidden_sums(hidden: Tensor, prefix_lens: Tensor) -> Tensor:
+    """Per sequence, the float32 sum of its first ``prefix_lens[b]`` hidden states.
+
+    hidden: ``(B, T, H)`` any float dtype; prefix_lens: ``(B,)``. Returns ``(B, H)`` float32,
+    zeros where ``prefix_lens[b] == 0``. Each row is summed on its own (one sequence at a
+    time, so no ``(B, T, H)`` float32 copy is made and the result does not depend on which
+    sequences share the batch).
+    """
+    if hidden.dim() != 3 or prefix_lens.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and prefix_lens {tuple(prefix_lens.shape)} do not match"
+        )
+    out = torch.zeros(hidden.shape[0], hidden.shape[2], dtype=torch.float32, device=hidden.device)
+    for b, n in enumerate(prefix_lens.tolist()):
+        if not 0 <= n <= hidden.shape[1]:
+            raise ValueError(f"prefix length {n} of sequence {b} outside 0..{hidden.shape[1]}")
+        if n:
+            out[b] = hidden[b, :n].float().sum(dim=0)
+    return out
 
 
 def segment_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -137,7 +169,9 @@ class BatchScores:
 
     counts ``(B,)`` scored tokens per sequence; target_logprobs ``(N,)`` float32;
     topk_ids ``(N, K)`` int32; topk_logprobs ``(N, K)`` float32; seq_logprobs ``(B,)``
-    float64; hidden ``(N, H)`` float16 or None.
+    float64; hidden ``(N, H)`` float16 or None; prefix_hidden_sum ``(B, H)`` float32 (the sum
+    of the hidden states before each sequence's first predicting position, see
+    :func:`prefix_hidden_sums`), present exactly when hidden is.
     """
 
     counts: np.ndarray
@@ -146,6 +180,7 @@ class BatchScores:
     topk_logprobs: np.ndarray
     seq_logprobs: np.ndarray
     hidden: np.ndarray | None
+    prefix_hidden_sum: np.ndarray | None = None
 
 
 class ReferenceModel:
@@ -198,16 +233,29 @@ class ReferenceModel:
             )
 
     @torch.inference_mode()
-    def forward_hidden(self, batch: PackedBatch) -> Tensor:
-        """Last hidden states at the batch's N scoring positions, ``(N, H)``, on the model's device."""
+    def forward_hidden(self, batch: PackedBatch, with_prefix: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Last hidden states at the batch's N scoring positions, ``(N, H)``, on the model's device,
+        and with ``with_prefix`` the ``(B, H)`` float32 sums of the states before each sequence's
+        first scoring position (:func:`prefix_hidden_sums`), from the same forward."""
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
         hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return hidden[batch.rows.to(self.device), batch.cols.to(self.device)]
+        picked = hidden[batch.rows.to(self.device), batch.cols.to(self.device)]
+        return picked, prefix_hidden_sums(hidden, batch.prefix_lens) if with_prefix else None
 
     @torch.inference_mode()
-    def extract(self, picked: Tensor, batch: PackedBatch, k: int, store_hidden: bool = False) -> BatchScores:
-        """Output layer on the hidden states ``picked (N, H)``, then the statistics, on the CPU."""
+    def extract(
+        self,
+        picked: Tensor,
+        batch: PackedBatch,
+        k: int,
+        store_hidden: bool = False,
+        prefix: Tensor | None = None,
+    ) -> BatchScores:
+        """Output layer on the hidden states ``picked (N, H)``, then the statistics, on the CPU
+        (with ``store_hidden``, also the hidden states and the prefix sums ``prefix (B, H)``)."""
+        if store_hidden and prefix is None:
+            raise ValueError("store_hidden needs the prefix hidden sums of the same forward")
         target_lp, topk_ids, topk_lp = topk_reference(
             self.output_logits(picked), batch.targets.to(picked.device), k
         )
@@ -220,11 +268,13 @@ class ReferenceModel:
             topk_logprobs=topk_lp.cpu().numpy(),
             seq_logprobs=segment_sums(target_np, counts),
             hidden=picked.to(torch.float16).cpu().numpy() if store_hidden else None,
+            prefix_hidden_sum=prefix.float().cpu().numpy() if store_hidden else None,
         )
 
     def score_batch(self, batch: PackedBatch, k: int, store_hidden: bool = False) -> BatchScores:
         """Score one packed batch: the backbone, then the output layer on the N positions only."""
-        return self.extract(self.forward_hidden(batch), batch, k, store_hidden)
+        picked, prefix = self.forward_hidden(batch, with_prefix=store_hidden)
+        return self.extract(picked, batch, k, store_hidden, prefix)
 
 
 def score_sequences(
@@ -258,6 +308,7 @@ def _restore_order(
             topk_logprobs=np.zeros((0, k), np.float32),
             seq_logprobs=np.zeros(0, np.float64),
             hidden=np.zeros((0, hidden_size), np.float16) if hidden_size else None,
+            prefix_hidden_sum=np.zeros((0, hidden_size), np.float32) if hidden_size else None,
         )
     order = np.concatenate([np.asarray(idx, dtype=np.int64) for idx, _ in parts])  # batch pos -> input index
     counts_sorted = np.concatenate([s.counts for _, s in parts])
@@ -275,6 +326,10 @@ def _restore_order(
 
     seq = np.empty(n, np.float64)
     seq[order] = np.concatenate([s.seq_logprobs for _, s in parts])
+    prefix = None
+    if hidden_size:  # per sequence, like seq_logprobs
+        prefix = np.empty((n, hidden_size), np.float32)
+        prefix[order] = np.concatenate([s.prefix_hidden_sum for _, s in parts])
     return BatchScores(
         counts=counts,
         target_logprobs=cat("target_logprobs"),
@@ -282,6 +337,7 @@ def _restore_order(
         topk_logprobs=cat("topk_logprobs"),
         seq_logprobs=seq,
         hidden=cat("hidden") if hidden_size else None,
+        prefix_hidden_sum=prefix,
     )
 
 

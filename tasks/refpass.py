@@ -2,8 +2,10 @@
 
 For every response token of every chosen and rejected response, the frozen reference model's
 log-prob of the actual token and its top-k distribution (ids int32, log-probs float16 by
-default), per sequence the summed log-prob, and optionally the float16 hidden state that
-predicts each token. Row layout: see :mod:`alignheads.refcache` (one row per (pair, side),
+default), per sequence the summed log-prob, and optionally (`store_hidden`) the float16 hidden
+state that predicts each token together with, per sequence, the float32 sum of the hidden
+states before its first predicting position (so CALM's causal context can be rebuilt from the
+cache without the backbone). Row layout: see :mod:`alignheads.refcache` (one row per (pair, side),
 chosen then rejected, pairs in `tokenized` order).
 
 The reference is, by default, the run's own model with its own `lm_head`; another model can be
@@ -54,7 +56,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGE = "refpass"
-REFPASS_VERSION = 1
+# 2: `prefix_hidden_sum` column with `store_hidden` (caches of version 1 lack it)
+REFPASS_VERSION = 2
 # Files that decide a local model's logits: weights and architecture (not generation settings).
 _MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
 

@@ -1,4 +1,5 @@
-"""Reference scoring and the refcache row layout, on hand-computed numbers (no model)."""
+"""Reference scoring and the refcache row layout, on hand-computed numbers (and one tiny model
+built on the fly for the hidden-state prefix sums)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from alignheads.reference import (
     BatchScores,
     length_sorted_batches,
     pack_batch,
+    prefix_hidden_sums,
     score_sequences,
     segment_sums,
     topk_reference,
@@ -27,11 +29,14 @@ def test_pack_batch_right_pads_and_indexes_the_response():
     # the logits at position t score the token at t + 1
     assert b.rows.tolist() == [0, 0, 0, 1] and b.cols.tolist() == [1, 2, 3, 0]
     assert b.targets.tolist() == [8, 9, 2, 2] and b.counts.tolist() == [3, 1]
+    # real tokens before the first predicting position (1 and 0 above)
+    assert b.prefix_lens.tolist() == [1, 0]
 
 
 def test_pack_batch_without_prompt_skips_the_first_response_token():
     b = pack_batch([[]], [[4, 5, 6]], pad_id=0)
     assert b.cols.tolist() == [0, 1] and b.targets.tolist() == [5, 6] and b.counts.tolist() == [2]
+    assert b.prefix_lens.tolist() == [0]
     with pytest.raises(ValueError):
         pack_batch([], [], pad_id=0)
 
@@ -47,11 +52,31 @@ def test_topk_reference_on_hand_numbers():
         topk_reference(logits, torch.tensor([0, 0]), k=5)
 
 
+def test_prefix_hidden_sums_on_hand_numbers():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3).to(torch.bfloat16)
+    sums = prefix_hidden_sums(hidden, torch.tensor([3, 0]))
+    assert sums.dtype == torch.float32
+    assert sums.tolist() == [[0 + 3 + 6, 1 + 4 + 7, 2 + 5 + 8], [0, 0, 0]]
+    with pytest.raises(ValueError, match="outside 0..4"):
+        prefix_hidden_sums(hidden, torch.tensor([5, 0]))
+
+
 def test_segment_sums_and_length_sorting():
     assert segment_sums(np.array([1.0, 2.0, 3.0, 4.0], np.float32), np.array([1, 0, 3])).tolist() == [1, 0, 9]
     assert length_sorted_batches([3, 5, 5, 1], 2) == [[1, 2], [0, 3]]
     with pytest.raises(ValueError):
         length_sorted_batches([1], 0)
+
+
+SCORE_FIELDS = (
+    "counts",
+    "target_logprobs",
+    "topk_ids",
+    "topk_logprobs",
+    "seq_logprobs",
+    "hidden",
+    "prefix_hidden_sum",
+)
 
 
 class StubReference:
@@ -62,6 +87,9 @@ class StubReference:
     def score_batch(self, batch, k, store_hidden=False):
         t = batch.targets.numpy().astype(np.float32)
         counts = batch.counts.numpy()
+        # per sequence: its first prompt token and its prefix length, whatever the batch
+        firsts = batch.input_ids[:, 0].numpy().astype(np.float32)
+        prefix = np.stack([firsts, batch.prefix_lens.numpy().astype(np.float32)], axis=1)
         return BatchScores(
             counts=counts,
             target_logprobs=-t,
@@ -69,6 +97,7 @@ class StubReference:
             topk_logprobs=np.stack([-t] * k, axis=1),
             seq_logprobs=segment_sums(-t, counts),
             hidden=np.stack([t, -t], axis=1).astype(np.float16) if store_hidden else None,
+            prefix_hidden_sum=prefix if store_hidden else None,
         )
 
 
@@ -80,8 +109,53 @@ def test_score_sequences_returns_input_order_for_any_batching():
     assert one.counts.tolist() == [2, 1, 3, 1, 4]
     assert (-one.target_logprobs).tolist() == [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     assert one.seq_logprobs.tolist() == [-21, -12, -42, -16, -74]
-    for name in ("counts", "target_logprobs", "topk_ids", "topk_logprobs", "seq_logprobs", "hidden"):
+    assert one.prefix_hidden_sum.tolist() == [[1, 0], [1, 1], [3, 0], [4, 2], [5, 0]]
+    for name in SCORE_FIELDS:
         assert np.array_equal(getattr(one, name), getattr(three, name)), name
+    plain = score_sequences(StubReference(), prompts, responses, k=2, batch_size=2)
+    assert plain.hidden is None and plain.prefix_hidden_sum is None
+
+
+def _tiny_reference():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignheads.reference import ReferenceModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return ReferenceModel(LlamaForCausalLM(cfg).float())
+
+
+def test_prefix_hidden_sums_equal_a_direct_backbone_forward():
+    """The cached prefix sum of each sequence is the float32 sum of the backbone's last hidden
+    states at positions 0 .. P-2 of that sequence run alone (no padding, no batch-mates), and
+    the cached hidden states continue it at P-1, P, ... (their running mean is CALM's context)."""
+    reference = _tiny_reference()
+    prompts = [[5, 6, 7, 8, 9], [], [3], [11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    responses = [[20, 21], [22, 23, 24], [25], [26, 27, 28, 29], [30]]
+    scores = score_sequences(reference, prompts, responses, k=4, batch_size=3, store_hidden=True)
+    assert scores.prefix_hidden_sum.shape == (5, 16) and scores.prefix_hidden_sum.dtype == np.float32
+    starts = np.concatenate([[0], np.cumsum(scores.counts)])
+    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        with torch.inference_mode():
+            h = reference.backbone(input_ids=torch.tensor([p + r]), use_cache=False).last_hidden_state[0]
+        first = max(len(p), 1) - 1  # the first predicting position
+        want = h[:first].sum(0)
+        got = torch.from_numpy(scores.prefix_hidden_sum[b])
+        if first == 0:
+            assert torch.equal(got, torch.zeros(16))  # nothing before it: exactly zero
+        # float32 throughout: only the padded batch's kernel rounding separates the two
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        cached = torch.from_numpy(scores.hidden[starts[b] : starts[b + 1]]).float()
+        torch.testing.assert_close(cached, h[first : first + len(cached)], atol=5e-3, rtol=1e-3)  # float16
 
 
 def _pairs() -> pa.Table:
@@ -106,6 +180,7 @@ def test_build_rows_layout_and_round_trip():
         topk_logprobs=-np.arange(2 * n, dtype=np.float32).reshape(n, 2) / 7,
         seq_logprobs=np.array([-1.0, -2.0, -3.0, -4.0]),
         hidden=np.ones((n, 3), np.float16),
+        prefix_hidden_sum=np.arange(4 * 3, dtype=np.float32).reshape(4, 3) / 3,
     )
     table = build_rows(_pairs(), 10, scores, k=2, dtype="float16")
     assert table.schema.equals(refcache_schema(2, "float16", hidden_size=3))
@@ -122,5 +197,15 @@ def test_build_rows_layout_and_round_trip():
     # a slice (one pair) flattens to its own tokens
     assert token_matrix(table.slice(2, 2).column("topk_ids")).tolist() == scores.topk_ids[3:].tolist()
     assert refcache_schema(2, "float32").field("topk_logprobs").type.value_type.value_type == pa.float32()
+    # one float32 vector per row (per sequence), not per token
+    assert table.schema.field("prefix_hidden_sum").type == pa.list_(pa.float32(), 3)
+    assert np.array_equal(
+        np.array(table.column("prefix_hidden_sum").to_pylist(), np.float32), scores.prefix_hidden_sum
+    )
+    assert "prefix_hidden_sum" not in refcache_schema(2, "float16").names
+    with pytest.raises(ValueError, match="prefix_hidden_sum"):
+        build_rows(
+            _pairs(), 0, BatchScores(*(getattr(scores, f) for f in SCORE_FIELDS[:-1])), k=2, dtype="float16"
+        )
     with pytest.raises(ValueError, match="3 scored sequences for 2 pairs"):
         build_rows(_pairs(), 0, BatchScores(counts[:3], *(None,) * 4, None), k=2, dtype="float16")

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,6 +115,14 @@ def fresh(setup, prompt: list[int], response: list[int]):
     return out.logits[0, sl].float(), out.hidden_states[-1][0, sl]
 
 
+def fresh_prefix_sum(setup, prompt: list[int]) -> torch.Tensor:
+    """float32 Σ of the last hidden states at positions 0 .. P-2 of the prompt run alone."""
+    ref = load_reference(str(setup["model_dir"]), device="cpu")
+    with torch.inference_mode():
+        hidden = ref.backbone(input_ids=torch.tensor([prompt]), use_cache=False).last_hidden_state
+    return hidden[0, : max(len(prompt) - 1, 0)].float().sum(0)
+
+
 def tokenized(setup):
     return read_table(setup["tokenize"].path, "tokenized").to_pylist()
 
@@ -199,6 +208,17 @@ def test_topk_tail_kl_from_the_cache_is_exact_at_full_vocabulary(setup):
     ref_logits = torch.cat(fresh_logits)
     # the cached hidden state is the one before each response token (it predicts it)
     torch.testing.assert_close(hidden.float(), torch.cat(fresh_hidden), atol=2e-2, rtol=2e-3)
+    # per row, CALM's context prefix: float32, from the same forward as the rest of the row
+    prefix = table.column("prefix_hidden_sum")
+    assert prefix.type == pa.list_(pa.float32(), plan.hidden_size)
+    prefix = torch.tensor(prefix.to_pylist(), dtype=torch.float32)
+    want = torch.stack(
+        [fresh_prefix_sum(setup, pairs[i]["prompt_ids"]) for i in table.column("pair_index").to_pylist()]
+    )
+    assert want.abs().max() > 1.0  # real prompts: a non-trivial sum
+    # both float32, same weights; a causal model never sees the right padding, so only kernel
+    # rounding on sums of O(10) values of O(1) separates them
+    torch.testing.assert_close(prefix, want, atol=1e-4, rtol=1e-5)
     # a non-trivial policy head: the LM head, perturbed
     gen = torch.Generator().manual_seed(1)
     weight = load_reference(str(setup["model_dir"]), device="cpu").output_layer.weight
