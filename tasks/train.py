@@ -205,3 +205,32 @@ def run_train(store: Path, plan: TrainPlan, log=None, progress: bool = True) -> 
         return ArtifactContent(tables={"train_metrics": table}, info=info)
 
     return ensure_artifact(store, STAGE, plan.key, TRAIN_VERSION, plan.config, plan.inputs, build)
+
+
+def preference_accuracy_by_alpha(plan: TrainPlan, head_dir: Path, alphas: list[float]) -> dict[str, float]:
+    """Held-out preference accuracy of the implicit reward of a trained head at each α
+    (keys are `str(float(α))`); at α = 0 CALM is the reference itself, so its margins are 0."""
+    from alignheads.models.head_base import lm_output_layer
+    from alignheads.models.head_io import load_head
+    from alignheads.training.loop import evaluate, features_fn
+
+    cfg = plan.head_config
+    job = make_job(plan, Path(head_dir), progress=False)
+    head = load_head(head_dir, job.model).eval()
+    frozen = lm_output_layer(job.model)
+    features = features_fn(cfg, job.model.base_model, head.needs_token_context, frozen.weight.dtype)
+    out = {}
+    for alpha in alphas:
+        metrics = evaluate(
+            head,
+            frozen,
+            job.eval,
+            features,
+            cfg.features == "backbone",
+            job.pad_id,
+            cfg.beta,
+            cfg.batch_size,
+            alpha,
+        )
+        out[str(float(alpha))] = metrics.get("eval/rewards/accuracies", float("nan"))
+    return out

@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,16 @@ def batch_needs(kind: str, cfg: HeadTrainConfig) -> BatchNeeds:
 
 
 def build_head(kind: str, model: nn.Module, cfg: HeadTrainConfig) -> LogitHead:
-    """A fresh head from the LM (seeded, so every process starts from the same weights)."""
+    """A fresh head from the LM (seeded, so every process starts from the same weights).
+
+    Heads train in float32 whatever the LM's dtype: they are the master weights AdamW
+    updates (bf16 would lose small updates); `mixed_precision: bf16` autocasts the compute."""
     torch.manual_seed(cfg.seed)
     if isinstance(cfg, CALMTrainConfig):
-        return new_head(kind, model, rank=cfg.rank, s_max=cfg.s_max, max_positions=cfg.max_positions)
-    return new_head(kind, model)
+        return new_head(
+            kind, model, rank=cfg.rank, s_max=cfg.s_max, max_positions=cfg.max_positions, dtype=torch.float32
+        )
+    return new_head(kind, model, dtype=torch.float32)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -101,13 +107,18 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _features_fn(cfg: HeadTrainConfig, backbone: nn.Module, with_context: bool):
-    if cfg.features == "cached":
-        return lambda batch: cached_features(batch, with_context)
-    return lambda batch: backbone_features(backbone, batch, with_context)
+def features_fn(cfg: HeadTrainConfig, backbone: nn.Module, with_context: bool, dtype: torch.dtype):
+    """batch -> (hidden ``(2B, R, H)`` in the LM output layer's dtype, token context or None)."""
+    source = cached_features if cfg.features == "cached" else partial(backbone_features, backbone)
+
+    def features(batch: PairBatch):
+        hidden, ctx = source(batch, with_context)
+        return hidden.to(dtype), ctx  # the frozen lm_head (CALM's base, exact KL) takes its own dtype
+
+    return features
 
 
-def _objective_fn(cfg: HeadTrainConfig, frozen: nn.Module):
+def objective_fn(cfg: HeadTrainConfig, frozen: nn.Module):
     """(head output, batch, hidden) -> loss object, chosen once per run (no per-step flags)."""
     if isinstance(cfg, IAVTrainConfig):
         weights = IAVWeights(beta=cfg.beta, kl=cfg.lambda_kl, l2=cfg.lambda_l2)
@@ -127,7 +138,7 @@ def _objective_fn(cfg: HeadTrainConfig, frozen: nn.Module):
     return lambda out, batch, hidden: calm_objective(out, batch, weights)
 
 
-def _step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:
+def step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:
     """TRL-named metrics of one micro-batch."""
     dpo = loss_obj.dpo
     b = batch.n_pairs
@@ -236,8 +247,8 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     model_head, optimizer = accelerator.prepare(head, optimizer)
 
     with_context = head.needs_token_context
-    features = _features_fn(cfg, job.model.base_model, with_context)
-    objective = _objective_fn(cfg, frozen)
+    features = features_fn(cfg, job.model.base_model, with_context, frozen.weight.dtype)
+    objective = objective_fn(cfg, frozen)
     with_sequences = cfg.features == "backbone"
     history: list[dict[str, float]] = []
     eval_metrics: dict[str, float] = {}
@@ -281,7 +292,7 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
                 if not torch.isfinite(loss_obj.loss):
                     raise NonFiniteError(_non_finite_message(step + 1, "loss", job.checkpoint_dir))
                 accelerator.backward(loss_obj.loss / cfg.grad_accum)
-            pending.append(_step_metrics(loss_obj, out, batch))
+            pending.append(step_metrics(loss_obj, out, batch))
             if not last_of_step:
                 continue
             grad_norm = accelerator.clip_grad_norm_(model_head.parameters(), cfg.max_grad_norm)

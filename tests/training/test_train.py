@@ -9,6 +9,7 @@ streams of that cache, as the train stage does.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -220,3 +221,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(store, tmp_path):
     two = _params(load_head(tmp_path / "out" / "head"))
     for k in single:
         assert torch.allclose(single[k], two[k], atol=1e-5, rtol=0), k
+
+
+@pytest.mark.parametrize("kind", ["iav", "calm"])
+def test_bf16_model_trains_float32_heads(store, tmp_path, kind):
+    """A bf16 LM (as 7B runs load it): the head keeps float32 master weights, bf16 autocast
+    computes, and CALM's frozen bf16 lm_head gets hidden states of its own dtype."""
+    _, model_dir, _, _ = store
+    model = load_causal_lm(str(model_dir), dtype="bfloat16")
+    cls = IAVTrainConfig if kind == "iav" else CALMTrainConfig
+    cfg = cls(batch_size=8, max_steps=2, lr=1e-2, eval_every=2, mixed_precision="bf16")
+    if kind == "iav":
+        cfg = cfg.model_copy(update={"kl": "exact"})
+    result = train_head(_job(store, cfg, tmp_path, kind=kind, model=model))
+    assert result.steps == 2 and math.isfinite(result.final_metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in result.head.parameters())
+    assert 0.0 <= result.eval_metrics["eval/rewards/accuracies"] <= 1.0
