@@ -10,8 +10,6 @@ name, fsync, rename) and the JSON last, so a directory with a config is complete
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +24,7 @@ import alignheads
 from alignheads.models.aligned import AlignedLM
 from alignheads.models.head_base import LogitHead, lm_output_layer
 from alignheads.models.registry import head_class
+from alignheads.storage.atomic import atomic_path, write_bytes_atomic
 
 __all__ = [
     "CONFIG_FILE",
@@ -106,32 +105,6 @@ class HeadFile(BaseModel):
     alignheads_version: str
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then fsync and rename onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_head(
     head: LogitHead,
     out_dir: str | Path,
@@ -164,8 +137,9 @@ def save_head(
     tensors = {name: param.detach().to("cpu").contiguous() for name, param in head.named_parameters()}
     metadata = {"format": "pt", "alignheads_format": FORMAT_NAME, "head_type": head.head_type}
     (out / CONFIG_FILE).unlink(missing_ok=True)  # the config marks a complete directory: it goes last
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    _atomic_write(out / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    write_bytes_atomic(out / CONFIG_FILE, text.encode("utf-8"))
     return out
 
 
