@@ -16,14 +16,12 @@ from pathlib import Path
 
 
 def train_from_plan(plan_file: Path, out_dir: Path, checkpoint_dir: Path, progress: bool = True) -> None:
-    from accelerate import Accelerator
-
     from alignheads.models.head_io import save_head
     from alignheads.tasks.train import TrainPlan, make_job, result_summary
-    from alignheads.training.loop import train_head
+    from alignheads.training.loop import new_accelerator, train_head
 
     plan = TrainPlan(**json.loads(plan_file.read_text()))
-    accelerator = Accelerator(mixed_precision=plan.head_config.mixed_precision, cpu=not _cuda())
+    accelerator = new_accelerator(plan.head_config.mixed_precision)
     job = make_job(plan, checkpoint_dir, progress=progress)
     result = train_head(job, accelerator)
     if accelerator.is_main_process:
@@ -33,12 +31,6 @@ def train_from_plan(plan_file: Path, out_dir: Path, checkpoint_dir: Path, progre
         summary = result_summary(result) | {"processes": accelerator.num_processes}
         (out_dir / "result.json").write_text(json.dumps(summary))
     accelerator.wait_for_everyone()
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,14 +207,22 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def new_accelerator(mixed_precision: str) -> Any:
+    """An Accelerator for one head's training. accelerate keeps one process-wide state and
+    refuses a second mixed-precision setting, but a pipeline trains several heads (each with
+    its own setting) in one process: clear that state first, keeping the process group."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     """Train one head to completion (resuming from the latest checkpoint when allowed)."""
-    from accelerate import Accelerator
-
     cfg = job.cfg
-    accelerator = accelerator or Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
-    )
+    accelerator = accelerator or new_accelerator(cfg.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
