@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from alignheads.sweep_config import SweepConfig
 from alignheads.training.config import TrainConfig
 from alignheads.world.config import WorldConfig
 
@@ -114,6 +115,18 @@ class RefPassConfig(_Section):
     )
 
 
+class EvaluateConfig(_Section):
+    """Scoring the α-sweep's generations."""
+
+    reward: str = Field(
+        "world",
+        description="'world' (the tiny world's ground-truth reward) or a Hugging Face reward model "
+        "id / directory (AutoModelForSequenceClassification with one label)",
+    )
+    reward_revision: str | None = Field(None, description="Hub revision of the reward model")
+    batch_size: int = Field(16, gt=0, description="Sequences per reward-model forward")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking: a parent run per pipeline run, child runs per trained head."""
 
@@ -137,6 +150,8 @@ class RunConfig(_Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     refpass: RefPassConfig = Field(default_factory=RefPassConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("name")

@@ -24,6 +24,11 @@ def print_run_summary(
         table.add_row(stage, out["status"], out["key"], tables, out["path"])
     console.print(table)
     print_head_summary(outcomes, console)
+    evaluation = outcomes.get("evaluate", {})
+    if evaluation.get("summary"):
+        print_sweep_summary(evaluation["summary"], console)
+        for name, path in evaluation.get("plots", {}).items():
+            console.print(f"plot {name}: {path}")
     rejected = sum(outcomes.get("data", {}).get("info", {}).get("rejects", {}).values())
     if rejected:
         console.print(
@@ -82,3 +87,96 @@ def print_arrow_table(data: pa.Table, max_rows: int = 50, console: Console | Non
 def _cell(value: Any, width: int = 120) -> str:
     text = "NULL" if value is None else str(value)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# --- the α sweep's evaluation summary ---------------------------------------------------------
+
+_SWEEP_COLUMNS = (
+    ("head", "head"),
+    ("alpha", "α"),
+    ("n", "n"),
+    ("reward", "reward"),
+    ("reward_delta", "Δ reward"),
+    ("win_rate", "win rate"),
+    ("kl", "KL"),
+    ("length", "length"),
+    ("preference_accuracy", "pref. acc."),
+)
+
+
+def _sweep_rows(summary_rows: Any) -> list[dict[str, Any]]:
+    """Summary rows (Arrow table or dicts) sorted by run, head, α, with `reward_delta` added: the
+    mean reward minus that of α = 0 of the same run and head (None without an α = 0 row)."""
+    rows = summary_rows.to_pylist() if isinstance(summary_rows, pa.Table) else [dict(r) for r in summary_rows]
+    rows.sort(key=lambda r: (str(r.get("run_id") or ""), str(r["head"]), float(r["alpha"])))
+    base = {
+        (r.get("run_id"), r["head"]): r.get("reward")
+        for r in rows
+        if float(r["alpha"]) == 0.0 and r.get("reward") is not None
+    }
+    for r in rows:
+        b = base.get((r.get("run_id"), r["head"]))
+        r["reward_delta"] = None if b is None or r.get("reward") is None else r["reward"] - b
+    return rows
+
+
+def _sweep_cell(col: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and abs(value) < 5e-4:
+        value = 0.0  # no "-0.000"
+    if col == "head":
+        return str(value)
+    if col == "alpha":
+        return f"{float(value):g}"
+    if col == "n":
+        return str(int(value))
+    if col == "reward_delta":
+        return f"{value:+.3f}"
+    if col == "length":
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def print_sweep_summary(summary_rows: Any, console: Console | None = None) -> None:
+    """The α sweep as a table, one row per (head, α): n, mean reward and its change from α = 0 (Δ),
+    win rate against α = 0, mean per-token KL to the base, mean length (tokens), held-out
+    preference accuracy. `summary_rows`: the `summary` table (Arrow) or its rows as dicts."""
+    console = console or Console()
+    rows = _sweep_rows(summary_rows)
+    runs = sorted({str(r.get("run_id") or "") for r in rows})
+    title = "evaluation summary (head × α)"
+    if len(runs) == 1 and runs[0]:
+        title += f", run {runs[0]}"
+    table = Table(title=title)
+    several = len(runs) > 1
+    if several:
+        table.add_column("run", overflow="fold")
+    for col, header in _SWEEP_COLUMNS:
+        table.add_column(header, justify="left" if col == "head" else "right")
+    previous_head = None
+    for r in rows:
+        head = (r.get("run_id"), r["head"])
+        if previous_head is not None and head != previous_head:
+            table.add_section()
+        previous_head = head
+        cells = [_sweep_cell(col, r.get(col)) for col, _ in _SWEEP_COLUMNS]
+        table.add_row(*([str(r.get("run_id") or "-")] if several else []), *cells)
+    console.print(table)
+    if not rows:
+        console.print("No evaluation rows.")
+
+
+def summary_markdown(summary_rows: Any) -> str:
+    """The same table as `print_sweep_summary`, in GitHub markdown (for a Prefect markdown artifact)."""
+    rows = _sweep_rows(summary_rows)
+    several = len({str(r.get("run_id") or "") for r in rows}) > 1
+    headers = (["run"] if several else []) + [h for _, h in _SWEEP_COLUMNS]
+    align = (["---"] if several else []) + [":---" if c == "head" else "---:" for c, _ in _SWEEP_COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    for r in rows:
+        cells = ([str(r.get("run_id") or "-")] if several else []) + [
+            _sweep_cell(col, r.get(col)).replace("|", "\\|") for col, _ in _SWEEP_COLUMNS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

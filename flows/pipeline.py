@@ -23,11 +23,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from alignheads.config import RefPassConfig, RunConfig
 from alignheads.loading import load_tokenizer, model_location
+from alignheads.plots import save_summary_plots
+from alignheads.report import summary_markdown
 from alignheads.storage.artifacts import ArtifactResult, artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST
+from alignheads.storage.shards import read_table
 from alignheads.storage.tracking import Tracker, flatten, open_tracker
 from alignheads.tasks import data as data_stage
+from alignheads.tasks import evaluate as evaluate_stage
+from alignheads.tasks import generate as generate_stage
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
@@ -180,6 +185,23 @@ def train_task(store: str, key: str, plan: dict[str, Any], tracking: dict[str, s
     return _outcome(train_stage.run_train(Path(store), train_stage.TrainPlan(**plan), log=log))
 
 
+@task(**_task_options("generate"))
+def generate_task(store: str, key: str, plan: dict[str, Any], train_plan: dict[str, Any]) -> dict[str, Any]:
+    gplan = generate_stage.GeneratePlan(**plan)
+    outcome = _outcome(generate_stage.run_generate(Path(store), gplan))
+    # held-out preference accuracy of the implicit reward at this α (cached with the task)
+    tplan = train_stage.TrainPlan(**train_plan)
+    acc = train_stage.preference_accuracy_by_alpha(tplan, gplan.head_path, [gplan.alpha])
+    outcome["preference_accuracy"] = acc[repr(float(gplan.alpha))]
+    return outcome
+
+
+@task(**_task_options("evaluate"))
+def evaluate_task(store: str, key: str, plan: dict[str, Any]) -> dict[str, Any]:
+    eplan = evaluate_stage.EvaluatePlan(**{**plan, "generation_paths": tuple(plan["generation_paths"])})
+    return _outcome(evaluate_stage.run_evaluate(Path(store), eplan))
+
+
 @flow(name="alignheads-pipeline", log_prints=True)
 def pipeline(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # noqa: B008 (UI default)
     """Run the alignheads pipeline on one run config; returns each stage's artifact and status."""
@@ -239,6 +261,70 @@ def _run_training(store: Path, plan: train_stage.TrainPlan, tracker: Tracker | N
     return outcome
 
 
+def _run_sweep(
+    cfg: RunConfig,
+    outcomes: dict[str, dict[str, Any]],
+    train_plans: dict[str, train_stage.TrainPlan],
+    model_source: dict[str, Any],
+    tracker: Tracker | None,
+    parent_run: str | None,
+) -> dict[str, dict[str, Any]]:
+    """α-sweep generation per (head, α) (each cached), then evaluation and the report."""
+    store = cfg.store
+    prompts = generate_stage.prompt_set(outcomes["data"]["path"], cfg.sweep)
+    sweep: dict[str, dict[str, Any]] = {}
+    accuracy: dict[str, dict[str, float]] = {}
+    for kind, tplan in train_plans.items():
+        train_path = outcomes[f"train-{kind}"]["path"]
+        for alpha in cfg.sweep.alphas:
+            gplan = generate_stage.plan_generate(train_path, alpha, prompts, cfg.sweep, model_source)
+            out = _run_stage(
+                generate_task, store, key=gplan.key, plan=asdict(gplan), train_plan=asdict(tplan)
+            )
+            sweep[f"generate-{kind}-{alpha:g}"] = out
+            accuracy.setdefault(kind, {})[repr(float(alpha))] = out["preference_accuracy"]
+    eplan = evaluate_stage.plan_evaluate(
+        [out["path"] for out in sweep.values()],
+        cfg.evaluate.reward,
+        run_id=parent_run or "",
+        preference_accuracy=accuracy,
+        reward_revision=cfg.evaluate.reward_revision,
+        reward_batch_size=cfg.evaluate.batch_size,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    sweep["evaluate"] = _run_stage(evaluate_task, store, key=eplan.key, plan=asdict(eplan))
+    summary = read_table(Path(sweep["evaluate"]["path"]), "summary").to_pylist()
+    report_dir = store / "reports" / eplan.key
+    plots = save_summary_plots(summary, report_dir)
+    sweep["evaluate"]["summary"] = summary
+    sweep["evaluate"]["plots"] = {name: str(path) for name, path in plots.items()}
+    _publish_report(cfg, summary, plots, tracker, parent_run)
+    return sweep
+
+
+def _publish_report(cfg: RunConfig, summary: list[dict], plots: dict[str, Path], tracker, parent_run) -> None:
+    """The summary as Prefect table + markdown artifacts; plots and per-(head, α) child runs in MLflow."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in summary]
+    create_table_artifact(key=f"{slug}-summary", table=rows, description="alignheads α-sweep summary")
+    create_markdown_artifact(
+        key=f"{slug}-report", markdown=summary_markdown(summary), description="α-sweep report"
+    )
+    if tracker is None:
+        return
+    tracker.log_artifacts(parent_run, plots.values(), "plots")
+    for row in summary:
+        name = f"eval-{row['head']}-alpha-{row['alpha']:g}"
+        child = tracker.start_run(name, {"head": row["head"], "alpha": str(row["alpha"])}, parent=parent_run)
+        numbers = {
+            k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        tracker.log_metrics(child, {k: v for k, v in numbers.items() if k != "alpha" and v == v}, 0)
+        tracker.end_run(child)
+
+
 def _pipeline(cfg: RunConfig, tracker: Tracker | None, parent_run: str | None) -> dict[str, dict[str, Any]]:
     store = cfg.store
     logger = get_run_logger()
@@ -282,11 +368,15 @@ def _pipeline(cfg: RunConfig, tracker: Tracker | None, parent_run: str | None) -
     outcomes["refpass"] = _run_refpass(cfg, store, rplan)
 
     model_source = tokenizer_source | {"dtype": cfg.model.dtype}
+    train_plans = {}
     for kind in train_stage.CONFIG_CLASSES:
         head_cfg = getattr(cfg.train, kind)
         if head_cfg.enabled:
             plan = train_stage.plan_train(kind, head_cfg, outcomes["refpass"]["path"], model_source)
+            train_plans[kind] = plan
             outcomes[f"train-{kind}"] = _run_training(store, plan, tracker, parent_run)
+    if train_plans:
+        outcomes.update(_run_sweep(cfg, outcomes, train_plans, model_source, tracker, parent_run))
     for name, outcome in outcomes.items():
         logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
     return outcomes

@@ -42,6 +42,7 @@ def config_file(tmp_path_factory) -> Path:
             "iav": {"lr": 1e-2, "batch_size": 16, "epochs": 2, "eval_every": 8, "checkpoint_every": 8},
             "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 2, "rank": 8, "eval_every": 8},
         },
+        "sweep": {"alphas": [0, 1], "n_prompts": 8, "max_new_tokens": 16, "batch_size": 8},
     }
     path = root / "tiny-test.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -54,7 +55,20 @@ def first_run(prefect_harness, config_file):
     return cfg, pipeline(config=cfg)
 
 
-STAGES = ("world", "data", "tokenize", "refpass", "train-iav", "train-calm")
+STAGES = (
+    "world",
+    "data",
+    "tokenize",
+    "refpass",
+    "train-iav",
+    "train-calm",
+    "generate-iav-0",
+    "generate-iav-1",
+    "generate-calm-0",
+    "generate-calm-1",
+    "evaluate",
+)
+SWEEP = ("generate_calm_0", "generate_calm_1", "evaluate")
 NO_TRAINING = {"iav": {"enabled": False}, "calm": {"enabled": False}}
 
 
@@ -77,6 +91,8 @@ def test_first_run_builds_every_stage(first_run):
     assert outcomes["refpass"]["info"]["shards"] == 3
     for name, out in outcomes.items():
         stage = name.split("-")[0]
+        if stage == "generate" or stage == "evaluate":
+            continue  # checked in test_sweep_is_evaluated_and_reported
         path = Path(out["path"])
         assert path == cfg.store / stage / out["key"]
         verify_artifact(path, stage)  # every shard and file matches its checksum
@@ -108,7 +124,7 @@ def test_heads_are_trained_and_tracked_in_mlflow(first_run):
     mlflow.set_tracking_uri(uri)
     children = mlflow.search_runs(
         experiment_names=["tiny-test"],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' AND attributes.run_name LIKE 'train-%'",
         output_format="list",
     )
     assert sorted(r.info.run_name for r in children) == ["train-calm", "train-iav"]
@@ -130,11 +146,52 @@ def test_heads_are_trained_and_tracked_in_mlflow(first_run):
         assert sorted(artifacts) == ["head/head_config.json", "head/head_model.safetensors"]
 
 
+def test_sweep_is_evaluated_and_reported(first_run):
+    """Generations per (head, α) with common random numbers, scored and summarised; the
+    summary view, the plots and the MLflow child runs per (head, α) exist."""
+    import mlflow
+
+    cfg, outcomes = first_run
+    summary = run_query(
+        cfg.store, "SELECT head, alpha, n, win_rate, kl FROM summary ORDER BY head, alpha"
+    ).to_pylist()
+    assert [(r["head"], r["alpha"], r["n"]) for r in summary] == [
+        ("calm", 0.0, 8),
+        ("calm", 1.0, 8),
+        ("iav", 0.0, 8),
+        ("iav", 1.0, 8),
+    ]
+    assert summary[0]["win_rate"] is None and 0.0 <= summary[1]["win_rate"] <= 1.0
+    assert summary[0]["kl"] == 0.0 and summary[1]["kl"] > 0.0  # CALM at α = 0 is the base model
+    seeds = run_query(
+        cfg.store, "SELECT count(DISTINCT seed) AS n FROM generations GROUP BY prompt_id, sample_index"
+    ).column("n")
+    assert set(seeds.to_pylist()) == {1}  # the same seed at every α and for both heads
+    for path in outcomes["evaluate"]["plots"].values():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mlflow.set_tracking_uri(f"sqlite:///{cfg.store / 'mlflow.db'}")
+    parent = outcomes["world"]["mlflow_run"]
+    evals = mlflow.search_runs(
+        experiment_names=["tiny-test"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' AND params.head = 'iav'",
+        output_format="list",
+    )
+    assert sorted(r.info.run_name for r in evals) == ["eval-iav-alpha-0", "eval-iav-alpha-1", "train-iav"]
+
+
+def test_adding_an_alpha_generates_only_that_alpha(first_run):
+    cfg, _ = first_run
+    more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"alphas": [0, 1, 0.5]})})
+    out = pipeline(config=more)
+    new = {"generate-iav-0.5": "computed", "generate-calm-0.5": "computed"}
+    assert _statuses(out) == _all("cached", evaluate="computed") | new
+
+
 def test_changing_a_training_setting_reruns_only_that_head(first_run):
     cfg, outcomes = first_run
     calm = cfg.train.calm.model_copy(update={"lr": 1e-3})
     out = pipeline(config=cfg.model_copy(update={"train": cfg.train.model_copy(update={"calm": calm})}))
-    assert _statuses(out) == _all("cached", train_calm="computed")
+    assert _statuses(out) == _all("cached", train_calm="computed", **dict.fromkeys(SWEEP, "computed"))
     assert out["train-calm"]["key"] != outcomes["train-calm"]["key"]
 
 

@@ -1,0 +1,518 @@
+"""Generate stage: the α sweep. One artifact per (trained head, α) holding the `generations` table.
+
+Key = hash(train artifact key, head kind, α, prompt-set fingerprint, decoding settings, model
+dtype, format version): adding one α to the sweep builds only that α's artifact, and another
+prompt set or decoding setting builds new ones. The train key already covers the model, the
+tokenizer and the data the head was trained on.
+
+Common random numbers. Every (prompt, sample) gets the same random draws at every α and for
+every head, so that differences between α come from α, not from sampling noise. Hugging Face
+`generate` has no per-row seeds, so the batches are made identical instead: prompts in a fixed
+order, fixed batch boundaries (`batch_size`), the same left padding, and
+`torch.manual_seed(batch_seed(seed, sample_index, batch_index))` right before each batch's
+`generate` call. Sampling draws the same number of random numbers per step whatever the
+probabilities are, so with a head whose Δ is zero every α (and the plain base model) produces
+identical text. The seed used is recorded per row.
+
+Decoding is fully determined by the sweep settings: the model's own `generation_config.json`
+defaults (top-k, repetition penalty, ...) are set aside during generation, and top-k is off.
+Generation stops at EOS: the tokenizer's EOS plus any EOS ids of the model's generation config
+(chat models end turns with their own token).
+
+Per row: `n_tokens` counts the generated tokens including a final EOS (at most
+`max_new_tokens`); `finish_reason` is `eos` when the last of them is an EOS, else `length`
+(then `n_tokens == max_new_tokens`). `response` is the decoded text of those tokens without
+special tokens. `kl_mean`/`kl_sum` are over the same tokens: per token the exact
+KL(π_α ‖ π_base) of the next-token distributions before any sampling processors (temperature,
+top-p), from the aligned model's recording. CALM strength statistics and IAV alignment norms
+cover the same tokens (null for the other head).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
+from alignheads.storage.fingerprint import artifact_key, fingerprint
+from alignheads.storage.manifest import read_manifest
+from alignheads.storage.shards import read_table, write_table
+from alignheads.sweep_config import SweepConfig
+
+__all__ = [
+    "GENERATE_VERSION",
+    "GENERATIONS_SCHEMA",
+    "STAGE",
+    "TABLE",
+    "GeneratePlan",
+    "batch_seed",
+    "generations_table",
+    "load_prompts_file",
+    "plan_generate",
+    "prompt_fingerprint",
+    "prompt_set",
+    "run_generate",
+    "sample_responses",
+]
+
+log = logging.getLogger(__name__)
+
+STAGE = "generate"
+GENERATE_VERSION = 1
+TABLE = "generations"
+
+GENERATIONS_SCHEMA = pa.schema(
+    [
+        ("head", pa.string()),
+        ("head_key", pa.string()),
+        ("alpha", pa.float64()),
+        ("prompt_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("kl_mean", pa.float64()),
+        ("kl_sum", pa.float64()),
+        ("strength_mean", pa.float64()),
+        ("strength_max", pa.float64()),
+        ("utilisation", pa.float64()),
+        ("align_norm_mean", pa.float64()),
+    ]
+)
+
+Prompt = tuple[str, str]  # (prompt_id, text)
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+def _distinct(items: Iterator[Prompt], limit: int) -> list[Prompt]:
+    """The first `limit` items with distinct texts (the first id of a text wins)."""
+    seen: set[str] = set()
+    out: list[Prompt] = []
+    for pid, text in items:
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append((pid, text))
+        if len(out) == limit:
+            break
+    return out
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(place, raw row) of a prompts file; `place` names the file and line/index for errors."""
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".txt":
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                yield f"{path}, line {line_no}", line
+    elif suffix == ".jsonl":
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}, line {line_no}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {line_no}: not valid JSON: {exc}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("prompts"), list):
+            data = data["prompts"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of prompts (strings or objects with 'prompt')")
+        for index, row in enumerate(data):
+            yield f"{path}, item {index}", row
+    else:
+        raise ValueError(f"{path}: unsupported prompts file type {suffix!r} (use .txt, .jsonl or .json)")
+
+
+def _prompt_text(place: str, row: Any) -> str:
+    if isinstance(row, str):
+        text = row
+    elif isinstance(row, dict):
+        if "prompt" not in row:
+            raise ValueError(f"{place}: field 'prompt' is missing (fields: {sorted(row)})")
+        text = row["prompt"]
+        if not isinstance(text, str):
+            raise ValueError(f"{place}: field 'prompt' must be a string, got {type(text).__name__}")
+    else:
+        raise ValueError(f"{place}: expected a string or an object with a 'prompt' field")
+    if not text.strip():
+        raise ValueError(f"{place}: field 'prompt' is empty")
+    return text
+
+
+def load_prompts_file(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """Prompts of a .txt (one per line, blank lines skipped), .jsonl ('prompt' field per line) or
+    .json file (a list of strings or of objects with 'prompt', or {"prompts": [...]}).
+
+    Returns the first `limit` distinct prompts as (f"p{i:05d}", text), `i` = the prompt's index
+    in the file. Raises FileNotFoundError / ValueError naming the file (and line) when the file
+    is missing, holds no prompt, or a row is malformed.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    rows = ((f"p{i:05d}", _prompt_text(place, row)) for i, (place, row) in enumerate(_file_rows(path)))
+    prompts = _distinct(rows, limit if limit is not None else -1)
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def prompt_set(data_path: str | Path | None, sweep: SweepConfig) -> list[Prompt]:
+    """The sweep's prompts: the first `n_prompts` distinct prompts of `prompts_file` when set,
+    else of the data artifact's test split (in table order, id = the first pair's id)."""
+    if sweep.prompts_file:
+        return load_prompts_file(sweep.prompts_file, sweep.n_prompts)
+    if data_path is None:
+        raise ValueError(
+            "sweep.prompts_file is empty and no data artifact was given to take test prompts from"
+        )
+    pairs = read_table(Path(data_path), "pairs").select(["id", "split", "prompt"])
+    test = pairs.filter(pc.equal(pairs.column("split"), "test"))
+    prompts = _distinct(
+        zip(test.column("id").to_pylist(), test.column("prompt").to_pylist(), strict=True), sweep.n_prompts
+    )
+    if not prompts:
+        raise ValueError(f"{data_path}: the pairs table has no test prompts to generate from")
+    return prompts
+
+
+def prompt_fingerprint(prompts: Sequence[Prompt]) -> str:
+    """SHA-256 of the ordered (id, text) list: order matters (it fixes the batches)."""
+    return fingerprint([[pid, text] for pid, text in prompts])
+
+
+def batch_seed(seed: int, sample_index: int, batch_index: int) -> int:
+    """The seed of one generate() call: depends only on these three numbers (< 2**60)."""
+    return int(fingerprint({"seed": seed, "sample": sample_index, "batch": batch_index})[:15], 16)
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    """One (head, α) generation job, resolved, with its artifact key (JSON-able: `GeneratePlan(**d)`
+    rebuilds it from its `__dict__`)."""
+
+    key: str
+    head: str
+    head_key: str
+    train_path: str
+    alpha: float
+    prompts: list[list[str]]
+    sweep: dict
+    model: dict
+    config: dict
+    inputs: dict[str, str]
+
+    @property
+    def sweep_config(self) -> SweepConfig:
+        return SweepConfig.model_validate(self.sweep)
+
+    @property
+    def head_path(self) -> Path:
+        from alignheads.tasks.train import HEAD_SUBDIR
+
+        return Path(self.train_path) / HEAD_SUBDIR
+
+
+def plan_generate(
+    train_path: str | Path,
+    alpha: float,
+    prompts: Sequence[Prompt],
+    sweep: SweepConfig,
+    model_source: dict[str, Any],
+) -> GeneratePlan:
+    """Key = hash(train artifact key, head kind, α, prompt-set fingerprint, decoding settings,
+    model dtype, version). `model_source`: name_or_path, revision, trust_remote_code, dtype of
+    the run's model (the train stage's `model` dict)."""
+    from alignheads.tasks.train import STAGE as TRAIN_STAGE
+
+    if not prompts:
+        raise ValueError("the prompt set is empty")
+    manifest = read_manifest(Path(train_path), TRAIN_STAGE)
+    kind = manifest.info.get("kind")
+    if kind not in ("iav", "calm"):
+        raise ValueError(f"{train_path}: train manifest info 'kind' is {kind!r}, expected 'iav' or 'calm'")
+    alpha = float(alpha) + 0.0
+    config = {
+        "head": kind,
+        "alpha": alpha,
+        "prompts": {"sha256": prompt_fingerprint(prompts), "n": len(prompts)},
+        "decoding": sweep.decoding(),
+        "dtype": model_source.get("dtype", "float32"),
+    }
+    inputs = {"train": manifest.key}
+    return GeneratePlan(
+        key=artifact_key(STAGE, config, inputs, GENERATE_VERSION),
+        head=kind,
+        head_key=manifest.key,
+        train_path=str(train_path),
+        alpha=alpha,
+        prompts=[[pid, text] for pid, text in prompts],
+        sweep=sweep.model_dump(mode="json"),
+        model=dict(model_source),
+        config=config,
+        inputs=inputs,
+    )
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer: Any, texts: list[str], max_prompt_length: int | None) -> list[list[int]]:
+    """Token ids as the tokenize stage makes them (BOS not doubled), optionally left-truncated."""
+    from alignheads.tasks.tokenize import _encode_prompts, truncate_prompt
+
+    ids = [list(x) for x in _encode_prompts(tokenizer, texts)]
+    if max_prompt_length is not None:
+        ids = [truncate_prompt(x, max_prompt_length, tokenizer.bos_token_id)[0] for x in ids]
+    for text, x in zip(texts, ids, strict=True):
+        if not x:
+            raise ValueError(f"prompt {text!r} tokenizes to no tokens")
+    return ids
+
+
+def _left_pad(ids: list[list[int]], pad_id: int, device: Any):
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[row, width - len(x) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in extra if isinstance(extra, list) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+@contextmanager
+def _plain_generation_config(model: Any) -> Iterator[None]:
+    """Set the model's own generation defaults aside: decoding follows the sweep settings only."""
+    from transformers import GenerationConfig
+
+    previous = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = previous
+
+
+def _row_stats(recorded: dict, row: int, n: int) -> dict[str, float | None]:
+    from alignheads.modstats import strength_stats
+
+    stats: dict[str, float | None] = dict.fromkeys(
+        ("kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean")
+    )
+    if "kl_to_base" in recorded:
+        kl = recorded["kl_to_base"][row, :n].double()
+        stats["kl_sum"] = kl.sum().item()
+        stats["kl_mean"] = kl.mean().item()
+    if "strength" in recorded:
+        s = strength_stats(recorded["strength"][row, :n])
+        stats |= {"strength_mean": s.mean, "strength_max": s.max, "utilisation": s.utilisation}
+    if "align_norm" in recorded:
+        stats["align_norm_mean"] = recorded["align_norm"][row, :n].double().mean().item()
+    return stats
+
+
+def sample_responses(
+    lm: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    sweep: SweepConfig,
+    *,
+    alpha: float | None = None,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[dict[str, Any]]:
+    """Responses to `prompts` with common random numbers (see the module docstring).
+
+    `lm`: an `AlignedLM` (generated at `alpha`, with per-token KL to the base and the head's
+    statistics recorded) or a plain transformers causal LM (statistics null). Returns one dict
+    per (prompt, sample), ordered by prompt then sample, with the generations table's
+    per-row columns plus `token_ids` (the counted generated tokens).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from alignheads.models import AlignedLM
+
+    aligned = lm if isinstance(lm, AlignedLM) else None
+    model = aligned.model if aligned is not None else lm
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    settings: dict[str, Any] = {
+        "max_new_tokens": sweep.max_new_tokens,
+        "do_sample": sweep.do_sample,
+        "eos_token_id": eos_ids,
+        "pad_token_id": pad_id,
+        "top_k": 0,
+    }
+    if sweep.do_sample:
+        settings |= {"temperature": sweep.temperature, "top_p": sweep.top_p}
+
+    prompts = list(prompts)
+    texts = [text for _, text in prompts]
+    encoded = encode_prompts(tokenizer, texts, sweep.max_prompt_length)
+    bs = sweep.batch_size
+    starts = list(range(0, len(prompts), bs))
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=sweep.n_samples * len(starts), desc=desc, disable=not progress, leave=False)
+    eos_set = set(eos_ids)
+    with _plain_generation_config(model), torch.inference_mode():
+        for sample in range(sweep.n_samples):
+            for batch_index, start in enumerate(starts):
+                input_ids, mask = _left_pad(encoded[start : start + bs], pad_id, device)
+                seed = batch_seed(sweep.seed, sample, batch_index)
+                torch.manual_seed(seed)
+                if aligned is not None:
+                    with aligned.recording() as recorder:
+                        out = aligned.generate(input_ids, attention_mask=mask, alpha=alpha, **settings)
+                    recorded = recorder.stacked()
+                else:
+                    out = model.generate(input_ids, attention_mask=mask, **settings)
+                    recorded = {}
+                generated = out[:, input_ids.shape[1] :].cpu().tolist()
+                if recorded and recorded["kl_to_base"].shape[1] != len(generated[0]):
+                    raise RuntimeError(
+                        f"recorded {recorded['kl_to_base'].shape[1]} steps for {len(generated[0])} "
+                        "generated tokens: the output layer was not called once per token"
+                    )
+                kept = []
+                for row, ids in enumerate(generated):
+                    end = next((i + 1 for i, t in enumerate(ids) if t in eos_set), None)
+                    n = end if end is not None else len(ids)
+                    kept.append(ids[:n])
+                    rows.append(
+                        {
+                            "_order": (start + row, sample),
+                            "prompt_id": prompts[start + row][0],
+                            "sample_index": sample,
+                            "seed": seed,
+                            "prompt": texts[start + row],
+                            "n_tokens": n,
+                            "finish_reason": "eos" if end is not None else "length",
+                            "token_ids": ids[:n],
+                            **_row_stats(recorded, row, n),
+                        }
+                    )
+                responses = tokenizer.batch_decode(kept, skip_special_tokens=True)
+                for row, text in zip(rows[-len(kept) :], responses, strict=True):
+                    row["response"] = text
+                bar.update(1)
+    bar.close()
+    rows.sort(key=lambda r: r.pop("_order"))
+    return rows
+
+
+def generations_table(rows: list[dict[str, Any]], head: str, head_key: str, alpha: float) -> pa.Table:
+    """The `generations` table (schema GENERATIONS_SCHEMA) of `sample_responses` rows."""
+    columns: dict[str, list[Any]] = {name: [] for name in GENERATIONS_SCHEMA.names}
+    for r in rows:
+        fixed = {"head": head, "head_key": head_key, "alpha": float(alpha)}
+        for name in GENERATIONS_SCHEMA.names:
+            columns[name].append(fixed[name] if name in fixed else r[name])
+    return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _summary(table: pa.Table) -> dict[str, Any]:
+    def mean(name: str) -> float | None:
+        value = pc.mean(table.column(name)).as_py()
+        return float(value) if value is not None else None
+
+    eos = pc.sum(pc.equal(table.column("finish_reason"), "eos")).as_py() or 0
+    return {
+        "rows": table.num_rows,
+        "mean_tokens": mean("n_tokens"),
+        "eos_share": eos / table.num_rows if table.num_rows else None,
+        "kl_mean": mean("kl_mean"),
+        "strength_mean": mean("strength_mean"),
+        "align_norm_mean": mean("align_norm_mean"),
+    }
+
+
+def run_generate(
+    store: Path,
+    plan: GeneratePlan,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> ArtifactResult:
+    """Generate the plan's (head, α) responses unless the artifact is already complete.
+
+    `model`/`tokenizer`: an already loaded base model and tokenizer to reuse across α (the head
+    is installed for this call and removed after; the model stays where it is); by default both
+    are loaded from `plan.model` and the model is put on `device` ('auto': CUDA when visible).
+    """
+    from alignheads.models import load_aligned
+
+    def build(staging: Path) -> ArtifactContent:
+        nonlocal model, tokenizer
+        src = plan.model
+        source = (src["name_or_path"], src.get("revision"))
+        trust = src.get("trust_remote_code", False)
+        if tokenizer is None:
+            from alignheads.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(*source, trust)
+        if model is None:
+            from alignheads.loading import load_causal_lm
+
+            model = load_causal_lm(*source, src.get("dtype", "float32"), trust).to(_resolve_device(device))
+        aligned = load_aligned(plan.head_path, model, alpha=plan.alpha)
+        try:
+            rows = sample_responses(
+                aligned,
+                tokenizer,
+                [(pid, text) for pid, text in plan.prompts],
+                plan.sweep_config,
+                alpha=plan.alpha,
+                progress=progress,
+                desc=f"generate {plan.head} α={plan.alpha:g}",
+            )
+        finally:
+            aligned.remove()
+        table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
+        info = {"head": plan.head, "alpha": plan.alpha, "prompts": len(plan.prompts), **_summary(table)}
+        return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
+
+    return ensure_artifact(store, STAGE, plan.key, GENERATE_VERSION, plan.config, plan.inputs, build)

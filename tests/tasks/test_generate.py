@@ -1,0 +1,344 @@
+"""The generate stage (α sweep) on a tiny Llama with heads saved into train artifacts.
+
+The store is built once per module: a tiny Llama + word-level tokenizer saved to disk, JSONL
+pairs through the real data stage, and train artifacts holding fresh (Δ = 0) or randomised
+IAV and CALM heads, written with `ensure_artifact` as the train stage would write them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from pydantic import ValidationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+from headtest_utils import EOS, make_head, randomise, tiny_llama, tiny_tokenizer  # noqa: E402
+
+from alignheads.config import DataConfig, SourceConfig  # noqa: E402
+from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from alignheads.models import save_head  # noqa: E402
+from alignheads.storage.artifacts import ArtifactContent, ensure_artifact  # noqa: E402
+from alignheads.storage.fingerprint import artifact_key, tokenizer_fingerprint  # noqa: E402
+from alignheads.storage.shards import read_table  # noqa: E402
+from alignheads.sweep_config import SweepConfig  # noqa: E402
+from alignheads.tasks import data as data_stage  # noqa: E402
+from alignheads.tasks import generate as gen  # noqa: E402
+from alignheads.tasks import train as train_stage  # noqa: E402
+
+MAX_NEW = 10
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(f"w{rng.randint(30, 59)}" for _ in range(rng.randint(2, 5)))
+        chosen = " " + " ".join(f"w{rng.randint(0, 14)}" for _ in range(rng.randint(2, 6)))
+        rejected = " " + " ".join(f"w{rng.randint(60, 74)}" for _ in range(rng.randint(2, 6)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def _train_artifact(store: Path, kind: str, head, model, tag: str) -> Path:
+    """A train artifact as the train stage leaves it: head/ + manifest with info['kind']."""
+    key = artifact_key(train_stage.STAGE, {"kind": kind, "tag": tag}, {}, train_stage.TRAIN_VERSION)
+
+    def build(staging: Path) -> ArtifactContent:
+        save_head(head, staging / train_stage.HEAD_SUBDIR, base_model=model)
+        return ArtifactContent(info={"kind": kind})
+
+    return ensure_artifact(store, train_stage.STAGE, key, train_stage.TRAIN_VERSION, {}, {}, build).path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    model_dir = root / "model"
+    lm = tiny_llama(tied=False)
+    with torch.no_grad():  # make EOS as likely as an ordinary word, so some responses end early
+        out = lm.get_output_embeddings().weight
+        out[EOS] = out[5]
+    lm.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    test = _pairs(14, 1)
+    test[5]["prompt"] = test[2]["prompt"]  # a repeated prompt: used once
+    for split, rows in (("train", _pairs(4, 0)), ("test", test)):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(str(model_dir))
+    store = root / "store"
+    data_cfg = DataConfig(
+        train=SourceConfig(path=str(root / "train.jsonl")), test=SourceConfig(path=str(root / "test.jsonl"))
+    )
+    data = data_stage.run_data(
+        store, data_stage.plan_data(data_cfg, None, None, tokenizer_fingerprint(tok)), tok
+    )
+    model = load_causal_lm(str(model_dir))
+    trains = {}
+    for kind in ("iav", "calm"):
+        trains[f"{kind}-fresh"] = _train_artifact(store, kind, make_head(kind, model), model, "fresh")
+        trains[f"{kind}-random"] = _train_artifact(
+            store, kind, randomise(make_head(kind, model)), model, "random"
+        )
+    source = {
+        "name_or_path": str(model_dir),
+        "revision": None,
+        "trust_remote_code": False,
+        "dtype": "float32",
+    }
+    return {"store": store, "data": data.path, "trains": trains, "source": source, "model_dir": model_dir}
+
+
+def _sweep(**kw) -> SweepConfig:
+    return SweepConfig(**({"n_prompts": 12, "max_new_tokens": MAX_NEW, "batch_size": 5} | kw))
+
+
+def _run(world, train: str, alpha: float, sweep: SweepConfig):
+    prompts = gen.prompt_set(world["data"], sweep)
+    plan = gen.plan_generate(world["trains"][train], alpha, prompts, sweep, world["source"])
+    result = gen.run_generate(world["store"], plan, progress=False)
+    return plan, result, read_table(result.path, gen.TABLE)
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_sweep_config_defaults_and_validation():
+    cfg = SweepConfig()
+    assert cfg.alphas == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert (cfg.n_prompts, cfg.n_samples, cfg.max_new_tokens, cfg.seed, cfg.batch_size) == (64, 1, 48, 0, 32)
+    assert cfg.do_sample and cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.prompts_file is None
+    assert all(f.description for f in SweepConfig.model_fields.values())
+    with pytest.raises(ValidationError, match="alphas"):
+        SweepConfig(alphas=[])
+    with pytest.raises(ValidationError, match="more than once"):
+        SweepConfig(alphas=[0, 1, 1.0])
+    with pytest.raises(ValidationError, match="finite"):
+        SweepConfig(alphas=[0, float("nan")])
+    with pytest.raises(ValidationError, match="extra"):
+        SweepConfig(alpha=[1])
+    with pytest.raises(ValidationError, match="do_sample"):
+        SweepConfig(n_samples=2, do_sample=False)
+    with pytest.raises(ValidationError, match="top_p"):
+        SweepConfig(top_p=0)
+    assert SweepConfig(alphas=[-0.0, 1]).alphas == [0.0, 1.0]
+    # greedy decoding does not depend on temperature / top-p: same cache key
+    assert SweepConfig(do_sample=False, temperature=0.5).decoding() == SweepConfig(do_sample=False).decoding()
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+def test_prompts_file_txt_jsonl_json(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("hello there\n\n  \nsecond prompt\nhello there\nthird\n")
+    assert gen.load_prompts_file(txt) == [
+        ("p00000", "hello there"),
+        ("p00001", "second prompt"),
+        ("p00003", "third"),
+    ]
+    assert gen.load_prompts_file(txt, limit=2) == [("p00000", "hello there"), ("p00001", "second prompt")]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a b", "id": 7}\n\n{"prompt": "c"}\n')
+    assert gen.load_prompts_file(jsonl) == [("p00000", "a b"), ("p00001", "c")]
+    js = tmp_path / "p.json"
+    js.write_text(json.dumps(["x", {"prompt": "y"}]))
+    assert gen.load_prompts_file(js) == [("p00000", "x"), ("p00001", "y")]
+    # through the sweep config: n_prompts is the limit
+    assert gen.prompt_set(None, SweepConfig(prompts_file=str(jsonl), n_prompts=1)) == [("p00000", "a b")]
+
+
+def test_prompts_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        gen.load_prompts_file(missing)
+    for name, text in (("empty.txt", "\n \n"), ("empty.jsonl", ""), ("empty.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{tmp_path / name} holds no prompts"):
+            gen.load_prompts_file(tmp_path / name)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=rf"{bad}, line 2: field 'prompt' is missing"):
+        gen.load_prompts_file(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{not json\n')
+    with pytest.raises(ValueError, match=rf"{broken}, line 2: not valid JSON"):
+        gen.load_prompts_file(broken)
+    with pytest.raises(ValueError, match="unsupported"):
+        (tmp_path / "p.csv").write_text("a\n")
+        gen.load_prompts_file(tmp_path / "p.csv")
+
+
+def test_prompt_set_takes_distinct_test_prompts_in_order(world):
+    pairs = read_table(world["data"], "pairs").to_pylist()
+    test = [p for p in pairs if p["split"] == "test"]
+    prompts = gen.prompt_set(world["data"], SweepConfig(n_prompts=6))
+    assert [p for _, p in prompts] == [t["prompt"] for t in test[:5]] + [test[6]["prompt"]]
+    assert prompts[0][0] == test[0]["id"] and prompts[5][0] == test[6]["id"]
+    assert len(gen.prompt_set(world["data"], SweepConfig(n_prompts=100))) == 13
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def test_schema_one_artifact_per_alpha_and_reuse(world):
+    sweep = _sweep()
+    plan0, first, table = _run(world, "calm-random", 0.0, sweep)
+    assert first.computed
+    assert table.schema == gen.GENERATIONS_SCHEMA
+    assert table.num_rows == 12
+    assert set(table.column("head").to_pylist()) == {"calm"}
+    assert (
+        set(table.column("head_key").to_pylist()) == {plan0.head_key} == {world["trains"]["calm-random"].name}
+    )
+    again = gen.run_generate(world["store"], plan0, progress=False)
+    assert again.computed is False and again.path == first.path
+    # another α: a new artifact; the sweep's other α keep theirs (same key, not recomputed)
+    plan1, one, _ = _run(world, "calm-random", 1.0, sweep)
+    assert one.computed and plan1.key != plan0.key
+    replan0 = gen.plan_generate(world["trains"]["calm-random"], 0, plan0.prompts, sweep, world["source"])
+    assert replan0.key == plan0.key
+    # the plan is JSON-able and rebuilds from its __dict__ (how flows pass plans to tasks)
+    rebuilt = gen.GeneratePlan(**json.loads(json.dumps(plan0.__dict__)))
+    assert gen.run_generate(world["store"], rebuilt, progress=False).computed is False
+    # decoding settings, prompt set and head are in the key
+    assert (
+        gen.plan_generate(
+            world["trains"]["calm-random"], 0, plan0.prompts, _sweep(max_new_tokens=5), world["source"]
+        ).key
+        != plan0.key
+    )
+    assert (
+        gen.plan_generate(world["trains"]["calm-random"], 0, plan0.prompts[:3], sweep, world["source"]).key
+        != plan0.key
+    )
+    assert (
+        gen.plan_generate(world["trains"]["iav-random"], 0, plan0.prompts, sweep, world["source"]).key
+        != plan0.key
+    )
+
+
+def test_common_random_numbers_across_alpha_and_heads(world):
+    """Fresh heads (Δ = 0): every α and both heads sample exactly what the plain base model samples
+    with the same seeds; the seeds differ between samples and batches, not between α or heads."""
+    sweep = _sweep(n_samples=2)
+    tables = {
+        (kind, alpha): _run(world, f"{kind}-fresh", alpha, sweep)[2]
+        for kind in ("iav", "calm")
+        for alpha in (0.0, 1.5)
+    }
+    model = load_causal_lm(str(world["model_dir"]))
+    tok = load_tokenizer(str(world["model_dir"]))
+    base = gen.sample_responses(model, tok, gen.prompt_set(world["data"], sweep), sweep)
+    base_text = [r["response"] for r in base]
+    base_seeds = [r["seed"] for r in base]
+    for table in tables.values():
+        assert table.column("response").to_pylist() == base_text
+        assert table.column("seed").to_pylist() == base_seeds
+    calm0 = tables[("calm", 0.0)].to_pylist()
+    assert all(r["kl_mean"] == pytest.approx(0.0, abs=1e-6) for r in calm0)
+    # the draws are random: the two samples of a prompt, and other seeds, give other text
+    assert sum(a["response"] != b["response"] for a, b in zip(calm0[::2], calm0[1::2], strict=True)) >= 6
+    other = gen.sample_responses(
+        model, tok, gen.prompt_set(world["data"], sweep), _sweep(n_samples=2, seed=1)
+    )
+    assert sum(a["response"] != b for a, b in zip(other, base_text, strict=True)) >= 12
+    # seeds depend on (sample, batch) only: prompts 0-4 share batch 0, prompt 5 starts batch 1
+    s = [r["seed"] for r in calm0]
+    assert s[0] == s[8] != s[1] and s[0] != s[10]
+    assert [r["sample_index"] for r in calm0[:4]] == [0, 1, 0, 1]
+
+
+def test_finish_reason_and_token_counts(world):
+    sweep = _sweep(n_samples=2)
+    model = load_causal_lm(str(world["model_dir"]))
+    tok = load_tokenizer(str(world["model_dir"]))
+    rows = gen.sample_responses(model, tok, gen.prompt_set(world["data"], sweep), sweep)
+    reasons = {r["finish_reason"] for r in rows}
+    assert reasons == {"eos", "length"}
+    for r in rows:
+        ids = r["token_ids"]
+        assert len(ids) == r["n_tokens"] <= MAX_NEW
+        if r["finish_reason"] == "eos":
+            assert ids[-1] == EOS and EOS not in ids[:-1]
+        else:
+            assert r["n_tokens"] == MAX_NEW and EOS not in ids
+        assert r["response"] == tok.decode(ids, skip_special_tokens=True)
+        assert "[EOS]" not in r["response"] and "[PAD]" not in r["response"]
+    # the stage's table agrees with what the plain model gives for a fresh head
+    table = _run(world, "iav-fresh", 0.0, sweep)[2]
+    assert table.column("n_tokens").to_pylist() == [r["n_tokens"] for r in rows]
+    assert table.column("finish_reason").to_pylist() == [r["finish_reason"] for r in rows]
+    # greedy decoding: deterministic, also stops at EOS or max_new_tokens
+    greedy = _sweep(do_sample=False, max_new_tokens=4)
+    g1 = gen.sample_responses(model, tok, gen.prompt_set(world["data"], greedy), greedy)
+    assert all(r["n_tokens"] <= 4 for r in g1)
+    assert g1 == gen.sample_responses(model, tok, gen.prompt_set(world["data"], greedy), greedy)
+
+
+def test_kl_and_head_statistics(world):
+    sweep = _sweep()
+    calm0 = _run(world, "calm-random", 0.0, sweep)[2].to_pylist()
+    calm1 = _run(world, "calm-random", 1.0, sweep)[2].to_pylist()
+    iav1 = _run(world, "iav-random", 1.0, sweep)[2].to_pylist()
+    assert all(r["kl_mean"] == pytest.approx(0.0, abs=1e-6) for r in calm0)  # CALM at α = 0 is the LM
+    assert all(r["kl_mean"] > 0 for r in calm1) and all(r["kl_mean"] > 0 for r in iav1)
+    for r in calm1 + iav1:
+        assert r["kl_sum"] == pytest.approx(r["kl_mean"] * r["n_tokens"], rel=1e-9)
+    for r in calm1:
+        assert r["align_norm_mean"] is None
+        assert 0 <= r["strength_mean"] <= r["strength_max"] <= 5.0  # s_max
+        assert 0 <= r["utilisation"] <= 1
+    assert any(r["utilisation"] > 0 for r in calm1)
+    for r in iav1:
+        assert r["strength_mean"] is None and r["strength_max"] is None and r["utilisation"] is None
+        assert r["align_norm_mean"] > 0
+    # the same seeds at every α: differences come from α
+    assert [r["seed"] for r in calm0] == [r["seed"] for r in calm1] == [r["seed"] for r in iav1]
+    assert sum(a["response"] != b["response"] for a, b in zip(calm0, calm1, strict=True)) >= 1
+
+
+def test_generations_schema_is_exact():
+    expected = pa.schema(
+        [
+            ("head", pa.string()),
+            ("head_key", pa.string()),
+            ("alpha", pa.float64()),
+            ("prompt_id", pa.string()),
+            ("sample_index", pa.int32()),
+            ("seed", pa.int64()),
+            ("prompt", pa.string()),
+            ("response", pa.string()),
+            ("n_tokens", pa.int32()),
+            ("finish_reason", pa.string()),
+            ("kl_mean", pa.float64()),
+            ("kl_sum", pa.float64()),
+            ("strength_mean", pa.float64()),
+            ("strength_max", pa.float64()),
+            ("utilisation", pa.float64()),
+            ("align_norm_mean", pa.float64()),
+        ]
+    )
+    assert gen.GENERATIONS_SCHEMA.equals(expected)
+    assert gen.generations_table([], "iav", "k", 1.0).schema.equals(expected)
+
+
+def test_run_generate_reuses_a_loaded_model_and_removes_the_head(world):
+    sweep = _sweep(seed=7, n_prompts=4)
+    model = load_causal_lm(str(world["model_dir"]))
+    tok = load_tokenizer(str(world["model_dir"]))
+    original = model.get_output_embeddings()
+    prompts = gen.prompt_set(world["data"], sweep)
+    texts = []
+    for alpha in (0.0, 2.0):
+        plan = gen.plan_generate(world["trains"]["iav-random"], alpha, prompts, sweep, world["source"])
+        result = gen.run_generate(world["store"], plan, model=model, tokenizer=tok, progress=True)
+        assert result.computed and model.get_output_embeddings() is original
+        texts.append(read_table(result.path, gen.TABLE).column("response").to_pylist())
+        assert result.manifest.info["rows"] == 4 and result.manifest.info["alpha"] == alpha
+    assert texts[0] != texts[1]
