@@ -30,34 +30,15 @@ from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure
 from alignheads.storage.fingerprint import artifact_key, file_sha256
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.shards import read_table, write_table
+from alignheads.tasks.generate import GENERATIONS_SCHEMA
+from alignheads.tasks.generate import TABLE as GENERATIONS_TABLE
 
 STAGE = "evaluate"
 EVALUATE_VERSION = 1
-GENERATIONS_TABLE = "generations"
 WORLD_REWARD = "world"
 # files larger than this are fingerprinted by size + first and last MiB, not read whole
 _FULL_HASH_LIMIT = 256 << 20
 
-GENERATIONS_SCHEMA = pa.schema(
-    [
-        ("head", pa.string()),
-        ("head_key", pa.string()),
-        ("alpha", pa.float64()),
-        ("prompt_id", pa.string()),
-        ("sample_index", pa.int32()),
-        ("seed", pa.int64()),
-        ("prompt", pa.string()),
-        ("response", pa.string()),
-        ("n_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("kl_mean", pa.float64()),
-        ("kl_sum", pa.float64()),
-        ("strength_mean", pa.float64()),
-        ("strength_max", pa.float64()),
-        ("utilisation", pa.float64()),
-        ("align_norm_mean", pa.float64()),
-    ]
-)
 # columns that may be null (per-head statistics); every other column must be filled
 _NULLABLE = {"kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean"}
 
