@@ -42,6 +42,12 @@ class HeadTrainConfig(_Section):
     checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps")
     resume: bool = Field(True, description="Continue from the latest checkpoint of the same run key")
     beta: float = Field(0.1, gt=0, description="DPO temperature β")
+    lambda_nll: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the chosen responses' per-token NLL (an RPO-style anchor against DPO "
+        "lowering the chosen likelihood too); 0 is the plain objective of DESIGN.md",
+    )
 
 
 class IAVTrainConfig(HeadTrainConfig):

@@ -127,15 +127,16 @@ def objective_fn(cfg: HeadTrainConfig, frozen: nn.Module):
             def iav_exact(out, batch, hidden):
                 with torch.no_grad():
                     ref_logits = frozen(hidden)
-                return iav_objective(out, batch, exact_kl_per_token(out.base_logits, ref_logits), weights)
+                kl = exact_kl_per_token(out.base_logits, ref_logits)
+                return iav_objective(out, batch, kl, weights, cfg.lambda_nll)
 
             return iav_exact
         return lambda out, batch, hidden: iav_objective(
-            out, batch, topk_kl_per_token(out.base_logits, batch), weights
+            out, batch, topk_kl_per_token(out.base_logits, batch), weights, cfg.lambda_nll
         )
     assert isinstance(cfg, CALMTrainConfig)
     weights = CALMWeights(beta=cfg.beta, l2=cfg.lambda_l2, var=cfg.lambda_var, ent=cfg.lambda_ent)
-    return lambda out, batch, hidden: calm_objective(out, batch, weights)
+    return lambda out, batch, hidden: calm_objective(out, batch, weights, cfg.lambda_nll)
 
 
 def step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:

@@ -7,7 +7,7 @@ rejected rows, through the backbone in one concatenated forward) in the compact 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -99,30 +99,54 @@ def exact_kl_per_token(base_logits: Tensor, ref_logits: Tensor) -> Tensor:
     return exact_kl(ref_logits, base_logits)
 
 
-def iav_objective(out: IAVOutput, batch: PairBatch, kl_per_token: Tensor, weights: IAVWeights) -> IAVLoss:
-    """IAV loss: DPO at α = 1 + λ_kl · ½(KL_chosen + KL_rejected) + λ_l2 · mean‖a_t‖².
+def chosen_nll(policy_logits: Tensor, batch: PairBatch) -> Tensor:
+    """Per-token NLL of the chosen responses under ``policy_logits (2B, R, V)``, a scalar."""
+    b = batch.n_pairs
+    per_token = token_logprobs(policy_logits[:b], batch.targets[:b])
+    return -masked_mean(per_token, batch.mask[:b])
+
+
+def _anchored(loss_obj, policy_logits: Tensor, batch: PairBatch, nll_weight: float):
+    """Add ``λ_nll · chosen NLL`` to a loss (an RPO-style anchor: plain DPO may lower the chosen
+    responses' likelihood too, as long as the rejected ones fall further). λ_nll = 0: unchanged."""
+    if nll_weight == 0:
+        return loss_obj
+    return replace(loss_obj, loss=loss_obj.loss + nll_weight * chosen_nll(policy_logits, batch))
+
+
+def iav_objective(
+    out: IAVOutput, batch: PairBatch, kl_per_token: Tensor, weights: IAVWeights, nll_weight: float = 0.0
+) -> IAVLoss:
+    """IAV loss: DPO at α = 1 + λ_kl · ½(KL_chosen + KL_rejected) + λ_l2 · mean‖a_t‖²
+    (+ λ_nll · chosen NLL when asked).
 
     kl_per_token: ``(2B, R)`` KL(reference ‖ base head) at each scored token.
     """
     mask = batch.mask
+    policy = out.logits(1.0)
     kl_chosen, kl_rejected = _per_side_mean(kl_per_token, mask, batch.n_pairs)
-    return iav_loss(
-        preference_logps(out.logits(1.0), batch),
+    loss = iav_loss(
+        preference_logps(policy, batch),
         kl_chosen,
         kl_rejected,
         mean_squared_norm(out.align_logits, mask),
         weights,
     )
+    return _anchored(loss, policy, batch, nll_weight)
 
 
-def calm_objective(out: CALMOutput, batch: PairBatch, weights: CALMWeights) -> CALMLoss:
-    """CALM loss: DPO at α = 1 + λ_l2 · mean‖v_t‖² − λ_var · Var(s) − λ_ent · mean H(π_t)."""
+def calm_objective(
+    out: CALMOutput, batch: PairBatch, weights: CALMWeights, nll_weight: float = 0.0
+) -> CALMLoss:
+    """CALM loss: DPO at α = 1 + λ_l2 · mean‖v_t‖² − λ_var · Var(s) − λ_ent · mean H(π_t)
+    (+ λ_nll · chosen NLL when asked)."""
     mask = batch.mask
     policy = out.logits(1.0)
-    return calm_loss(
+    loss = calm_loss(
         preference_logps(policy, batch),
         mean_squared_norm(out.modulation, mask),
         masked_variance(out.strength, mask),
         mean_entropy(policy, mask),
         weights,
     )
+    return _anchored(loss, policy, batch, nll_weight)
