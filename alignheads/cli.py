@@ -1,4 +1,4 @@
-"""The `alignheads` command line: run, world, query (and later generate, merge).
+"""The `alignheads` command line: run, world, query, merge, generate.
 
 Every verb takes `--config F` and `--set key=value` (repeatable), so `--set store=DIR`
 points any verb at a store.
@@ -108,6 +108,194 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _newest_head(store: Path, kind: str | None) -> Path:
+    """The head directory of the newest trained head (of `kind`, when given) in the store."""
+    from alignheads.storage.artifacts import list_artifacts
+    from alignheads.storage.manifest import read_manifest
+
+    found = []
+    for directory in list_artifacts(store, "train"):
+        manifest = read_manifest(directory)
+        if (kind is None or manifest.info.get("kind") == kind) and (directory / "head").is_dir():
+            found.append((manifest.created_at, directory / "head"))
+    if not found:
+        what = f"{kind} head" if kind else "head"
+        raise FileNotFoundError(
+            f"no trained {what} in {Path(store) / 'train'}; run the pipeline or pass --heads DIR"
+        )
+    return max(found)[1]
+
+
+def _decoding(args: argparse.Namespace, cfg: RunConfig) -> dict:
+    """Hugging Face generate options from the flags, defaulting to the config's sweep settings."""
+    sweep = cfg.sweep
+    settings = {"max_new_tokens": args.max_new_tokens or sweep.max_new_tokens}
+    if args.greedy or not sweep.do_sample:
+        settings["do_sample"] = False
+    else:
+        top_p = args.top_p if args.top_p is not None else sweep.top_p
+        temperature = args.temperature if args.temperature is not None else sweep.temperature
+        settings |= {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    return settings
+
+
+def _print_pair(base: str, aligned: str, head_type: str, alpha: float) -> None:
+    print("--- base (plain LM) ---")
+    print(base)
+    print(f"--- aligned ({head_type} head, alpha={alpha:g}) ---")
+    print(aligned)
+
+
+def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
+    """Prompt loop on stdin: commands `:alpha X`, `:compare`, `:info`, `:help`, `:q` (also without
+    the colon); any other line is a prompt. Aligned responses stream token by token."""
+    from transformers import TextStreamer
+
+    from alignheads import inference
+
+    class _Streamer(TextStreamer):
+        """Prints tokens as they come, without the response's leading whitespace."""
+
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            super().on_finalized_text(text, stream_end)
+
+    alpha, compare = args.alpha, args.compare
+    head_type = aligned.head.head_type
+    help_text = "commands: :alpha X (set alpha), :compare (toggle base comparison), :info, :help, :q (quit)"
+    print(f"alignheads generate: {head_type} head, alpha={alpha:g}. {help_text}", flush=True)
+    while True:
+        try:
+            line = input(f"[alpha={alpha:g}]> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        words = text.removeprefix(":").split()
+        command = words[0].lower()
+        if command in ("q", "quit", "exit") and len(words) == 1:
+            return 0
+        if command == "alpha" and len(words) == 2:
+            try:
+                alpha = float(words[1])
+            except ValueError:
+                print(f"not a number: {words[1]!r}", flush=True)
+                continue
+            print(f"alpha = {alpha:g}", flush=True)
+            continue
+        if command == "compare" and len(words) == 1:
+            compare = not compare
+            print(f"compare with base: {'on' if compare else 'off'}", flush=True)
+            continue
+        if command == "info" and len(words) == 1:
+            info = inference.head_info(aligned) | {"alpha": alpha, "compare": compare, "decoding": settings}
+            print(json.dumps(info, default=str), flush=True)
+            continue
+        if command == "help" and len(words) == 1:
+            print(help_text, flush=True)
+            continue
+        if text.startswith(":"):
+            print(f"unknown command {text!r}; {help_text}", flush=True)
+            continue
+        prompt = inference.format_prompt(tokenizer, line, raw=args.raw)
+        if compare:
+            base = inference.generate_base(aligned, tokenizer, [prompt], seed=seed, **settings)[0]
+            print("--- base (plain LM) ---")
+            print(base, flush=True)
+            print(f"--- aligned ({head_type} head, alpha={alpha:g}) ---", flush=True)
+        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inference.generate(aligned, tokenizer, [prompt], alpha, seed=seed, streamer=streamer, **settings)
+        sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from alignheads import inference
+    from alignheads.tasks.generate import batch_seed, load_prompts_file
+
+    cfg = _config(args)
+    if args.prompt is None and not args.interactive and args.prompts_file is None:
+        print("error: give a prompt, --interactive or --prompts-file F", file=sys.stderr)
+        return 2
+    prompts = []
+    if args.prompts_file is not None:
+        try:
+            prompts = load_prompts_file(args.prompts_file)
+        except ValueError as exc:  # malformed rows, no prompts
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    heads = args.heads if args.heads is not None else _newest_head(cfg.store, args.head)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    aligned, tokenizer = inference.load_for_generation(
+        heads,
+        base=args.base,
+        device=args.device,
+        ignore_base_id=args.ignore_base_id,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    settings = _decoding(args, cfg)
+    seed = args.seed if args.seed is not None else cfg.sweep.seed
+    head_type = aligned.head.head_type
+    print(f"head: {heads} ({head_type})", file=sys.stderr)
+
+    if args.interactive:
+        return _interactive(aligned, tokenizer, args, settings, seed)
+
+    if args.prompts_file is not None:
+        rows = []
+        bs = args.batch_size or cfg.sweep.batch_size
+        for index, start in enumerate(range(0, len(prompts), bs)):
+            chunk = prompts[start : start + bs]
+            texts = [inference.format_prompt(tokenizer, t, raw=args.raw) for _, t in chunk]
+            batch = batch_seed(seed, 0, index)
+            out = inference.generate(aligned, tokenizer, texts, args.alpha, seed=batch, **settings)
+            base = (
+                inference.generate_base(aligned, tokenizer, texts, seed=batch, **settings)
+                if args.compare
+                else [None] * len(chunk)
+            )
+            for (pid, text), response, b in zip(chunk, out, base, strict=True):
+                row = {
+                    "id": pid,
+                    "prompt": text,
+                    "head": head_type,
+                    "alpha": args.alpha,
+                    "response": response,
+                }
+                if args.compare:
+                    row["base"] = b
+                rows.append(row)
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+        if args.output is None:
+            print("\n".join(lines))
+        else:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            if args.output.suffix.lower() == ".json":
+                args.output.write_text(
+                    json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+                )
+            else:
+                args.output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            print(f"wrote {len(rows)} responses to {args.output}", file=sys.stderr)
+        return 0
+
+    prompt = inference.format_prompt(tokenizer, args.prompt, raw=args.raw)
+    if args.compare:
+        row = inference.compare_with_base(aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings)[0]
+        print(f"prompt: {args.prompt}")
+        _print_pair(row["base"], row["aligned"], head_type, args.alpha)
+    else:
+        print(inference.generate(aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings)[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignheads",
@@ -158,6 +346,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_config_args(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate with a trained head (one prompt, --interactive, --compare, --prompts-file)",
+        description="Generate with a trained IAV or CALM head on its base model. Plain prompt text is "
+        "wrapped in the tokenizer's chat template (unless --raw); decoding defaults come from the "
+        "config's sweep section.",
+    )
+    p.add_argument("prompt", nargs="?", default=None, help="a single prompt")
+    p.add_argument("--heads", type=Path, default=None, help="trained head directory (head_config.json)")
+    p.add_argument(
+        "--head",
+        choices=("iav", "calm"),
+        default=None,
+        help="without --heads: use the newest trained head of this kind in the store",
+    )
+    p.add_argument("--alpha", type=float, default=1.0, help="alignment strength (default 1.0)")
+    p.add_argument("--interactive", "-i", action="store_true", help="prompt loop on stdin (:alpha X, :q)")
+    p.add_argument("--compare", action="store_true", help="also show the plain base model's response")
+    p.add_argument("--prompts-file", type=Path, default=None, help="prompts: .txt, .jsonl or .json")
+    p.add_argument(
+        "--output", "-o", type=Path, default=None, help="with --prompts-file: JSONL (or .json) output file"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: sweep.max_new_tokens")
+    p.add_argument("--temperature", type=float, default=None, help="default: sweep.temperature")
+    p.add_argument("--top-p", type=float, default=None, help="default: sweep.top_p")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=None, help="default: sweep.seed")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="prompts per batch (default: sweep.batch_size)"
+    )
+    p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    p.add_argument("--base", default=None, help="base model id or directory (default: the head's)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--ignore-base-id", action="store_true", help="accept a base whose id differs from the head's"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
