@@ -242,10 +242,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(format_validation_error(exc, str(path))) from exc
     return cfg.resolved()
 
-
-def config_from_dict(raw: dict[str, Any], source: str = "parameters") -> RunConfig:
-    """Validate an already-parsed config (e.g. Prefect flow parameters); errors name the key."""
-    try:
-        return RunConfig.model_validate(raw).resolved()
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from exc

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -353,8 +352,3 @@ def _non_finite_message(step: int, what: str, checkpoint_dir: Path) -> str:
     latest = latest_checkpoint(checkpoint_dir)
     kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
     return f"non-finite {what} at step {step}; training stopped ({kept}); lower lr or check the data"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
