@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -87,6 +88,12 @@ def _cache_columns(needs: BatchNeeds, schema: pa.Schema) -> list[str]:
     return cols
 
 
+def _fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """A ``fixed_size_list<float>[W]`` column as a float32 ``(rows, W)`` array."""
+    arr = column.combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, arr.type.list_size)
+
+
 def _split_rows(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(counts)[:-1]) if len(counts) else []
 
@@ -101,13 +108,15 @@ def _shard_records(
     if table.num_rows == 0:
         return []
     index = table.column("pair_index").to_numpy()
+    # one conversion per shard, not per pair
     toks = tokenized.rows(int(index[0]), int(index[-1]) + 1)
-    counts = np.array([len(x) for x in table.column("token_logprobs").to_pylist()])
+    toks = toks.select(["id", "prompt_ids", "chosen_ids", "rejected_ids"]).to_pylist()
+    counts = pc.list_value_length(table.column("token_logprobs")).to_numpy(zero_copy_only=False)
     topk_ids = _split_rows(token_matrix(table.column("topk_ids")), counts) if needs.topk else None
     topk_lp = _split_rows(token_matrix(table.column("topk_logprobs")), counts) if needs.topk else None
     hidden = _split_rows(token_matrix(table.column("hidden")), counts) if needs.hidden else None
     prefix = (
-        table.column("prefix_hidden_sum").to_pylist()
+        _fixed_rows(table.column("prefix_hidden_sum"))
         if needs.hidden and "prefix_hidden_sum" in table.column_names
         else None
     )
@@ -123,7 +132,7 @@ def _shard_records(
             )
         if splits[row] != split:
             continue
-        t = toks.slice(int(index[row] - index[0]), 1).to_pylist()[0]
+        t = toks[int(index[row] - index[0])]
         if t["id"] != ids[row]:
             raise ArtifactError(
                 f"{cache_dir / shard.path}: row {row} is pair {ids[row]!r}, tokenized has {t['id']!r}"
@@ -137,9 +146,7 @@ def _shard_records(
                 topk_ids=tuple(topk_ids[r] for r in pair) if topk_ids is not None else None,
                 topk_logprobs=tuple(topk_lp[r] for r in pair) if topk_lp is not None else None,
                 hidden=tuple(hidden[r] for r in pair) if hidden is not None else None,
-                prefix=tuple(np.asarray(prefix[r], dtype=np.float32) for r in pair)
-                if prefix is not None
-                else None,
+                prefix=tuple(prefix[r] for r in pair) if prefix is not None else None,
             )
         )
     return records
