@@ -210,7 +210,13 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
             print(base, flush=True)
             print(f"--- aligned ({head_type} head, alpha={alpha:g}) ---", flush=True)
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        inference.generate(aligned, tokenizer, [prompt], alpha, seed=seed, streamer=streamer, **settings)
+        if args.steering_info:
+            out = inference.generate_with_steering_info(
+                aligned, tokenizer, [prompt], alpha, seed=seed, streamer=streamer, **settings
+            )
+            print("steering: " + json.dumps(out[0]["steering"]), flush=True)
+        else:
+            inference.generate(aligned, tokenizer, [prompt], alpha, seed=seed, streamer=streamer, **settings)
         sys.stdout.flush()
 
 
@@ -255,13 +261,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             chunk = prompts[start : start + bs]
             texts = [inference.format_prompt(tokenizer, t, raw=args.raw) for _, t in chunk]
             batch = batch_seed(seed, 0, index)
-            out = inference.generate(aligned, tokenizer, texts, args.alpha, seed=batch, **settings)
+            if args.steering_info:
+                steered = inference.generate_with_steering_info(
+                    aligned, tokenizer, texts, args.alpha, seed=batch, **settings
+                )
+                out, info = [r["response"] for r in steered], [r["steering"] for r in steered]
+            else:
+                out = inference.generate(aligned, tokenizer, texts, args.alpha, seed=batch, **settings)
+                info = [None] * len(chunk)
             base = (
                 inference.generate_base(aligned, tokenizer, texts, seed=batch, **settings)
                 if args.compare
                 else [None] * len(chunk)
             )
-            for (pid, text), response, b in zip(chunk, out, base, strict=True):
+            for (pid, text), response, b, steering in zip(chunk, out, base, info, strict=True):
                 row = {
                     "id": pid,
                     "prompt": text,
@@ -271,6 +284,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 }
                 if args.compare:
                     row["base"] = b
+                if args.steering_info:
+                    row["steering"] = steering
                 rows.append(row)
         lines = [json.dumps(row, ensure_ascii=False) for row in rows]
         if args.output is None:
@@ -287,12 +302,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
 
     prompt = inference.format_prompt(tokenizer, args.prompt, raw=args.raw)
-    if args.compare:
-        row = inference.compare_with_base(aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings)[0]
-        print(f"prompt: {args.prompt}")
-        _print_pair(row["base"], row["aligned"], head_type, args.alpha)
+    if args.steering_info:
+        steered = inference.generate_with_steering_info(
+            aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings
+        )
+        response = steered[0]["response"]
     else:
-        print(inference.generate(aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings)[0])
+        response = inference.generate(aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings)[0]
+    if args.compare:
+        base = inference.generate_base(aligned, tokenizer, [prompt], seed=seed, **settings)[0]
+        print(f"prompt: {args.prompt}")
+        _print_pair(base, response, head_type, args.alpha)
+    else:
+        print(response)
+    if args.steering_info:
+        print("steering: " + json.dumps(steered[0]["steering"]))
     return 0
 
 
@@ -376,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="default: sweep.seed")
     p.add_argument(
         "--batch-size", type=int, default=None, help="prompts per batch (default: sweep.batch_size)"
+    )
+    p.add_argument(
+        "--steering-info",
+        action="store_true",
+        help="also report what the head did per response (KL to base; CALM strength, IAV alignment norm)",
     )
     p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     p.add_argument("--base", default=None, help="base model id or directory (default: the head's)")

@@ -34,6 +34,7 @@ __all__ = [
     "format_prompt",
     "generate",
     "generate_base",
+    "generate_with_steering_info",
     "head_info",
     "load_for_generation",
 ]
@@ -210,27 +211,11 @@ def _nan_to_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
-def analyze_modulation_patterns(
-    aligned: AlignedLM,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    alpha: float = 1.0,
-    *,
-    seed: int | None = 0,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """What the head did while generating responses to ``prompts`` at ``alpha``.
-
-    Counts the generated tokens up to each response's EOS. Always: ``head_type``, ``alpha``,
-    ``n_prompts``, ``n_tokens``, ``kl_mean`` (mean per-token KL(π_α ‖ π_base)), ``responses``.
-    CALM: ``strength_mean``, ``utilisation`` (share of tokens with s > 0.5),
-    ``high_intensity`` (share with s > 2.0), ``strength_min``, ``strength_max``
-    (see :func:`alignheads.modstats.strength_stats`). IAV: ``align_norm_mean``,
-    ``align_norm_std``, ``align_norm_min``, ``align_norm_max`` of ``‖W_a h_t‖₂``.
-    Statistics are None where no token was generated. Use greedy decoding or sampling
-    (beam search reorders rows between steps).
-    """
-    prompts = list(prompts)
+def _recorded_generation(
+    aligned: AlignedLM, tokenizer: Any, prompts: list[str], alpha: float, seed: int | None, kwargs: dict
+) -> tuple[list[list[int]], dict[str, torch.Tensor], torch.Tensor]:
+    """Generate at ``alpha`` while recording the head: token ids per prompt, the recorded
+    ``{name: (B, n_steps)}`` statistics, and the ``(B, n_steps)`` mask of real generated tokens."""
     with aligned.use_alpha(alpha), aligned.recording() as recorder:
         rows = _new_tokens(aligned.model, tokenizer, prompts, seed, kwargs)
     recorded = recorder.stacked()
@@ -238,10 +223,13 @@ def analyze_modulation_patterns(
     mask = torch.zeros((len(rows), steps), dtype=torch.bool)
     for i, ids in enumerate(rows):
         mask[i, : len(ids)] = True
+    return rows, recorded, mask
+
+
+def _steering_stats(recorded: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, Any]:
+    """Statistics of the recorded ``(B, n_steps)`` values over the tokens ``mask`` selects;
+    None where no token was generated."""
     out: dict[str, Any] = {
-        "head_type": aligned.head.head_type,
-        "alpha": float(alpha),
-        "n_prompts": len(prompts),
         "n_tokens": int(mask.sum()),
         "kl_mean": recorded["kl_to_base"][mask].double().mean().item() if mask.any() else math.nan,
     }
@@ -263,6 +251,64 @@ def analyze_modulation_patterns(
             "align_norm_min": n.min,
             "align_norm_max": n.max,
         }
-    out = _nan_to_none(out)
+    return _nan_to_none(out)
+
+
+def analyze_modulation_patterns(
+    aligned: AlignedLM,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    alpha: float = 1.0,
+    *,
+    seed: int | None = 0,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """What the head did while generating responses to ``prompts`` at ``alpha``.
+
+    Counts the generated tokens up to each response's EOS. Always: ``head_type``, ``alpha``,
+    ``n_prompts``, ``n_tokens``, ``kl_mean`` (mean per-token KL(π_α ‖ π_base)), ``responses``.
+    CALM: ``strength_mean``, ``utilisation`` (share of tokens with s > 0.5),
+    ``high_intensity`` (share with s > 2.0), ``strength_min``, ``strength_max``
+    (see :func:`alignheads.modstats.strength_stats`). IAV: ``align_norm_mean``,
+    ``align_norm_std``, ``align_norm_min``, ``align_norm_max`` of ``‖W_a h_t‖₂``.
+    Statistics are None where no token was generated. Use greedy decoding or sampling
+    (beam search reorders rows between steps).
+    """
+    prompts = list(prompts)
+    rows, recorded, mask = _recorded_generation(aligned, tokenizer, prompts, alpha, seed, kwargs)
+    out: dict[str, Any] = {
+        "head_type": aligned.head.head_type,
+        "alpha": float(alpha),
+        "n_prompts": len(prompts),
+    }
+    out |= _steering_stats(recorded, mask)
     out["responses"] = _decode(tokenizer, rows)
     return out
+
+
+def generate_with_steering_info(
+    aligned: AlignedLM,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    alpha: float,
+    *,
+    seed: int | None = None,
+    **hf_generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`generate`, with what the head did for each prompt: ``[{"response", "steering"}]``.
+
+    ``steering`` holds the statistics of :func:`analyze_modulation_patterns` over that
+    response's own tokens. With the same ``seed`` the responses are exactly :func:`generate`'s
+    (recording reads the logits; it does not change them).
+    """
+    rows, recorded, mask = _recorded_generation(
+        aligned, tokenizer, list(prompts), alpha, seed, hf_generate_kwargs
+    )
+    responses = _decode(tokenizer, rows)
+    return [
+        {
+            "response": response,
+            "steering": _steering_stats({k: v[i : i + 1] for k, v in recorded.items()}, mask[i : i + 1]),
+        }
+        for i, response in enumerate(responses)
+    ]

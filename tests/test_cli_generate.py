@@ -97,6 +97,25 @@ def test_prompts_file_round_trip(world, expected, tmp_path, fmt):
     assert [r["response"] for r in rows2] == expected["a1"]
 
 
+def test_steering_info_single_prompt_and_prompts_file(world, expected, tmp_path, capsys):
+    prompt = expected["prompts"][0]
+    assert main(["generate", "--heads", str(world["calm"]), "--steering-info", *DECODE, prompt]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == expected["a1"][0]  # the same response as without the flag
+    assert lines[1].startswith("steering: ")
+    info = json.loads(lines[1].removeprefix("steering: "))
+    assert 0 < info["n_tokens"] <= 6 and info["kl_mean"] >= 0
+    assert 0 <= info["strength_min"] <= info["strength_mean"] <= info["strength_max"]
+
+    src, out = tmp_path / "p.txt", tmp_path / "out.json"
+    src.write_text("\n".join(expected["prompts"]))
+    args = ["generate", "--heads", str(world["calm"]), "--prompts-file", str(src), "--output", str(out)]
+    assert main([*args, "--steering-info", *DECODE]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["response"] for r in rows] == expected["a1"]
+    assert all(set(r["steering"]) >= {"n_tokens", "kl_mean", "utilisation", "high_intensity"} for r in rows)
+
+
 def test_bad_prompts_file_is_a_clean_error(world, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w3"}\n')

@@ -14,6 +14,7 @@ from alignheads.inference import (
     format_prompt,
     generate,
     generate_base,
+    generate_with_steering_info,
     head_info,
     load_for_generation,
 )
@@ -148,6 +149,25 @@ def test_analyze_modulation_patterns_iav(iav):
     assert math.isclose(
         norms[start : start + one["n_tokens"]].mean().item(), one["align_norm_mean"], rel_tol=1e-4
     )
+
+
+@pytest.mark.parametrize("kind", ["calm", "iav"])
+def test_generate_with_steering_info_per_prompt(kind, calm, iav):
+    aligned, tok = {"calm": calm, "iav": iav}[kind]
+    rows = generate_with_steering_info(aligned, tok, PROMPTS, 1.0, seed=5, **SAMPLED)
+    # the same responses as plain generation with the same seed
+    assert [r["response"] for r in rows] == generate(aligned, tok, PROMPTS, alpha=1.0, seed=5, **SAMPLED)
+    # per prompt, the statistics equal the aggregate analysis of that prompt alone
+    # (one-row batches: no padding, so the numbers must match exactly up to float error)
+    one = generate_with_steering_info(aligned, tok, PROMPTS[:1], 1.0, seed=5, **SAMPLED)[0]["steering"]
+    alone = analyze_modulation_patterns(aligned, tok, PROMPTS[:1], alpha=1.0, seed=5, **SAMPLED)
+    for key, value in one.items():
+        assert math.isclose(value, alone[key], rel_tol=1e-9, abs_tol=1e-12), key
+    # token counts add up to the whole batch's count
+    batch = analyze_modulation_patterns(aligned, tok, PROMPTS, alpha=1.0, seed=5, **SAMPLED)
+    assert sum(r["steering"]["n_tokens"] for r in rows) == batch["n_tokens"]
+    stat = "strength_mean" if kind == "calm" else "align_norm_mean"
+    assert all(r["steering"][stat] is not None for r in rows if r["steering"]["n_tokens"])
 
 
 def test_format_prompt_wraps_in_the_chat_template():
