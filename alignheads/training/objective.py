@@ -120,10 +120,16 @@ def iav_objective(
     """IAV loss: DPO at α = 1 + λ_kl · ½(KL_chosen + KL_rejected) + λ_l2 · mean‖a_t‖²
     (+ λ_nll · chosen NLL when asked).
 
+    The preference and anchor terms train the alignment head only: the policy is
+    ``sg(W_b h) + W_a h``. Were their gradients to reach ``W_b`` too, the base head would take
+    up part of the alignment and α = 0 would no longer be the reference's distribution, which
+    flattens the dial (seen on the tiny world: reward fell from α = 0 to α = 1). ``W_b`` learns
+    from the KL term alone.
+
     kl_per_token: ``(2B, R)`` KL(reference ‖ base head) at each scored token.
     """
     mask = batch.mask
-    policy = out.logits(1.0)
+    policy = out.base_logits.detach() + out.align_logits
     kl_chosen, kl_rejected = _per_side_mean(kl_per_token, mask, batch.n_pairs)
     loss = iav_loss(
         preference_logps(policy, batch),

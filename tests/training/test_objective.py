@@ -44,3 +44,36 @@ def test_nll_anchor_adds_exactly_its_weighted_term():
     assert abs(plain.loss.item() - (math.log(2) - 0.01 * math.log(2))) < 1e-6
     assert abs(anchored.loss.item() - plain.loss.item() - math.log(2)) < 1e-6
     assert anchored.pref.item() == plain.pref.item()
+
+
+def test_iav_preference_and_anchor_train_the_alignment_head_only():
+    """The IAV policy is sg(W_b h) + W_a h: with λ_kl = 0 the base logits get no gradient from the
+    preference loss or the NLL anchor, the alignment logits do; the KL term alone reaches the
+    base logits, and the loss value is the same as without the stop-gradient."""
+    from alignheads.losses import IAVWeights
+    from alignheads.models.iav import IAVOutput
+    from alignheads.training.objective import iav_objective
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 2, 2, requires_grad=True)
+    align = torch.randn(2, 2, 2, requires_grad=True)
+    kl = (base**2).sum(-1)  # any (2B, R) function of the base logits stands in for the KL
+    no_kl = IAVWeights(kl=0.0, l2=0.0)
+    loss = iav_objective(IAVOutput(base_logits=base, align_logits=align), _batch(), kl, no_kl, nll_weight=1.0)
+    loss.loss.backward()
+    assert base.grad is None or torch.count_nonzero(base.grad) == 0
+    assert torch.count_nonzero(align.grad) > 0
+
+    base.grad, align.grad = None, None
+    kl = (base**2).sum(-1)
+    only_kl = iav_objective(IAVOutput(base_logits=base, align_logits=align), _batch(), kl, IAVWeights(l2=0.0))
+    (only_kl.loss - only_kl.pref).backward()  # the KL part: reaches W_b
+    assert torch.count_nonzero(base.grad) > 0
+
+    # values are those of the plain policy W_b h + W_a h
+    from alignheads.training.objective import preference_logps
+
+    p = preference_logps((base + align).detach(), _batch())
+    margin = (p.policy_chosen - p.ref_chosen) - (p.policy_rejected - p.ref_rejected)
+    want = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
+    assert loss.pref.item() == pytest.approx(want.item(), abs=1e-6)
