@@ -1,0 +1,152 @@
+"""Stage-only flows on a store the pipeline filled: same keys, same cached tasks, clear errors.
+
+One pipeline run on a small test world (module fixture), then each stage flow is given the
+store keys of its inputs and must find the pipeline's artifacts (Prefect cache hits), build
+only what is new, and refuse keys that name nothing in the store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignheads.config import RunConfig
+from alignheads.flows.pipeline import pipeline
+from alignheads.flows.stages import MissingArtifactError, refpass_flow, sweep_flow, train_flow
+from alignheads.storage.manifest import verify_artifact
+from alignheads.storage.query import run_query
+from alignheads.world.build import tiny_test_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def small_config(store: Path) -> RunConfig:
+    """A run that builds every stage in seconds (the model need not learn much)."""
+    return RunConfig.model_validate(
+        {
+            "name": "stages-test",
+            "store": str(store),
+            "world": tiny_test_config(
+                n_train_pairs=64,
+                n_test_pairs=32,
+                pretrain_steps=30,
+                n_pretrain_dialogues=400,
+                report_samples=4,
+                report_max_new_tokens=16,
+            ).model_dump(),
+            "tokenize": {"max_prompt_length": 48, "max_response_length": 32},
+            "refpass": {"k": 16, "pairs_per_shard": 64},
+            "train": {
+                "iav": {"lr": 1e-2, "batch_size": 16, "epochs": 1, "eval_every": 4},
+                "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 1, "rank": 4, "eval_every": 4},
+            },
+            "sweep": {"alphas": [0, 1], "n_prompts": 4, "max_new_tokens": 8, "batch_size": 4},
+        }
+    ).resolved()
+
+
+@pytest.fixture(scope="module")
+def filled(prefect_harness, tmp_path_factory):
+    cfg = small_config(tmp_path_factory.mktemp("stages") / "store")
+    return cfg, pipeline(config=cfg)
+
+
+def test_refpass_flow_reuses_the_pipelines_cache(filled):
+    cfg, outcomes = filled
+    out = refpass_flow(
+        tokenize_key=outcomes["tokenize"]["key"], store=cfg.store, model=cfg.model, refpass=cfg.refpass
+    )
+    assert out["refpass"]["key"] == outcomes["refpass"]["key"]
+    assert out["refpass"]["status"] == "cached"
+
+
+def test_refpass_flow_builds_a_new_cache_from_the_tokenize_key(filled):
+    cfg, outcomes = filled
+    other = cfg.refpass.model_copy(update={"k": 8})
+    out = refpass_flow(
+        tokenize_key=outcomes["tokenize"]["key"], store=cfg.store, model=cfg.model, refpass=other
+    )
+    assert out["refpass"]["status"] == "computed" and out["refpass"]["key"] != outcomes["refpass"]["key"]
+    manifest = verify_artifact(Path(out["refpass"]["path"]), "refpass")
+    assert manifest.config["k"] == 8 and manifest.inputs["tokenize"] == outcomes["tokenize"]["key"]
+
+
+def test_train_flow_reuses_heads_and_tracks_a_parent_run(filled):
+    from mlflow.tracking import MlflowClient
+
+    cfg, outcomes = filled
+    out = train_flow(
+        refpass_key=outcomes["refpass"]["key"],
+        store=cfg.store,
+        name=cfg.name,
+        model=cfg.model,
+        train=cfg.train,
+        tracking=cfg.tracking,
+    )
+    assert {k: (v["key"], v["status"]) for k, v in out.items()} == {
+        "train-iav": (outcomes["train-iav"]["key"], "cached"),
+        "train-calm": (outcomes["train-calm"]["key"], "cached"),
+    }
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.store / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.name).experiment_id],
+        filter_string=f"params.refpass_key = '{outcomes['refpass']['key']}'",
+    )
+    assert len(runs) == 1  # this flow run's parent run
+    children = client.search_runs(
+        [runs[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{runs[0].info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["train-calm", "train-iav"]
+
+
+def test_sweep_flow_generates_only_new_alphas(filled):
+    cfg, outcomes = filled
+    sweep = cfg.sweep.model_copy(update={"alphas": [0.0, 0.5]})
+    out = sweep_flow(
+        train_keys=[outcomes["train-iav"]["key"], outcomes["train-calm"]["key"]],
+        data_key=outcomes["data"]["key"],
+        store=cfg.store,
+        name=cfg.name,
+        model=cfg.model,
+        sweep=sweep,
+        evaluate=cfg.evaluate,
+        tracking=cfg.tracking,
+    )
+    assert {k: v["status"] for k, v in out.items()} == {
+        "generate-iav-0": "cached",
+        "generate-iav-0.5": "computed",
+        "generate-calm-0": "cached",
+        "generate-calm-0.5": "computed",
+        "evaluate": "computed",
+    }
+    assert out["generate-iav-0"]["key"] == outcomes["generate-iav-0"]["key"]
+    rows = run_query(
+        cfg.store,
+        f"SELECT head, alpha FROM summary WHERE artifact = '{out['evaluate']['key']}' ORDER BY head, alpha",
+    ).to_pylist()
+    assert [(r["head"], r["alpha"]) for r in rows] == [
+        ("calm", 0.0),
+        ("calm", 0.5),
+        ("iav", 0.0),
+        ("iav", 0.5),
+    ]
+
+
+def test_stage_flows_name_the_missing_key(filled):
+    cfg, outcomes = filled
+    with pytest.raises(MissingArtifactError, match=r"refpass_key='0123abc': no complete refpass artifact"):
+        train_flow(
+            refpass_key="0123abc", store=cfg.store, model=cfg.model, train=cfg.train, tracking=cfg.tracking
+        )
+    with pytest.raises(MissingArtifactError, match=r"train_keys\[1\]='nope': no complete train artifact"):
+        sweep_flow(
+            train_keys=[outcomes["train-iav"]["key"], "nope"],
+            data_key=outcomes["data"]["key"],
+            store=cfg.store,
+            model=cfg.model,
+            sweep=cfg.sweep,
+        )
+    # a key of another stage is not accepted in its place
+    with pytest.raises(MissingArtifactError, match="tokenize_key="):
+        refpass_flow(tokenize_key=outcomes["data"]["key"], store=cfg.store, model=cfg.model)
