@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -139,12 +139,49 @@ def save_head(
     (out / CONFIG_FILE).unlink(missing_ok=True)  # the config marks a complete directory: it goes last
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_header(tmp)
     write_bytes_atomic(out / CONFIG_FILE, text.encode("utf-8"))
     return out
 
 
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length.
+
+    safetensors writes `__metadata__` in hash-map order, which changes from process to process;
+    sorted, the same head gives the same bytes (and checksum) whichever process saved it.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # cannot happen: the same keys and values, reordered
+            raise HeadFormatError(f"{path}: header grew from {size} to {len(text)} bytes when sorted")
+        fh.seek(8)
+        fh.write(text.ljust(size, b" "))
+
+
+# Pickle-based weight files: loading one can run arbitrary code, so they are refused unread.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickles(head_dir: Path) -> None:
+    """Raise HeadFormatError when `head_dir` is, or holds instead of safetensors, pickled weights."""
+    if head_dir.is_file() and head_dir.suffix.lower() in PICKLE_SUFFIXES:
+        found = [head_dir]
+    elif head_dir.is_dir() and not (head_dir / WEIGHTS_FILE).is_file():
+        found = sorted(p for p in head_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    else:
+        return
+    if found:
+        raise HeadFormatError(
+            f"{found[0]}: pickled weights are never loaded (unpickling can run arbitrary code); "
+            f"a head is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+
+
 def read_head_file(head_dir: str | Path) -> HeadFile:
     """Parse and validate ``head_config.json`` of ``head_dir``."""
+    refuse_pickles(Path(head_dir))
     path = Path(head_dir) / CONFIG_FILE
     if not path.is_file():
         raise HeadFormatError(f"{path}: not found (is {head_dir} a head directory?)")
@@ -231,9 +268,12 @@ def load_head(
     if not weights_path.is_file():
         raise HeadFormatError(f"{weights_path}: not found")
     tensors = {}
-    with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-            tensors[key] = handle.get_tensor(key)
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[key] = handle.get_tensor(key)
+    except SafetensorError as exc:  # a truncated file, or another format under this name
+        raise HeadFormatError(f"{weights_path}: not a readable safetensors file ({exc})") from None
     with torch.device("meta"):
         head = cls(config)
     expected = {name for name, _ in head.named_parameters()}

@@ -30,6 +30,7 @@ from alignheads.storage.manifest import (
     verify_artifact,
     write_manifest,
 )
+from alignheads.storage.store_errors import writing
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,20 @@ def ensure_artifact(
     staging directory and returns their shard lists; the manifest (listing every shard and
     file with checksums) is written here, last, and the directory is renamed into place.
     """
+    final = artifact_dir(store, stage, key)
+    with writing(final, Path(store)):
+        return _ensure_artifact(store, stage, key, stage_version, config, inputs, build)
+
+
+def _ensure_artifact(
+    store: Path,
+    stage: str,
+    key: str,
+    stage_version: int,
+    config: Any,
+    inputs: dict[str, str],
+    build: Callable[[Path], ArtifactContent],
+) -> ArtifactResult:
     final = artifact_dir(store, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     with artifact_lock(store, stage, key):

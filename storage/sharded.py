@@ -30,6 +30,7 @@ computed twice at once, and `finalize`/`prepare` (exclusive) never see a shard h
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ from alignheads.storage.manifest import (
     write_manifest,
 )
 from alignheads.storage.shards import write_shard
+from alignheads.storage.store_errors import writing
 
 __all__ = [
     "SHARD_INFO_KEY",
@@ -93,6 +95,17 @@ def _footer_rows(path: Path) -> int | None:
 def shard_path(table: str, index: int) -> str:
     """Path of shard `index` of `table`, relative to the artifact directory."""
     return f"{table}/part-{index:05d}.parquet"
+
+
+def _writes(method):
+    """Run a method that writes into the store; a read-only or full store becomes one clear error."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with writing(self.final_dir, self.store):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -311,6 +324,7 @@ class ShardedArtifact:
             for shard in shards
         )
 
+    @_writes
     def prepare(self) -> bool:
         """Verify a complete artifact fully (True if it is sound); reopen one with bad shards so
         that only those are recomputed; otherwise start (or check) the partial build."""
@@ -408,6 +422,7 @@ class ShardedArtifact:
         infos = manifest.info.get(SHARD_INFO_KEY) or []
         return ShardRecord(index, files, dict(infos[index]) if index < len(infos) else {})
 
+    @_writes
     def _write(self, index: int, data: ShardData) -> ShardRecord:
         if set(data.tables) != set(self.tables):
             raise ValueError(
@@ -421,6 +436,7 @@ class ShardedArtifact:
         write_json_atomic(self._record_path(index), record.to_json())  # last: vouches for the files
         return record
 
+    @_writes
     def finalize(
         self, summarize: Callable[[list[ShardRecord]], dict[str, Any]] | None = None
     ) -> ArtifactResult:

@@ -7,12 +7,16 @@ store is `sqlite:///<store>/mlflow.db` (absolute) with artifacts under `<store>/
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from alignheads.storage.atomic import fsync_dir
+from alignheads.storage.store_errors import writing
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 
@@ -87,8 +91,79 @@ class Tracker:
             else:
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_dataset(
+        self,
+        run_id: str,
+        name: str,
+        digest: str,
+        source: str,
+        *,
+        schema: dict[str, Any] | None = None,
+        profile: dict[str, Any] | None = None,
+        context: str = "training",
+    ) -> None:
+        """Record a dataset as an input of the run (the MLflow UI's "Datasets used" column).
+
+        ``digest`` identifies the content (the artifact key); ``source`` is where it lives.
+        """
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],  # MLflow's digest column holds 36 characters
+            source_type="local" if "://" not in source else source.split("://", 1)[0],
+            source=json.dumps({"uri": source}),
+            schema=json.dumps(schema) if schema is not None else None,
+            profile=json.dumps(profile) if profile is not None else None,
+        )
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI, else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) and uri != f"{prefix}:memory:" else None
+
+
+def ensure_sqlite_db(uri: str, artifact_root: Path) -> None:
+    """Create the MLflow SQLite database of `uri` once, atomically, if it does not exist yet.
+
+    MLflow creates a new database by running its migrations in place: two processes doing it at
+    once both fail (`table ... already exists`, `Online migration expected to match one row`),
+    and a process killed half-way leaves a database no later run can open. Here one process at a
+    time (a file lock) builds it under a temporary name and renames it into place when complete.
+    """
+    db = sqlite_path(uri)
+    if db is None or db.is_file():
+        return
+    with writing(db, db.parent):
+        _create_sqlite_db(db, artifact_root)
+
+
+def _create_sqlite_db(db: Path, artifact_root: Path) -> None:
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if db.is_file():  # created by another process while this one waited
+            return
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        for stale in db.parent.glob(f".{db.name}.tmp-*"):  # left by killed processes (we hold the lock)
+            stale.unlink(missing_ok=True)
+        tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
+        built = SqlAlchemyStore(f"sqlite:///{tmp}", artifact_root.resolve().as_uri())
+        built.engine.dispose()
+        SqlAlchemyStore._engine_map.pop(f"sqlite:///{tmp}", None)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, db)
+        fsync_dir(db.parent)
 
 
 def open_tracker(store: Path, experiment: str, uri: str | None = None) -> Tracker:
@@ -96,6 +171,7 @@ def open_tracker(store: Path, experiment: str, uri: str | None = None) -> Tracke
     from mlflow.tracking import MlflowClient
 
     uri = uri or default_tracking_uri(store)
+    ensure_sqlite_db(uri, Path(store) / "mlruns")
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:

@@ -247,10 +247,10 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     warmup = int(round(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
 
-    step, position = 0, DataPosition(0, 0)
+    step, position, resumed = 0, DataPosition(0, 0), {}
     latest = latest_checkpoint(job.checkpoint_dir) if cfg.resume else None
     if latest is not None:
-        step, position, _ = load_checkpoint(latest, head, optimizer, scheduler)
+        step, position, resumed = load_checkpoint(latest, head, optimizer, scheduler)
     resumed_from = step
     model_head, optimizer = accelerator.prepare(head, optimizer)
 
@@ -258,8 +258,10 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     features = features_fn(cfg, job.model.base_model, with_context, frozen.weight.dtype)
     objective = objective_fn(cfg, frozen)
     with_sequences = cfg.features == "backbone"
-    history: list[dict[str, float]] = []
-    eval_metrics: dict[str, float] = {}
+    # a resumed run carries the metrics of the steps before its checkpoint: its history (and the
+    # train_metrics table) equals an uninterrupted run's
+    history: list[dict[str, float]] = list(resumed.get("history", []))
+    eval_metrics: dict[str, float] = dict(resumed.get("eval_metrics", {}))
     bar = tqdm(
         total=total,
         initial=step,
@@ -276,6 +278,7 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
                 optimizer.optimizer,
                 scheduler,
                 pos,
+                extra={"history": history, "eval_metrics": eval_metrics},
             )
             prune_checkpoints(job.checkpoint_dir)
             return path
