@@ -224,6 +224,20 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config from YAML (default: configs/tiny.yaml), apply overrides, resolve the store."""
+    return read_config(path, overrides).resolved()
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str], source: str = "overrides") -> RunConfig:
+    """``cfg`` with ``key.path=value`` overrides applied (as ``--set`` does), validated again."""
+    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from exc
+
+
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A run config from YAML (default: configs/tiny.yaml) with overrides; the store stays as written."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
         text = path.read_text(encoding="utf-8")
@@ -240,5 +254,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc
-    return cfg.resolved()
+    return cfg
 

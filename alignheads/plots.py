@@ -23,8 +23,8 @@ import pyarrow as pa  # noqa: E402
 Summary = pa.Table | Sequence[dict[str, Any]]
 
 # head -> colour, fixed so IAV and CALM look the same in every plot
-_COLOURS = {"iav": "tab:blue", "calm": "tab:orange"}
-_NAMES = {"iav": "IAV", "calm": "CALM"}
+_COLOURS = {"iav": "tab:blue", "calm": "tab:orange", "genarm": "tab:green", "dpo-dera": "tab:red"}
+_NAMES = {"iav": "IAV", "calm": "CALM", "genarm": "GenARM", "dpo-dera": "DPO+DeRa"}
 
 
 def summary_rows(summary: Summary) -> list[dict[str, Any]]:

@@ -27,6 +27,8 @@ def print_run_summary(
     evaluation = outcomes.get("evaluate", {})
     if evaluation.get("summary"):
         print_sweep_summary(evaluation["summary"], console)
+        if evaluation.get("matched_kl"):
+            print_matched_kl(evaluation["matched_kl"], console)
         for name, path in evaluation.get("plots", {}).items():
             console.print(f"plot {name}: {path}")
     rejected = sum(outcomes.get("data", {}).get("info", {}).get("rejects", {}).values())
@@ -180,3 +182,32 @@ def summary_markdown(summary_rows: Any) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def print_matched_kl(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """Each method's reward at matched KL to the base (interpolated along its α sweep, with the
+    α it takes) and its decoding cost (see `alignheads.matched_kl`)."""
+    console = console or Console()
+    levels = sorted({r["kl"] for r in rows})
+    table = Table(title="reward at matched KL to the base (interpolated along α)")
+    table.add_column("method")
+    for k in levels:
+        table.add_column(f"KL {k:.3f}: reward (α)", justify="right")
+    table.add_column("LM forwards / token", justify="right")
+    table.add_column("ms / token", justify="right")
+    heads: dict[str, dict[float, dict[str, Any]]] = {}
+    for r in rows:
+        heads.setdefault(r["head"], {})[r["kl"]] = r
+    for head, by_level in heads.items():
+        cells = []
+        for k in levels:
+            r = by_level.get(k, {})
+            cells.append("-" if r.get("reward") is None else f"{r['reward']:.3f} ({r['alpha']:.2f})")
+        first = next(iter(by_level.values()))
+        forwards, ms = first.get("lm_forwards_per_token"), first.get("ms_per_token")
+        table.add_row(
+            head, *cells, "-" if forwards is None else str(forwards), "-" if ms is None else f"{ms:.2f}"
+        )
+    console.print(table)
+    if not levels:
+        console.print("No KL level is reached by every method's sweep.")

@@ -21,21 +21,25 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from alignheads.config import RefPassConfig, RunConfig
+from alignheads.config import RefPassConfig, RunConfig, read_config, with_overrides
 from alignheads.loading import load_tokenizer, model_location
+from alignheads.matched_kl import matched_kl_rows, save_matched_kl
 from alignheads.plots import save_summary_plots
 from alignheads.report import summary_markdown
 from alignheads.storage.artifacts import ArtifactResult, artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST
 from alignheads.storage.shards import read_table
+from alignheads.storage.store_errors import writing
 from alignheads.storage.tracking import Tracker, flatten, open_tracker
 from alignheads.tasks import data as data_stage
 from alignheads.tasks import evaluate as evaluate_stage
 from alignheads.tasks import generate as generate_stage
+from alignheads.tasks import generate_baseline as generate_baseline_stage
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
+from alignheads.tasks import train_baseline as baseline_stage
 from alignheads.tasks import world as world_stage
 from alignheads.world.config import WorldConfig
 
@@ -196,6 +200,34 @@ def generate_task(store: str, key: str, plan: dict[str, Any], train_plan: dict[s
     return outcome
 
 
+@task(**_task_options("baseline"))
+def baseline_task(
+    store: str, key: str, plan: dict[str, Any], tracking: dict[str, str] | None
+) -> dict[str, Any]:
+    log = None
+    if tracking is not None:
+        tracker, run_id = Tracker(tracking["uri"], tracking["experiment_id"]), tracking["run_id"]
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            tracker.log_metrics(run_id, metrics, step)
+
+    return _outcome(baseline_stage.run_baseline(Path(store), baseline_stage.BaselinePlan(**plan), log=log))
+
+
+# the same stage (and artifact directory) as the heads' generations; another builder
+@task(**_task_options("generate"))
+def generate_baseline_task(
+    store: str, key: str, plan: dict[str, Any], baseline_plan: dict[str, Any]
+) -> dict[str, Any]:
+    gplan = generate_stage.GeneratePlan(**plan)
+    outcome = _outcome(generate_baseline_stage.run_baseline_generate(Path(store), gplan))
+    bplan = baseline_stage.BaselinePlan(**baseline_plan)
+    model_dir = Path(gplan.train_path) / baseline_stage.MODEL_SUBDIR
+    acc = baseline_stage.preference_accuracy_by_alpha(bplan, model_dir, [gplan.alpha])
+    outcome["preference_accuracy"] = acc[repr(float(gplan.alpha))]
+    return outcome
+
+
 @task(**_task_options("evaluate"))
 def evaluate_task(store: str, key: str, plan: dict[str, Any]) -> dict[str, Any]:
     eplan = evaluate_stage.EvaluatePlan(**{**plan, "generation_paths": tuple(plan["generation_paths"])})
@@ -203,10 +235,20 @@ def evaluate_task(store: str, key: str, plan: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="alignheads-pipeline", log_prints=True)
-def pipeline(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # noqa: B008 (UI default)
-    """Run the alignheads pipeline on one run config; returns each stage's artifact and status."""
-    cfg = config.resolved()
-    cfg.store.mkdir(parents=True, exist_ok=True)
+def pipeline(
+    config: RunConfig = read_config(),  # noqa: B008 (the embedded default, configs/tiny.yaml: the UI's form)
+    overrides: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the alignheads pipeline on one run config; returns each stage's artifact and status.
+
+    Args:
+        config: The run config (defaults: configs/tiny.yaml, the embedded default).
+        overrides: `key.path=value` settings applied on top of `config`, as `alignheads run --set`
+            does (values are YAML), e.g. ["store=/data/run1", "sweep.alphas=[0, 1, 2]"].
+    """
+    cfg = (with_overrides(config, overrides) if overrides else config).resolved()
+    with writing(cfg.store, cfg.store.parent):  # a read-only or full disk: one clear line
+        cfg.store.mkdir(parents=True, exist_ok=True)
     if not cfg.tracking.enabled:
         return _pipeline(cfg, None, None)
     # one MLflow experiment per config name; this flow run is its parent run
@@ -239,15 +281,24 @@ def _summary_metrics(outcomes: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _run_training(store: Path, plan: train_stage.TrainPlan, tracker: Tracker | None, parent_run: str | None):
-    """Train one head as a cached stage, in an MLflow child run of the pipeline's run."""
+def _run_training(
+    store: Path,
+    plan: train_stage.TrainPlan | baseline_stage.BaselinePlan,
+    tracker: Tracker | None,
+    parent_run: str | None,
+    stage_task: Any = None,
+    logged_subdir: str | None = train_stage.HEAD_SUBDIR,
+):
+    """Train one head (or, with `stage_task=baseline_task`, a baseline) as a cached stage, in an
+    MLflow child run of the pipeline's run; `logged_subdir` of the artifact is logged to MLflow."""
+    stage_task = stage_task or train_task
     tracking, child = None, None
     if tracker is not None:
         params = flatten(plan.train) | {"head": plan.kind, "artifact": plan.key}
         child = tracker.start_run(f"train-{plan.kind}", params, parent=parent_run, tags={"head": plan.kind})
         tracking = {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": child}
     try:
-        outcome = _run_stage(train_task, store, key=plan.key, plan=asdict(plan), tracking=tracking)
+        outcome = _run_stage(stage_task, store, key=plan.key, plan=asdict(plan), tracking=tracking)
     except BaseException:
         if tracker is not None:
             tracker.end_run(child, "FAILED")
@@ -256,7 +307,8 @@ def _run_training(store: Path, plan: train_stage.TrainPlan, tracker: Tracker | N
         info = outcome["info"]
         if outcome["status"] != "computed":  # the metrics were logged by the run that trained it
             tracker.log_metrics(child, info.get("final", {}) | info.get("eval", {}), info.get("steps", 0))
-        tracker.log_artifacts(child, [Path(outcome["path"]) / train_stage.HEAD_SUBDIR], "head")
+        if logged_subdir is not None:
+            tracker.log_artifacts(child, [Path(outcome["path"]) / logged_subdir], "head")
         tracker.end_run(child)
     return outcome
 
@@ -268,8 +320,10 @@ def _run_sweep(
     model_source: dict[str, Any],
     tracker: Tracker | None,
     parent_run: str | None,
+    baselines: dict[str, baseline_stage.BaselinePlan] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """α-sweep generation per (head, α) (each cached), then evaluation and the report."""
+    """α-sweep generation per (head, α) and per (baseline, α) (each cached), then evaluation
+    and the report."""
     store = cfg.store
     prompts = generate_stage.prompt_set(outcomes["data"]["path"], cfg.sweep)
     sweep: dict[str, dict[str, Any]] = {}
@@ -280,6 +334,17 @@ def _run_sweep(
             gplan = generate_stage.plan_generate(train_path, alpha, prompts, cfg.sweep, model_source)
             out = _run_stage(
                 generate_task, store, key=gplan.key, plan=asdict(gplan), train_plan=asdict(tplan)
+            )
+            sweep[f"generate-{kind}-{alpha:g}"] = out
+            accuracy.setdefault(kind, {})[repr(float(alpha))] = out["preference_accuracy"]
+    for kind, bplan in (baselines or {}).items():
+        baseline_path = outcomes[f"train-{kind}"]["path"]
+        for alpha in cfg.sweep.alphas:
+            gplan = generate_baseline_stage.plan_baseline_generate(
+                baseline_path, alpha, prompts, cfg.sweep, model_source
+            )
+            out = _run_stage(
+                generate_baseline_task, store, key=gplan.key, plan=asdict(gplan), baseline_plan=asdict(bplan)
             )
             sweep[f"generate-{kind}-{alpha:g}"] = out
             accuracy.setdefault(kind, {})[repr(float(alpha))] = out["preference_accuracy"]
@@ -298,8 +363,38 @@ def _run_sweep(
     plots = save_summary_plots(summary, report_dir)
     sweep["evaluate"]["summary"] = summary
     sweep["evaluate"]["plots"] = {name: str(path) for name, path in plots.items()}
+    matched = matched_kl_rows(summary, decoding_costs(sweep))
+    tables = save_matched_kl(matched, report_dir)
+    sweep["evaluate"]["matched_kl"] = matched
+    sweep["evaluate"]["matched_kl_files"] = {name: str(path) for name, path in tables.items()}
     _publish_report(cfg, summary, plots, tracker, parent_run)
+    if tracker is not None:  # the scores and summary tables (Parquet) and their manifest
+        tracker.log_artifacts(parent_run, [Path(sweep["evaluate"]["path"])], "evaluate")
+    if tracker is not None:
+        tracker.log_artifacts(parent_run, tables.values(), "tables")
     return sweep
+
+
+def decoding_costs(sweep: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per head: LM forwards per generated token, and the measured ms per generated token of its
+    fastest generation artifact (the one least slowed by other load on the machine; None where
+    an artifact predates these records)."""
+    rates: dict[str, list[float | None]] = {}
+    forwards: dict[str, int | None] = {}
+    for name, out in sweep.items():
+        if not name.startswith("generate-"):
+            continue
+        info = out["info"]
+        seconds, tokens = info.get("decode_seconds"), info.get("generated_tokens")
+        rates.setdefault(info["head"], []).append(1000 * seconds / tokens if seconds and tokens else None)
+        forwards[info["head"]] = info.get("lm_forwards_per_token")
+    return {
+        head: {
+            "lm_forwards_per_token": forwards[head],
+            "ms_per_token": None if None in per_token else min(per_token),
+        }
+        for head, per_token in rates.items()
+    }
 
 
 def _publish_report(cfg: RunConfig, summary: list[dict], plots: dict[str, Path], tracker, parent_run) -> None:
@@ -323,6 +418,20 @@ def _publish_report(cfg: RunConfig, summary: list[dict], plots: dict[str, Path],
         }
         tracker.log_metrics(child, {k: v for k, v in numbers.items() if k != "alpha" and v == v}, 0)
         tracker.end_run(child)
+
+
+def _log_pairs_dataset(tracker: Tracker, run_id: str, cfg: RunConfig, data: dict[str, Any]) -> None:
+    """The validated preference pairs as the parent run's input dataset (digest = data key)."""
+    pairs = read_table(Path(data["path"]), "pairs")
+    source = cfg.data.train.path if cfg.data.train is not None else None
+    tracker.log_dataset(
+        run_id,
+        name=f"{cfg.name}-pairs",
+        digest=data["key"],
+        source=str(source or data["path"]),
+        schema={"columns": [{"name": f.name, "type": str(f.type)} for f in pairs.schema]},
+        profile={"num_rows": pairs.num_rows, "splits": data["info"].get("pairs", {})},
+    )
 
 
 def _pipeline(cfg: RunConfig, tracker: Tracker | None, parent_run: str | None) -> dict[str, dict[str, Any]]:
@@ -352,6 +461,8 @@ def _pipeline(cfg: RunConfig, tracker: Tracker | None, parent_run: str | None) -
     outcomes["data"] = _run_stage(
         data_task, store, key=dplan.key, plan=dplan.__dict__, tokenizer_source=tokenizer_source
     )
+    if tracker is not None:
+        _log_pairs_dataset(tracker, parent_run, cfg, outcomes["data"])
     rejected = sum(outcomes["data"]["info"].get("rejects", {}).values())
     if rejected:
         logger.warning("%d bad rows skipped and recorded in the rejects table", rejected)
@@ -375,8 +486,15 @@ def _pipeline(cfg: RunConfig, tracker: Tracker | None, parent_run: str | None) -
             plan = train_stage.plan_train(kind, head_cfg, outcomes["refpass"]["path"], model_source)
             train_plans[kind] = plan
             outcomes[f"train-{kind}"] = _run_training(store, plan, tracker, parent_run)
-    if train_plans:
-        outcomes.update(_run_sweep(cfg, outcomes, train_plans, model_source, tracker, parent_run))
+    baselines = {}
+    for kind, (section, _) in baseline_stage.SECTIONS.items():
+        base_cfg = getattr(cfg.train, section)
+        if base_cfg.enabled:
+            plan = baseline_stage.plan_baseline(kind, base_cfg, outcomes["refpass"]["path"], model_source)
+            baselines[kind] = plan
+            outcomes[f"train-{kind}"] = _run_training(store, plan, tracker, parent_run, baseline_task, None)
+    if train_plans or baselines:
+        outcomes.update(_run_sweep(cfg, outcomes, train_plans, model_source, tracker, parent_run, baselines))
     for name, outcome in outcomes.items():
         logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
     return outcomes

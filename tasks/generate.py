@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -499,6 +500,7 @@ def run_generate(
 
             model = load_causal_lm(*source, src.get("dtype", "float32"), trust).to(_resolve_device(device))
         aligned = load_aligned(plan.head_path, model, alpha=plan.alpha)
+        started = time.perf_counter()
         try:
             rows = sample_responses(
                 aligned,
@@ -511,8 +513,15 @@ def run_generate(
             )
         finally:
             aligned.remove()
+        seconds = time.perf_counter() - started
         table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
         info = {"head": plan.head, "alpha": plan.alpha, "prompts": len(plan.prompts), **_summary(table)}
+        # decoding cost, for the comparison with the two-model baselines (alignheads.matched_kl)
+        info |= {
+            "lm_forwards_per_token": 1,
+            "decode_seconds": seconds,
+            "generated_tokens": sum(r["n_tokens"] for r in rows),
+        }
         return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
 
     return ensure_artifact(store, STAGE, plan.key, GENERATE_VERSION, plan.config, plan.inputs, build)

@@ -74,8 +74,39 @@ class CALMTrainConfig(HeadTrainConfig):
     lambda_ent: float = Field(0.01, ge=0, description="Reward for policy entropy (subtracted)")
 
 
+class BaselineTrainConfig(_Section):
+    """A baseline that fine-tunes a whole copy of the LM (GenARM's reward LM, DPO for DeRa)."""
+
+    enabled: bool = Field(False, description="Train this baseline and add it to the α sweep")
+    batch_size: int = Field(16, gt=0, description="Pairs per optimizer step (over accumulation)")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step")
+    epochs: int = Field(1, gt=0, description="Passes over the training pairs")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, every weight of the LM)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm)")
+    seed: int = Field(0, description="Seed for data order and dropout")
+    beta: float = Field(0.1, gt=0, description="β of the preference loss")
+    lambda_nll: float = Field(
+        0.0, ge=0, description="Weight of the chosen responses' per-token NLL (as for the heads); 0 = off"
+    )
+    eval_every: int = Field(50, gt=0, description="Evaluate on the held-out pairs every N steps")
+
+
+class GenARMTrainConfig(BaselineTrainConfig):
+    """GenARM-style: an autoregressive reward LM trained with −log σ(β(log π_r(y_w) − log π_r(y_l)))."""
+
+
+class DPOTrainConfig(BaselineTrainConfig):
+    """DPO + DeRa: the whole LM fine-tuned with DPO against the cached reference log-probs."""
+
+
 class TrainConfig(_Section):
-    """Both heads' training settings."""
+    """The heads' and the baselines' training settings."""
 
     iav: IAVTrainConfig = Field(default_factory=IAVTrainConfig)
     calm: CALMTrainConfig = Field(default_factory=CALMTrainConfig)
+    genarm: GenARMTrainConfig = Field(default_factory=GenARMTrainConfig)
+    dpo: DPOTrainConfig = Field(default_factory=DPOTrainConfig)

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alignheads.config import RunConfig
+from alignheads.config import RunConfig, read_config
 from alignheads.storage.manifest import MANIFEST, verify_artifact
 from alignheads.storage.query import run_query
 from alignheads.world.build import tiny_test_config
@@ -137,6 +137,11 @@ def test_every_deployment_is_registered_with_a_typed_form(server, deployed):
     assert refpass["k"]["type"] == "integer" and refpass["k"]["default"] == 64 and refpass["k"]["description"]
     assert refpass["task_runner"]["enum"] == ["threads", "dask"]
     assert schema["definitions"]["SweepConfig"]["properties"]["alphas"]["items"]["type"] == "number"
+    # the form's defaults are the embedded default, configs/tiny.yaml (not RunConfig's seed defaults)
+    default = schema["properties"]["config"]["default"]
+    assert RunConfig.model_validate(default) == read_config()
+    assert default["train"]["iav"]["lr"] == read_config().train.iav.lr != RunConfig().train.iav.lr
+    assert schema["properties"]["overrides"]["anyOf"][0]["items"]["type"] == "string"
     # stage flows: the input keys are required strings with descriptions
     for name, keys in {
         "refpass": ["tokenize_key"],
@@ -176,7 +181,7 @@ def _test_size_config(store: Path) -> dict:
             "iav": {"lr": 1e-2, "batch_size": 16, "epochs": 1, "eval_every": 4},
             "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 1, "rank": 4, "eval_every": 4},
         },
-        "sweep": {"alphas": [0, 1], "n_prompts": 4, "max_new_tokens": 8, "batch_size": 4},
+        "sweep": {"alphas": [0, 1], "n_prompts": 6, "max_new_tokens": 8, "batch_size": 4},
     }
 
 
@@ -189,7 +194,8 @@ def test_tiny_run_from_the_ui_endpoint(server, deployed, tmp_path):
     api = server["api"]
     created = httpx.post(
         f"{api}/deployments/{deployed['tiny']['id']}/create_flow_run",
-        json={"parameters": {"config": _test_size_config(store)}},
+        # `overrides` apply on top of `config`, as `alignheads run --set` does
+        json={"parameters": {"config": _test_size_config(store), "overrides": ["sweep.n_prompts=4"]}},
         timeout=30,
     )
     assert created.status_code == 201, created.text

@@ -1,0 +1,68 @@
+"""GenARM-style guided decoding: a base LM steered by an autoregressive reward LM.
+
+The reward LM ``π_r`` is a copy of the base LM fine-tuned on preference pairs with the
+reference-free loss ``−log σ(β(log π_r(y_w) − log π_r(y_l)))`` (response tokens only;
+`alignheads.training.baseline_objective.reward_lm_loss`). Its per-token log-probs are a
+token-level reward, and decoding samples from ``π_α ∝ π_base · π_r^α``: α = 0 is the base,
+larger α leans harder on the reward LM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from alignheads.models.guided import guided_decode
+
+__all__ = ["genarm_generate", "genarm_logits"]
+
+
+def genarm_logits(base_logits: Tensor, reward_logits: Tensor, alpha: float) -> Tensor:
+    """Logits of ``π_α ∝ π_base · π_r^α``: ``log_softmax(z_base) + α · log_softmax(z_r)``.
+
+    base_logits, reward_logits: ``(..., V)`` (any float dtype). Returns ``(..., V)`` float32
+    (or float64 for float64 inputs), unnormalised (softmax of it is ``π_α``).
+    """
+    dtype = torch.float64 if base_logits.dtype == torch.float64 else torch.float32
+    base = torch.log_softmax(base_logits.to(dtype), dim=-1)
+    reward = torch.log_softmax(reward_logits.to(dtype), dim=-1)
+    return base + alpha * reward
+
+
+def genarm_generate(
+    base: nn.Module,
+    reward_lm: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    alpha: float,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample (or greedily decode) from ``π_base · π_r^α`` with both models' KV caches.
+
+    input_ids, attention_mask: ``(B, P)`` left-padded prompts. Returns ``(B, P + N)`` ids,
+    ``N ≤ max_new_tokens`` (rows that finished early are padded with ``pad_token_id``).
+    """
+    return guided_decode(
+        base,
+        reward_lm,
+        input_ids,
+        attention_mask,
+        partial(genarm_logits, alpha=alpha),
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+    ).sequences

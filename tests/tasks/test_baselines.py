@@ -1,0 +1,194 @@
+"""The baselines (GenARM reward LM, DPO + DeRa) as stages, over a real reference cache.
+
+The store is built once per module as in tests/training/test_train.py: a tiny Llama + word-level
+tokenizer, pairs whose chosen responses use one block of words and rejected another, then the
+real data, tokenize and reference-pass stages. Each baseline is trained once (a few seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+from headtest_utils import tiny_llama, tiny_tokenizer  # noqa: E402
+
+from alignheads.config import DataConfig, ModelConfig, RefPassConfig, SourceConfig, TokenizeConfig  # noqa: E402
+from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from alignheads.matched_kl import kl_levels, matched_kl_rows, reward_at_kl, save_matched_kl  # noqa: E402
+from alignheads.report import print_matched_kl  # noqa: E402
+from alignheads.storage.fingerprint import tokenizer_fingerprint  # noqa: E402
+from alignheads.storage.shards import read_table  # noqa: E402
+from alignheads.sweep_config import SweepConfig  # noqa: E402
+from alignheads.tasks import data as data_stage  # noqa: E402
+from alignheads.tasks import evaluate as evaluate_stage  # noqa: E402
+from alignheads.tasks import generate as gen  # noqa: E402
+from alignheads.tasks import generate_baseline as gen_baseline  # noqa: E402
+from alignheads.tasks import refpass as refpass_stage  # noqa: E402
+from alignheads.tasks import tokenize as tokenize_stage  # noqa: E402
+from alignheads.tasks import train_baseline as baseline  # noqa: E402
+from alignheads.training.config import DPOTrainConfig, GenARMTrainConfig  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(f"w{rng.randint(30, 59)}" for _ in range(rng.randint(2, 5)))
+        chosen = " " + " ".join(f"w{rng.randint(0, 14)}" for _ in range(rng.randint(2, 6)))
+        rejected = " " + " ".join(f"w{rng.randint(60, 74)}" for _ in range(rng.randint(2, 6)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    model_dir = root / "model"
+    tiny_llama(tied=False).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    for split, n, seed in (("train", 64, 0), ("test", 16, 1)):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(n, seed)))
+    tok = load_tokenizer(str(model_dir))
+    fp = tokenizer_fingerprint(tok)
+    store = root / "store"
+    data_cfg = DataConfig(
+        train=SourceConfig(path=str(root / "train.jsonl")), test=SourceConfig(path=str(root / "test.jsonl"))
+    )
+    data = data_stage.run_data(store, data_stage.plan_data(data_cfg, None, None, fp), tok)
+    tplan = tokenize_stage.plan_tokenize(
+        TokenizeConfig(max_prompt_length=16, max_response_length=8), data.key, data.path, fp
+    )
+    tokenized = tokenize_stage.run_tokenize(store, tplan, tok)
+    rplan = refpass_stage.plan_refpass(
+        RefPassConfig(k=8, pairs_per_shard=48), ModelConfig(), str(model_dir), tokenized.path, fp
+    )
+    ref = refpass_stage.run_refpass(store, rplan)
+    source = {
+        "name_or_path": str(model_dir),
+        "revision": None,
+        "trust_remote_code": False,
+        "dtype": "float32",
+    }
+    return {"store": store, "model_dir": model_dir, "data": data.path, "refpass": ref.path, "source": source}
+
+
+SETTINGS = {"enabled": True, "batch_size": 8, "epochs": 2, "lr": 3e-3, "eval_every": 4, "warmup_ratio": 0.0}
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """Both baselines trained once: {name: (plan, first ArtifactResult)}."""
+    out = {}
+    for kind, cfg in (("genarm", GenARMTrainConfig(**SETTINGS)), ("dpo-dera", DPOTrainConfig(**SETTINGS))):
+        plan = baseline.plan_baseline(kind, cfg, world["refpass"], world["source"])
+        out[kind] = (plan, baseline.run_baseline(world["store"], plan, progress=False))
+    return out
+
+
+def test_keys_follow_the_settings_like_the_heads(world):
+    plan = baseline.plan_baseline("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    again = baseline.plan_baseline("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    assert again.key == plan.key
+    other_beta = DPOTrainConfig(**(SETTINGS | {"beta": 0.2}))
+    assert baseline.plan_baseline("dpo-dera", other_beta, world["refpass"], world["source"]).key != plan.key
+    watched = DPOTrainConfig(**(SETTINGS | {"eval_every": 1, "enabled": False}))  # not what it computes
+    assert baseline.plan_baseline("dpo-dera", watched, world["refpass"], world["source"]).key == plan.key
+    arm = baseline.plan_baseline("genarm", GenARMTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    assert arm.key != plan.key
+    assert plan.inputs == {"refpass": world["refpass"].name}
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline.plan_baseline("rlhf", DPOTrainConfig(), world["refpass"], world["source"])
+
+
+def test_baselines_learn_the_preference_and_are_cached(world, trained):
+    for kind, (plan, first) in trained.items():
+        assert first.computed
+        info = first.manifest.info
+        assert info["kind"] == kind and info["steps"] == 2 * 64 // 8
+        assert info["eval"]["eval/rewards/accuracies"] >= 0.9, (kind, info["eval"])
+        assert (first.path / baseline.MODEL_SUBDIR / "model.safetensors").is_file()
+        assert not list(first.path.rglob("*.bin")) and not list(first.path.rglob("*.pt"))
+        again = baseline.run_baseline(world["store"], plan, progress=False)
+        assert not again.computed and again.path == first.path
+        names = set(read_table(first.path, "train_metrics").column("name").to_pylist())
+        assert {"loss", "rewards/accuracies", "eval/rewards/accuracies"} <= names
+
+
+def test_dpo_preference_accuracy_at_alpha_one_is_the_trained_models(trained):
+    plan, result = trained["dpo-dera"]
+    acc = baseline.preference_accuracy_by_alpha(plan, result.path / baseline.MODEL_SUBDIR, [0.0, 1.0, 2.0])
+    assert acc["1.0"] == pytest.approx(result.manifest.info["eval"]["eval/rewards/accuracies"])
+    assert acc["2.0"] >= 0.9 and set(acc) == {"0.0", "1.0", "2.0"}
+
+
+def test_sweep_generations_share_schema_seeds_and_cache_with_the_heads(world, trained):
+    sweep = SweepConfig(alphas=[0, 1], n_prompts=6, max_new_tokens=6, batch_size=4, do_sample=True, top_p=0.9)
+    prompts = gen.prompt_set(world["data"], sweep)
+    paths = []
+    for kind, (_, result) in trained.items():
+        for alpha in (0.0, 1.0):
+            plan = gen_baseline.plan_baseline_generate(result.path, alpha, prompts, sweep, world["source"])
+            assert plan.inputs == {"baseline": result.key} and plan.head == kind
+            first = gen_baseline.run_baseline_generate(world["store"], plan, progress=False)
+            assert first.computed and first.path.parent.name == gen.STAGE
+            assert first.manifest.info["lm_forwards_per_token"] == 2
+            assert not gen_baseline.run_baseline_generate(world["store"], plan, progress=False).computed
+            paths.append(str(first.path))
+    table = evaluate_stage.load_generations(paths)  # the evaluate stage reads them unchanged
+    assert read_table(Path(paths[0]), gen.TABLE).schema == gen.GENERATIONS_SCHEMA
+    assert table.num_rows == 4 * len(prompts)
+    rows = table.to_pylist()
+    # common random numbers: the same seed per (prompt, sample) for every method and α
+    seeds = {(r["prompt_id"], r["sample_index"]): set() for r in rows}
+    for r in rows:
+        seeds[(r["prompt_id"], r["sample_index"])].add(r["seed"])
+    assert all(len(s) == 1 for s in seeds.values())
+    # DeRa at α = 0 is the base: same text as the plain model sampled by the heads' sweep code
+    tok = load_tokenizer(str(world["model_dir"]))
+    plain = gen.sample_responses(load_causal_lm(str(world["model_dir"])), tok, prompts, sweep)
+    dera0 = [r for r in rows if r["head"] == "dpo-dera" and r["alpha"] == 0.0]
+    assert [r["response"] for r in dera0] == [r["response"] for r in plain]
+    assert all(r["kl_mean"] == 0.0 for r in dera0)
+    assert all(r["kl_mean"] > 0 for r in rows if r["alpha"] == 1.0)
+
+
+def test_matched_kl_interpolates_along_alpha(tmp_path):
+    assert reward_at_kl([(0.0, 0.0, 1.0), (1.0, 0.2, 2.0)], 0.05) == pytest.approx((1.25, 0.25))
+    # the first crossing along increasing α wins, not the best one
+    path = [(0.0, 0.0, 0.0), (1.0, 0.4, 1.0), (2.0, 0.2, 3.0)]
+    assert reward_at_kl(path, 0.3) == pytest.approx((0.75, 0.75))
+    assert reward_at_kl(path, 0.5) is None
+    summary = [
+        {"head": "a", "alpha": 0.0, "kl": 0.0, "reward": 0.0},
+        {"head": "a", "alpha": 1.0, "kl": 0.4, "reward": 0.4},
+        {"head": "b", "alpha": 0.0, "kl": 0.1, "reward": 1.0},
+        {"head": "b", "alpha": 2.0, "kl": 0.3, "reward": 0.0},
+    ]
+    assert kl_levels(summary, n=3) == [0.15, 0.2, 0.25]  # inside [0.1, 0.3], the range both reach
+    rows = matched_kl_rows(summary, {"b": {"lm_forwards_per_token": 2, "ms_per_token": 1.5}})
+    by = {(r["head"], r["kl"]): r for r in rows}
+    assert by[("a", 0.2)]["reward"] == pytest.approx(0.2)
+    assert by[("b", 0.2)]["reward"] == pytest.approx(0.5) and by[("b", 0.2)]["alpha"] == pytest.approx(1.0)
+    assert by[("b", 0.2)]["lm_forwards_per_token"] == 2 and by[("a", 0.2)]["ms_per_token"] is None
+    files = save_matched_kl(rows, tmp_path)
+    assert read_table_file(files["matched_kl_table"]).num_rows == 6
+    text = files["matched_kl_markdown"].read_text()
+    assert "| b | 0.750 (0.50) | 0.500 (1.00) | 0.250 (1.50) | 2 | 1.50 |" in text
+    console = Console(record=True, width=200)
+    print_matched_kl(rows, console)
+    printed = console.export_text()
+    assert "KL 0.200: reward (α)" in printed and "0.500 (1.00)" in printed
+
+
+def read_table_file(path: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
