@@ -104,14 +104,23 @@ class RefPassConfig(_Section):
     device: str = Field(
         "auto", description="Torch device for the reference model: auto, cpu, cuda, cuda:1, ..."
     )
-    task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="Prefect task runner the shards are mapped over"
+
+
+class RunnerConfig(_Section):
+    """Where the mapped work runs: the reference pass's shards and the α-sweep's generations are
+    Prefect tasks submitted to this task runner."""
+
+    kind: Literal["threads", "dask"] = Field(
+        "threads",
+        description="Prefect task runner: threads of this process, or a Dask cluster (prefect-dask)",
     )
-    max_workers: int = Field(1, gt=0, description="Shards computed at once (threads, or Dask worker threads)")
+    max_workers: int = Field(
+        1, gt=0, description="Tasks run at once (threads; or the local Dask cluster's workers)"
+    )
     dask_address: str | None = Field(
         None,
         description="Scheduler of an existing Dask cluster (e.g. tcp://127.0.0.1:8786); empty starts "
-        "an in-process local cluster",
+        "a local cluster in this process (max_workers workers, one thread each, bound to 127.0.0.1)",
     )
 
 
@@ -153,6 +162,7 @@ class RunConfig(_Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @field_validator("name")
     @classmethod
@@ -255,4 +265,3 @@ def read_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc
     return cfg
-

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from alignheads.config import RefPassConfig, RunConfig, read_config, with_overrides
+from alignheads.config import RunConfig, RunnerConfig, read_config, with_overrides
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.matched_kl import matched_kl_rows, save_matched_kl
 from alignheads.plots import save_summary_plots
@@ -126,19 +126,19 @@ def refpass_shards(store: str, key: str, plan: dict[str, Any], refresh: list[boo
     return [f.result() for f in futures]
 
 
-def refpass_task_runner(cfg: RefPassConfig):
-    """The task runner the shards are mapped over: threads, or Dask (an existing cluster at
-    `dask_address`, else an in-process one whose workers are threads of this process; its
-    scheduler talks in-process, and its HTTP servers bind to 127.0.0.1 on free ports)."""
-    if cfg.task_runner == "dask":
+def task_runner(cfg: RunnerConfig):
+    """The task runner mapped work is submitted to: threads, or Dask (an existing cluster at
+    `dask_address`, else a local one in this process with `max_workers` workers of one thread
+    each; its scheduler talks in-process, and its HTTP servers bind to 127.0.0.1 on free ports)."""
+    if cfg.kind == "dask":
         from prefect_dask import DaskTaskRunner
 
         if cfg.dask_address:
             return DaskTaskRunner(address=cfg.dask_address)
         return DaskTaskRunner(
             cluster_kwargs={
-                "n_workers": 1,
-                "threads_per_worker": cfg.max_workers,
+                "n_workers": cfg.max_workers,
+                "threads_per_worker": 1,
                 "processes": False,
                 # dashboard_address=None does not disable it here (it binds 0.0.0.0:8787)
                 "dashboard_address": "127.0.0.1:0",
@@ -155,8 +155,7 @@ def _run_refpass(cfg: RunConfig, store: Path, plan: refpass_stage.RefPassPlan) -
     if not present:
         artifact.prepare()  # reopens a complete artifact with a damaged shard
         refresh = [not artifact.looks_done(i) for i in range(plan.n_shards)]
-        runner = refpass_task_runner(cfg.refpass)
-        refpass_shards.with_options(task_runner=runner)(
+        refpass_shards.with_options(task_runner=task_runner(cfg.runner))(
             store=str(store), key=plan.key, plan=plan.__dict__, refresh=refresh
         )
     return _run_stage(refpass_task, store, present=present, key=plan.key, plan=plan.__dict__)
@@ -168,7 +167,12 @@ def _run_stage(stage_task, store: Path, present: bool | None = None, **params: A
     if present is None:
         present = (artifact_dir(store, stage_task.name, params["key"]) / MANIFEST).is_file()
     options = stage_task.with_options(result_storage=store / RESULTS_DIR, refresh_cache=not present)
-    state = options(store=str(store), return_state=True, **params)
+    return _with_status(options(store=str(store), return_state=True, **params))
+
+
+def _with_status(state: Any) -> dict[str, Any]:
+    """A finished stage task's outcome, marked cached (Prefect's cache answered), reused (the
+    artifact was complete in the store) or computed."""
     outcome = dict(state.result())
     if state.name == "Cached":
         outcome["status"] = "cached"
@@ -226,6 +230,27 @@ def generate_baseline_task(
     acc = baseline_stage.preference_accuracy_by_alpha(bplan, model_dir, [gplan.alpha])
     outcome["preference_accuracy"] = acc[repr(float(gplan.alpha))]
     return outcome
+
+
+# which task builds a generation artifact: a head's, or a baseline's (same stage and store layout)
+GENERATION_TASKS = {"head": generate_task, "baseline": generate_baseline_task}
+
+
+@flow(name="sweep-generations")
+def sweep_generations(store: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Submit one generation task per (method, α) to this flow's task runner (threads or Dask) and
+    return their outcomes in order. A job is ``{"builder": "head" | "baseline", "refresh": bool,
+    "params": the task's parameters}``; `refresh` makes it ignore a Prefect cache record."""
+    results = Path(store) / RESULTS_DIR
+    futures = [
+        GENERATION_TASKS[job["builder"]]
+        .with_options(result_storage=results, refresh_cache=job["refresh"])
+        .submit(store=store, **job["params"])
+        for job in jobs
+    ]
+    for future in futures:
+        future.wait()
+    return [_with_status(future.state) for future in futures]
 
 
 @task(**_task_options("evaluate"))
@@ -326,28 +351,31 @@ def _run_sweep(
     and the report."""
     store = cfg.store
     prompts = generate_stage.prompt_set(outcomes["data"]["path"], cfg.sweep)
-    sweep: dict[str, dict[str, Any]] = {}
-    accuracy: dict[str, dict[str, float]] = {}
+    jobs: dict[str, dict[str, Any]] = {}
     for kind, tplan in train_plans.items():
         train_path = outcomes[f"train-{kind}"]["path"]
         for alpha in cfg.sweep.alphas:
             gplan = generate_stage.plan_generate(train_path, alpha, prompts, cfg.sweep, model_source)
-            out = _run_stage(
-                generate_task, store, key=gplan.key, plan=asdict(gplan), train_plan=asdict(tplan)
-            )
-            sweep[f"generate-{kind}-{alpha:g}"] = out
-            accuracy.setdefault(kind, {})[repr(float(alpha))] = out["preference_accuracy"]
+            params = {"key": gplan.key, "plan": asdict(gplan), "train_plan": asdict(tplan)}
+            jobs[f"generate-{kind}-{alpha:g}"] = {"builder": "head", "params": params}
     for kind, bplan in (baselines or {}).items():
         baseline_path = outcomes[f"train-{kind}"]["path"]
         for alpha in cfg.sweep.alphas:
             gplan = generate_baseline_stage.plan_baseline_generate(
                 baseline_path, alpha, prompts, cfg.sweep, model_source
             )
-            out = _run_stage(
-                generate_baseline_task, store, key=gplan.key, plan=asdict(gplan), baseline_plan=asdict(bplan)
-            )
-            sweep[f"generate-{kind}-{alpha:g}"] = out
-            accuracy.setdefault(kind, {})[repr(float(alpha))] = out["preference_accuracy"]
+            params = {"key": gplan.key, "plan": asdict(gplan), "baseline_plan": asdict(bplan)}
+            jobs[f"generate-{kind}-{alpha:g}"] = {"builder": "baseline", "params": params}
+    for job in jobs.values():  # a cache record whose artifact left the store must not answer
+        job["refresh"] = not (artifact_dir(store, "generate", job["params"]["key"]) / MANIFEST).is_file()
+    done = sweep_generations.with_options(task_runner=task_runner(cfg.runner))(
+        store=str(store), jobs=list(jobs.values())
+    )
+    sweep: dict[str, dict[str, Any]] = dict(zip(jobs, done, strict=True))
+    accuracy: dict[str, dict[str, float]] = {}
+    for job, out in zip(jobs.values(), done, strict=True):
+        plan = job["params"]["plan"]
+        accuracy.setdefault(plan["head"], {})[repr(float(plan["alpha"]))] = out["preference_accuracy"]
     eplan = evaluate_stage.plan_evaluate(
         [out["path"] for out in sweep.values()],
         cfg.evaluate.reward,

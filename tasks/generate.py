@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -92,6 +93,12 @@ GENERATIONS_SCHEMA = pa.schema(
 )
 
 Prompt = tuple[str, str]  # (prompt_id, text)
+
+# Sampling draws from torch's global RNG (transformers' generate takes no generator). Generation
+# tasks running in threads of one process (the threads runner, an in-process Dask cluster) would
+# interleave their draws and break common random numbers, so seeding and decoding a batch hold
+# this lock; separate processes (Dask workers on a cluster) still decode in parallel.
+SAMPLING_LOCK = threading.Lock()
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -394,14 +401,15 @@ def sample_responses(
             for batch_index, start in enumerate(starts):
                 input_ids, mask = _left_pad(encoded[start : start + bs], pad_id, device)
                 seed = batch_seed(sweep.seed, sample, batch_index)
-                torch.manual_seed(seed)
-                if aligned is not None:
-                    with aligned.recording() as recorder:
-                        out = aligned.generate(input_ids, attention_mask=mask, alpha=alpha, **settings)
-                    recorded = recorder.stacked()
-                else:
-                    out = model.generate(input_ids, attention_mask=mask, **settings)
-                    recorded = {}
+                with SAMPLING_LOCK:
+                    torch.manual_seed(seed)
+                    if aligned is not None:
+                        with aligned.recording() as recorder:
+                            out = aligned.generate(input_ids, attention_mask=mask, alpha=alpha, **settings)
+                        recorded = recorder.stacked()
+                    else:
+                        out = model.generate(input_ids, attention_mask=mask, **settings)
+                        recorded = {}
                 generated = out[:, input_ids.shape[1] :].cpu().tolist()
                 if recorded and recorded["kl_to_base"].shape[1] != len(generated[0]):
                     raise RuntimeError(

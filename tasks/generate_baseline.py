@@ -99,13 +99,14 @@ def sample_guided(
         for batch_index, start in enumerate(starts):
             input_ids, mask = gen._left_pad(encoded[start : start + sweep.batch_size], pad_id, device)
             seed = gen.batch_seed(sweep.seed, sample, batch_index)
-            torch.manual_seed(seed)
-            out = guided_decode(
-                base, tuned, input_ids, mask, combine,
-                max_new_tokens=sweep.max_new_tokens, do_sample=sweep.do_sample,
-                temperature=sweep.temperature, top_p=sweep.top_p,
-                eos_token_id=eos_ids, pad_token_id=pad_id,
-            )  # fmt: skip
+            with gen.SAMPLING_LOCK:  # the global RNG: see tasks/generate.py
+                torch.manual_seed(seed)
+                out = guided_decode(
+                    base, tuned, input_ids, mask, combine,
+                    max_new_tokens=sweep.max_new_tokens, do_sample=sweep.do_sample,
+                    temperature=sweep.temperature, top_p=sweep.top_p,
+                    eos_token_id=eos_ids, pad_token_id=pad_id,
+                )  # fmt: skip
             generated = out.sequences[:, input_ids.shape[1] :].cpu().tolist()
             for row, ids in enumerate(generated):
                 end = next((i + 1 for i, t in enumerate(ids) if t in eos_set), None)

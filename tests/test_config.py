@@ -107,14 +107,15 @@ def test_config_round_trips_through_json():
 def test_refpass_section_defaults_and_validation():
     from alignheads.config import RefPassConfig
 
-    cfg = load_config(None, ["refpass.task_runner=dask", "refpass.dtype=float32"])
-    assert cfg.refpass.k == 64 and cfg.refpass.dtype == "float32" and cfg.refpass.task_runner == "dask"
+    cfg = load_config(None, ["runner.kind=dask", "refpass.dtype=float32"])
+    assert cfg.refpass.k == 64 and cfg.refpass.dtype == "float32" and cfg.runner.kind == "dask"
     assert cfg.refpass.reference_model is None and not cfg.refpass.store_hidden
     assert all(f.description for f in RefPassConfig.model_fields.values())  # the Prefect UI form shows them
     for override, message in [
         ("refpass.k=0", "refpass.k: Input should be greater than or equal to 1"),
         ("refpass.dtype=bfloat16", "refpass.dtype: Input should be 'float16' or 'float32'"),
-        ("refpass.task_runner=ray", "refpass.task_runner: Input should be 'threads' or 'dask'"),
+        ("runner.kind=ray", "runner.kind: Input should be 'threads' or 'dask'"),
+        ("refpass.task_runner=dask", "refpass.task_runner: unknown key"),
         ("refpass.kk=3", "refpass.kk: unknown key"),
     ]:
         with pytest.raises(ConfigError) as info:

@@ -135,7 +135,7 @@ def test_every_deployment_is_registered_with_a_typed_form(server, deployed):
     assert run_cfg["properties"]["name"]["description"] == "Run name; also the MLflow experiment name"
     refpass = schema["definitions"]["RefPassConfig"]["properties"]
     assert refpass["k"]["type"] == "integer" and refpass["k"]["default"] == 64 and refpass["k"]["description"]
-    assert refpass["task_runner"]["enum"] == ["threads", "dask"]
+    assert schema["definitions"]["RunnerConfig"]["properties"]["kind"]["enum"] == ["threads", "dask"]
     assert schema["definitions"]["SweepConfig"]["properties"]["alphas"]["items"]["type"] == "number"
     # the form's defaults are the embedded default, configs/tiny.yaml (not RunConfig's seed defaults)
     default = schema["properties"]["config"]["default"]

@@ -37,7 +37,8 @@ def config_file(tmp_path_factory) -> Path:
         "store": str(root / "store"),
         "world": tiny_test_config().model_dump(mode="json"),
         "tokenize": {"max_prompt_length": 64, "max_response_length": 48},
-        "refpass": {"k": 32, "pairs_per_shard": 128, "max_workers": 2},  # 3 shards, 2 at a time
+        "refpass": {"k": 32, "pairs_per_shard": 128},  # 3 shards
+        "runner": {"max_workers": 2},  # 2 shards (or generations) at a time
         "train": {
             "iav": {"lr": 1e-2, "batch_size": 16, "epochs": 2, "eval_every": 8, "checkpoint_every": 8},
             "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 2, "rank": 8, "eval_every": 8},
@@ -177,6 +178,27 @@ def test_sweep_is_evaluated_and_reported(first_run):
         output_format="list",
     )
     assert sorted(r.info.run_name for r in evals) == ["eval-iav-alpha-0", "eval-iav-alpha-1", "train-iav"]
+    # per-α metrics of the child runs are the summary's numbers
+    by_alpha = {r["alpha"]: r for r in summary if r["head"] == "iav"}
+    for run in evals:
+        if run.info.run_name.startswith("eval-"):
+            row = by_alpha[float(run.data.params["alpha"])]
+            assert run.data.metrics["n"] == row["n"] and run.data.metrics["kl"] == pytest.approx(row["kl"])
+            assert {"reward", "distinct_1", "length"} <= set(run.data.metrics)
+    # the parent run: the validated pairs as its input dataset, the evaluate tables as artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.store / 'mlflow.db'}")
+    inputs = client.get_run(parent).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [
+        ("tiny-test-pairs", outcomes["data"]["key"][:36])
+    ]
+    assert json.loads(inputs[0].dataset.profile)["num_rows"] == sum(outcomes["data"]["tables"].values())
+    logged = {a.path for a in client.list_artifacts(parent, "evaluate")}
+    assert "evaluate/manifest.json" in logged
+    assert {a.path for a in client.list_artifacts(parent, "plots")} >= {
+        f"plots/{Path(p).name}" for p in outcomes["evaluate"]["plots"].values()
+    }
 
 
 def test_adding_an_alpha_generates_only_that_alpha(first_run):
@@ -259,15 +281,30 @@ def test_refcache_sums_match_the_model(first_run):
     assert acc > 0.5
 
 
-def test_refpass_identical_under_dask_and_resumes_one_shard(first_run):
+def test_refpass_and_sweep_identical_on_a_two_worker_dask_cluster_and_resumes_one_shard(first_run):
+    """`runner.kind: dask` (a local cluster of 2 workers) maps the reference-pass shards and the
+    sweep's generations and produces the same tables as the thread runner did."""
     cfg, outcomes = first_run
     path = Path(outcomes["refpass"]["path"])
     threads_table = read_table(path, "refcache")
+    gens = {name: Path(outcomes[name]["path"]) for name in STAGES if name.startswith("generate-")}
+    threads_gens = {name: read_table(p, "generations") for name, p in gens.items()}
     shutil.rmtree(path)
-    dask = cfg.model_copy(update={"refpass": cfg.refpass.model_copy(update={"task_runner": "dask"})})
-    out = pipeline(config=dask)
+    for p in gens.values():
+        shutil.rmtree(p)
+    runner = cfg.runner.model_copy(update={"kind": "dask", "max_workers": 2})
+    out = pipeline(config=cfg.model_copy(update={"runner": runner}))
     assert out["refpass"]["status"] == "computed" and out["refpass"]["key"] == outcomes["refpass"]["key"]
     assert read_table(path, "refcache").equals(threads_table)
+    stats = ["kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean"]
+    for name, p in gens.items():
+        assert out[name]["status"] == "computed" and out[name]["key"] == outcomes[name]["key"]
+        again, before = read_table(p, "generations"), threads_gens[name]
+        assert again.drop_columns(stats).equals(before.drop_columns(stats))  # same tokens, same text
+        for col in stats:  # float statistics: equal up to rounding
+            want = [x for x in before.column(col).to_pylist() if x is not None]
+            got = [x for x in again.column(col).to_pylist() if x is not None]
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-7), (name, col)
     # a damaged shard of the complete cache: only that shard is recomputed
     shards = [path / shard_path("refcache", i) for i in range(3)]
     stamps = [p.stat().st_mtime_ns for p in shards]

@@ -48,7 +48,7 @@ def small_run(store: Path, name: str = "reliability", alphas: tuple[float, ...] 
         "store": str(store),
         "world": small_world(),
         "tokenize": {"max_prompt_length": 48, "max_response_length": 32},
-        "refpass": {"k": 16, "pairs_per_shard": 24, "max_workers": 1, "batch_size": 8},
+        "refpass": {"k": 16, "pairs_per_shard": 24, "batch_size": 8},
         "train": {
             "iav": {"lr": 1e-2, "batch_size": 8, "epochs": 2, "eval_every": 4, "checkpoint_every": 4},
             "calm": {

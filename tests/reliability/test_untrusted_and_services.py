@@ -15,7 +15,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 from headtest_utils import tiny_llama  # noqa: E402
 
-from alignheads.config import ModelConfig, RefPassConfig, load_config  # noqa: E402
+from alignheads.config import ModelConfig, load_config  # noqa: E402
 from alignheads.models.head_io import HeadFormatError, load_head  # noqa: E402
 from alignheads.storage.query import QueryError, run_query  # noqa: E402
 
@@ -158,9 +158,10 @@ def test_no_secret_or_token_in_prefect_yaml_or_configs():
 
 def test_servers_the_project_starts_bind_localhost():
     """The in-process Dask cluster's scheduler and dashboards, and the test harness's Prefect API."""
-    from alignheads.flows.pipeline import refpass_task_runner
+    from alignheads.config import RunnerConfig
+    from alignheads.flows.pipeline import task_runner
 
-    runner = refpass_task_runner(RefPassConfig(task_runner="dask", max_workers=2))
+    runner = task_runner(RunnerConfig(kind="dask", max_workers=2))
     kwargs = runner.cluster_kwargs
     assert kwargs["processes"] is False  # scheduler and workers talk in-process, no TCP listener
     assert kwargs["dashboard_address"].startswith("127.0.0.1:")
