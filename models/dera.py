@@ -7,8 +7,8 @@ the reference, α = 1 the DPO model, α > 1 extrapolates past it (as DPO at a sm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,29 +37,12 @@ def dera_generate(
     attention_mask: Tensor,
     *,
     alpha: float,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    generator: torch.Generator | None = None,
+    **decoding: Any,
 ) -> Tensor:
     """Decode from ``(1 − α) z_ref + α z_dpo`` with both models' KV caches.
 
-    input_ids, attention_mask: ``(B, P)`` left-padded prompts. Returns ``(B, P + N)`` ids.
+    input_ids, attention_mask: ``(B, P)`` left-padded prompts. ``decoding``: the options of
+    :func:`alignheads.models.guided.guided_decode`. Returns ``(B, P + N)`` ids.
     """
-    return guided_decode(
-        reference,
-        dpo_model,
-        input_ids,
-        attention_mask,
-        partial(dera_logits, alpha=alpha),
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        generator=generator,
-    ).sequences
+    combine = partial(dera_logits, alpha=alpha)
+    return guided_decode(reference, dpo_model, input_ids, attention_mask, combine, **decoding).sequences

@@ -9,8 +9,8 @@ larger α leans harder on the reward LM.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,30 +39,14 @@ def genarm_generate(
     attention_mask: Tensor,
     *,
     alpha: float,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    generator: torch.Generator | None = None,
+    **decoding: Any,
 ) -> Tensor:
     """Sample (or greedily decode) from ``π_base · π_r^α`` with both models' KV caches.
 
-    input_ids, attention_mask: ``(B, P)`` left-padded prompts. Returns ``(B, P + N)`` ids,
-    ``N ≤ max_new_tokens`` (rows that finished early are padded with ``pad_token_id``).
+    input_ids, attention_mask: ``(B, P)`` left-padded prompts. ``decoding``: the options of
+    :func:`alignheads.models.guided.guided_decode` (max_new_tokens, do_sample, temperature, top_p,
+    eos_token_id, pad_token_id, generator). Returns ``(B, P + N)`` ids, ``N ≤ max_new_tokens``
+    (rows that finished early are padded with ``pad_token_id``).
     """
-    return guided_decode(
-        base,
-        reward_lm,
-        input_ids,
-        attention_mask,
-        partial(genarm_logits, alpha=alpha),
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        generator=generator,
-    ).sequences
+    combine = partial(genarm_logits, alpha=alpha)
+    return guided_decode(base, reward_lm, input_ids, attention_mask, combine, **decoding).sequences

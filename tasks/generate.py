@@ -260,6 +260,21 @@ def plan_generate(
     kind = manifest.info.get("kind")
     if kind not in ("iav", "calm"):
         raise ValueError(f"{train_path}: train manifest info 'kind' is {kind!r}, expected 'iav' or 'calm'")
+    return generation_plan(kind, "train", manifest.key, train_path, alpha, prompts, sweep, model_source)
+
+
+def generation_plan(
+    kind: str,
+    input_stage: str,
+    input_key: str,
+    input_path: str | Path,
+    alpha: float,
+    prompts: Sequence[Prompt],
+    sweep: SweepConfig,
+    model_source: dict[str, Any],
+) -> GeneratePlan:
+    """The plan of one (method, α) generation from a trained artifact (a head's `train`, or a
+    baseline's): key = hash(method, α, prompt set, decoding settings, dtype, the input's key)."""
     alpha = float(alpha) + 0.0
     config = {
         "head": kind,
@@ -268,12 +283,12 @@ def plan_generate(
         "decoding": sweep.decoding(),
         "dtype": model_source.get("dtype", "float32"),
     }
-    inputs = {"train": manifest.key}
+    inputs = {input_stage: input_key}
     return GeneratePlan(
         key=artifact_key(STAGE, config, inputs, GENERATE_VERSION),
         head=kind,
-        head_key=manifest.key,
-        train_path=str(train_path),
+        head_key=input_key,
+        train_path=str(input_path),
         alpha=alpha,
         prompts=[[pid, text] for pid, text in prompts],
         sweep=sweep.model_dump(mode="json"),

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
-from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.shards import write_table
 from alignheads.sweep_config import SweepConfig
@@ -45,26 +44,8 @@ def plan_baseline_generate(
     kind = manifest.info.get("kind")
     if kind not in train_baseline.COMBINE:
         raise ValueError(f"{baseline_path}: baseline manifest info 'kind' is {kind!r}")
-    alpha = float(alpha) + 0.0
-    config = {
-        "head": kind,
-        "alpha": alpha,
-        "prompts": {"sha256": gen.prompt_fingerprint(prompts), "n": len(prompts)},
-        "decoding": sweep.decoding(),
-        "dtype": model_source.get("dtype", "float32"),
-    }
-    inputs = {"baseline": manifest.key}
-    return gen.GeneratePlan(
-        key=artifact_key(gen.STAGE, config, inputs, gen.GENERATE_VERSION),
-        head=kind,
-        head_key=manifest.key,
-        train_path=str(baseline_path),
-        alpha=alpha,
-        prompts=[[pid, text] for pid, text in prompts],
-        sweep=sweep.model_dump(mode="json"),
-        model=dict(model_source),
-        config=config,
-        inputs=inputs,
+    return gen.generation_plan(
+        kind, "baseline", manifest.key, baseline_path, alpha, prompts, sweep, model_source
     )
 
 
