@@ -8,6 +8,7 @@ UI's form.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +35,19 @@ class SweepConfig(BaseModel):
             ".jsonl (objects with a 'prompt' field) or .json (a list of strings or of such objects)"
         ),
     )
+    prompt_set: Literal["hh-rlhf", "alpacaeval", "arena-hard"] | None = Field(
+        None,
+        description=(
+            "A named evaluation prompt set from the Hub instead of the test split: HH-RLHF's test "
+            "split, AlpacaEval or Arena-Hard (its first n_prompts distinct prompts)"
+        ),
+    )
+    prompt_set_source: str | None = Field(
+        None,
+        description="Local file or directory (or another Hub id) of the same shape as the named "
+        "prompt set; empty reads the set from the Hub",
+    )
+    prompt_set_revision: str | None = Field(None, description="Hub revision of the prompt set (pin it)")
     n_samples: int = Field(1, gt=0, description="Responses per prompt (sampling only when > 1)")
     do_sample: bool = Field(True, description="Sample (true) or decode greedily (false)")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature")
@@ -67,6 +81,14 @@ class SweepConfig(BaseModel):
         if dupes:
             raise ValueError(f"α listed more than once: {dupes}")
         return [float(v) + 0.0 for v in values]  # + 0.0 turns -0.0 into 0.0
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> SweepConfig:
+        if self.prompt_set is not None and self.prompts_file:
+            raise ValueError("give either prompts_file or prompt_set, not both")
+        if self.prompt_set is None and (self.prompt_set_source or self.prompt_set_revision):
+            raise ValueError("prompt_set_source / prompt_set_revision need a prompt_set")
+        return self
 
     @model_validator(mode="after")
     def _samples_need_sampling(self) -> SweepConfig:

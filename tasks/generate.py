@@ -184,10 +184,16 @@ def load_prompts_file(path: str | Path, limit: int | None = None) -> list[Prompt
 
 
 def prompt_set(data_path: str | Path | None, sweep: SweepConfig) -> list[Prompt]:
-    """The sweep's prompts: the first `n_prompts` distinct prompts of `prompts_file` when set,
-    else of the data artifact's test split (in table order, id = the first pair's id)."""
+    """The sweep's prompts: the first `n_prompts` distinct prompts of `prompts_file` or of the named
+    `prompt_set` when set, else of the data artifact's test split (in table order, id = the first pair's id)."""
     if sweep.prompts_file:
         return load_prompts_file(sweep.prompts_file, sweep.n_prompts)
+    if sweep.prompt_set:
+        from alignheads.tasks.prompt_sets import load_prompt_set
+
+        return load_prompt_set(
+            sweep.prompt_set, sweep.n_prompts, sweep.prompt_set_source, sweep.prompt_set_revision
+        )
     if data_path is None:
         raise ValueError(
             "sweep.prompts_file is empty and no data artifact was given to take test prompts from"

@@ -244,7 +244,8 @@ def _looks_local(path: str) -> bool:
     return path.lower().endswith(LOCAL_SUFFIXES) or path.startswith(("/", "./", "../", "~", ".\\"))
 
 
-def _rows(source: SourceConfig, split: str) -> Iterator[_RawRow]:
+def source_rows(source: SourceConfig, split: str) -> Iterator[_RawRow]:
+    """Raw rows of a local JSONL/JSON/Parquet file, a local dataset directory or a Hub dataset."""
     shown = source.path
     path = Path(source.path).expanduser()
     if path.is_file():
@@ -306,7 +307,7 @@ def load_pairs(
     first_reject: str | None = None
     n_read = 0
 
-    with contextlib.closing(_rows(source, split)) as rows:  # a limit may stop reading early
+    with contextlib.closing(source_rows(source, split)) as rows:  # a limit may stop reading early
         for item in itertools.islice(rows, source.limit):  # limit None reads everything
             n_read += 1
             try:

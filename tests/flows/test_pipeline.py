@@ -101,10 +101,18 @@ def test_first_run_builds_every_stage(first_run):
     assert outcomes["world"]["info"]["pair_accuracy"] == 1.0
 
 
+def _search_runs(uri: str, experiment: str, filter_string: str) -> list:
+    """MLflow runs of one experiment matching a filter, through a client bound to `uri`
+    (`mlflow.set_tracking_uri` would set MLFLOW_TRACKING_URI for every later test)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], filter_string)
+
+
 def test_heads_are_trained_and_tracked_in_mlflow(first_run):
     """Both heads learn the world's preference; MLflow holds a parent run with the flattened
     config and one child run per head with TRL-named metrics and the head as an artifact."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from alignheads.models import read_head_file
@@ -122,11 +130,8 @@ def test_heads_are_trained_and_tracked_in_mlflow(first_run):
     parent = client.get_run(parent_id)
     assert parent.data.params["train.iav.lr"] == "0.01" and parent.data.params["name"] == "tiny-test"
     assert parent.data.metrics["iav/eval_accuracy"] >= 0.8
-    mlflow.set_tracking_uri(uri)
-    children = mlflow.search_runs(
-        experiment_names=["tiny-test"],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' AND attributes.run_name LIKE 'train-%'",
-        output_format="list",
+    children = _search_runs(
+        uri, "tiny-test", f"tags.mlflow.parentRunId = '{parent_id}' AND attributes.run_name LIKE 'train-%'"
     )
     assert sorted(r.info.run_name for r in children) == ["train-calm", "train-iav"]
     for run in children:
@@ -150,7 +155,6 @@ def test_heads_are_trained_and_tracked_in_mlflow(first_run):
 def test_sweep_is_evaluated_and_reported(first_run):
     """Generations per (head, α) with common random numbers, scored and summarised; the
     summary view, the plots and the MLflow child runs per (head, α) exist."""
-    import mlflow
 
     cfg, outcomes = first_run
     summary = run_query(
@@ -170,12 +174,11 @@ def test_sweep_is_evaluated_and_reported(first_run):
     assert set(seeds.to_pylist()) == {1}  # the same seed at every α and for both heads
     for path in outcomes["evaluate"]["plots"].values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    mlflow.set_tracking_uri(f"sqlite:///{cfg.store / 'mlflow.db'}")
     parent = outcomes["world"]["mlflow_run"]
-    evals = mlflow.search_runs(
-        experiment_names=["tiny-test"],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}' AND params.head = 'iav'",
-        output_format="list",
+    evals = _search_runs(
+        f"sqlite:///{cfg.store / 'mlflow.db'}",
+        "tiny-test",
+        f"tags.mlflow.parentRunId = '{parent}' AND params.head = 'iav'",
     )
     assert sorted(r.info.run_name for r in evals) == ["eval-iav-alpha-0", "eval-iav-alpha-1", "train-iav"]
     # per-α metrics of the child runs are the summary's numbers

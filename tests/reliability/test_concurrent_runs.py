@@ -59,11 +59,11 @@ def test_two_processes_on_one_store_share_stages_and_never_collide(reference_run
     gens = run_query(store, "SELECT alpha, count(*) AS n FROM generations GROUP BY alpha ORDER BY alpha")
     assert gens.to_pylist() == [{"alpha": 0.0, "n": 16}, {"alpha": 1.0, "n": 16}, {"alpha": 2.0, "n": 16}]
     # both pipeline runs are recorded in MLflow as finished parent runs
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    parents = mlflow.search_runs(
-        experiment_names=["reliability"], filter_string="tags.`alignheads.store` != ''", output_format="list"
-    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")  # not set_tracking_uri: it
+    # sets MLFLOW_TRACKING_URI for every later test
+    experiment = client.get_experiment_by_name("reliability").experiment_id
+    parents = client.search_runs([experiment], filter_string="tags.`alignheads.store` != ''")
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"]
     assert outcomes["world"]["key"] in {a.split("/")[1] for a in got if a.startswith("world/")}
