@@ -31,35 +31,18 @@ import time
 from pathlib import Path
 
 import torch
+from common import prepare_tiny_world
 
-from alignheads.config import DataConfig, ModelConfig, RefPassConfig, TokenizeConfig
+from alignheads.config import ModelConfig, RefPassConfig
 from alignheads.losses import exact_kl, topk_tail_kl
 from alignheads.refcache import TABLE, token_matrix
 from alignheads.reference import load_reference, pack_batch
-from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.sharded import shard_path
 from alignheads.storage.shards import read_table, read_table_rows, write_shard
-from alignheads.tasks.data import plan_data, run_data
 from alignheads.tasks.refpass import compute_refpass_shard, plan_refpass, run_refpass
-from alignheads.tasks.tokenize import plan_tokenize, run_tokenize
-from alignheads.tasks.world import run_world
-from alignheads.world.build import tiny_test_config
 
 KS = (8, 16, 64, 256)
 LLAMA_VOCAB = 32_000
-
-
-def prepare(store: Path):
-    """World -> data -> tokenize in `store` (each reused when already there)."""
-    from alignheads.loading import load_tokenizer
-
-    world = run_world(store, tiny_test_config(), progress=False)
-    model_dir = str(world.path / "model")
-    tokenizer = load_tokenizer(model_dir)
-    fp = tokenizer_fingerprint(tokenizer)
-    data = run_data(store, plan_data(DataConfig(), world.path, world.key, fp), tokenizer)
-    tok = run_tokenize(store, plan_tokenize(TokenizeConfig(), data.key, data.path, fp), tokenizer)
-    return model_dir, tok, fp
 
 
 def cache_bytes(path: Path, n_shards: int) -> int:
@@ -180,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = (args.store or Path(tmp) / "store").resolve()
-        model_dir, tok, fp = prepare(store)
+        world = prepare_tiny_world(store)
+        model_dir, tok, fp = world.model_dir, world.tokenized, world.fingerprint
         tokenized = read_table(tok.path, "tokenized").to_pylist()
         model_cfg = ModelConfig(name_or_path=model_dir)
         reference = load_reference(model_dir, device="cpu")

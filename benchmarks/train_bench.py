@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from common import LLAMA_7B, MIB, prepare_tiny_world, random_llama
 from torch import nn
 
 from alignheads.models.head_base import lm_output_layer
@@ -64,8 +65,6 @@ from alignheads.training.objective import PairBatch
 
 VARIANTS = ("live", "cached-ref", "cached-hidden")
 PHASES = ("collate", "reference", "features", "head", "metrics")
-LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000}
-MIB = 2**20
 
 
 # --------------------------------------------------------------------------- inputs
@@ -98,26 +97,16 @@ def read_batches(
 
 def prepare_cpu(store: Path, args: argparse.Namespace) -> Setup:
     """The test-size tiny world through the project's stages: world, data, tokenize, reference pass."""
-    from alignheads.config import DataConfig, ModelConfig, RefPassConfig, TokenizeConfig
-    from alignheads.loading import load_tokenizer
+    from alignheads.config import ModelConfig, RefPassConfig
     from alignheads.reference import load_reference
-    from alignheads.storage.fingerprint import tokenizer_fingerprint
-    from alignheads.tasks.data import plan_data, run_data
     from alignheads.tasks.refpass import plan_refpass, run_refpass
-    from alignheads.tasks.tokenize import plan_tokenize, run_tokenize
-    from alignheads.tasks.world import run_world
-    from alignheads.world.build import tiny_test_config
 
-    world = run_world(store, tiny_test_config(), progress=False)
-    model_dir = str(world.path / "model")
-    tokenizer = load_tokenizer(model_dir)
-    fp = tokenizer_fingerprint(tokenizer)
-    data = run_data(store, plan_data(DataConfig(), world.path, world.key, fp), tokenizer)
-    tok = run_tokenize(store, plan_tokenize(TokenizeConfig(), data.key, data.path, fp), tokenizer)
+    world = prepare_tiny_world(store)
+    model_dir, tok, fp = world.model_dir, world.tokenized, world.fingerprint
     reference = load_reference(model_dir, device="cpu")
     rcfg = RefPassConfig(k=args.k, store_hidden=True, device="cpu")
     ref = run_refpass(store, plan_refpass(rcfg, ModelConfig(), model_dir, tok.path, fp), reference)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = world.pad_id
     cfg = reference.model.config
     desc = (
         f"tiny world (test size): Llama, {cfg.num_hidden_layers} layers, H = {cfg.hidden_size}, "
@@ -132,31 +121,6 @@ def prepare_cpu(store: Path, args: argparse.Namespace) -> Setup:
         torch.device("cpu"),
         desc,
     )
-
-
-def random_llama(layers: int, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A randomly initialised Llama of 7B shape (depth `layers`), frozen, on `device`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        **LLAMA_7B,
-        num_hidden_layers=layers,
-        num_key_value_heads=LLAMA_7B["num_attention_heads"],
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
 
 
 def synthetic_tokenized(store: Path, n_pairs: int, prompt_len: int, response_len: int, vocab: int, seed: int):
@@ -216,7 +180,7 @@ def prepare_gpu(store: Path, args: argparse.Namespace) -> Setup:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    model = random_llama(args.layers, device, dtype, seed=0)
+    model = random_llama(LLAMA_7B, args.layers, device, dtype, seed=0)
     reference = ReferenceModel(model, device)
     n_pairs = args.batch * args.batches
     vocab, hidden = LLAMA_7B["vocab_size"], LLAMA_7B["hidden_size"]

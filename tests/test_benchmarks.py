@@ -1,0 +1,67 @@
+"""Smoke tests of the benchmark scripts: each one's dry run builds its inputs, measures, and prints its table."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import decode_bench  # noqa: E402
+import pipeline_bench  # noqa: E402
+import scale_bench  # noqa: E402
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """Cells of the printed table rows whose first cell is `first_cell`."""
+    rows = [[c.strip() for c in line.split("|")] for line in text.splitlines() if "|" in line]
+    return [r for r in rows if r[0] == first_cell]
+
+
+def test_decode_bench_dry_run(capsys) -> None:
+    """Every variant decodes at both batch sizes; the merged IAV and the batched α-sweep produce
+    exactly the tokens of the unmerged head and of the separate calls."""
+    decode_bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    for name in decode_bench.VARIANTS:
+        rows = [r for r in table_rows(out, name) if len(r) == 7]  # the speed table, not the sweep's
+        assert [r[1] for r in rows] == ["1", "2"], name
+        assert all(float(r[2]) > 0 for r in rows)
+    assert [r[4] for r in table_rows(out, "base")] == ["1.000", "1.000"]
+    assert out.count("iav vs iav-merged greedy tokens equal: 100.0%") == 2
+    sweep = table_rows(out, "iav") + table_rows(out, "calm")
+    sweep = [r for r in sweep if len(r) == 9]
+    assert len(sweep) == 4 and all(r[-1] == "100.0%" for r in sweep)
+    assert {r[2] for r in sweep} == {"5", "10"}  # 5 alphas x batch 1 and 2
+
+
+def test_pipeline_bench_dry_run(capsys) -> None:
+    pipeline_bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    assert "cached run 1: Nothing recomputed: dry run" in out
+    for label in ("cold run (empty store)", "cached re-run (same store)", "bare Prefect flow"):
+        assert len(table_rows(out, label)) == 1, label
+    assert re.search(r"beyond Prefect's start-up: -?\d+\.\d s \(target <= 15 s: (met|not met)\)", out)
+
+
+def test_run_timed_reports_a_failing_command(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match=r"failed \(3\)[\s\S]*boom"):
+        pipeline_bench.run_timed(cmd, {}, tmp_path / "log")
+
+
+@pytest.mark.slow
+def test_scale_bench_dry_run(capsys) -> None:
+    """A small world's pairs at 1x and 2x: twice the optimizer steps, and a peak memory measured."""
+    scale_bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "iav")
+    assert [r[1] for r in rows] == ["1x", "2x"]
+    steps = [int(r[2]) for r in rows]
+    assert steps[1] == 2 * steps[0] > 0
+    assert all(float(r[8]) >= float(r[7]) > 0 for r in rows)  # RSS peak >= RSS at the start, MiB
+    assert "iav: peak 2x / 1x =" in out
