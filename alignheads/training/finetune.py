@@ -20,7 +20,7 @@ from alignheads.training.baseline_objective import BaselineLoss
 from alignheads.training.batches import PairStream, collate
 from alignheads.training.config import BaselineTrainConfig
 from alignheads.training.features import _gather_time
-from alignheads.training.loop import NonFiniteError, lr_lambda
+from alignheads.training.loop import NonFiniteError, eval_metrics_of, lr_lambda
 from alignheads.training.objective import PairBatch
 
 Objective = Callable[[Tensor, PairBatch], BaselineLoss]
@@ -73,16 +73,7 @@ def evaluate_lm(
         margins.append(out.dpo.margins)
         chosen.append(out.dpo.chosen_rewards)
         rejected.append(out.dpo.rejected_rewards)
-    if not margins:
-        return {}
-    m = torch.cat(margins)
-    return {
-        "eval/rewards/accuracies": (m > 0).float().mean().item(),
-        "eval/rewards/margins": m.mean().item(),
-        "eval/rewards/chosen": torch.cat(chosen).mean().item(),
-        "eval/rewards/rejected": torch.cat(rejected).mean().item(),
-        "eval/pairs": float(m.numel()),
-    }
+    return eval_metrics_of(margins, chosen, rejected)
 
 
 def finetune_lm(

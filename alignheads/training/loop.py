@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from alignheads.losses import CALMWeights, IAVWeights, dpo_loss
@@ -191,6 +191,11 @@ def evaluate(
         margins.append(dpo.margins)
         chosen.append(dpo.chosen_rewards)
         rejected.append(dpo.rejected_rewards)
+    return eval_metrics_of(margins, chosen, rejected)
+
+
+def eval_metrics_of(margins: list[Tensor], chosen: list[Tensor], rejected: list[Tensor]) -> dict[str, float]:
+    """TRL-named held-out metrics from per-batch DPO margins and implicit rewards, each ``(B,)``."""
     if not margins:
         return {}
     m = torch.cat(margins)
