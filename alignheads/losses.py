@@ -155,6 +155,19 @@ def dpo_loss(
 # --------------------------------------------------------------------------- KL
 
 
+# |implicit-reward margin| below this is a tie: the policy equals the reference up to rounding
+# (a head or baseline at α = 0, scored against cached float reference log-probs)
+TIE_MARGIN = 1e-4
+
+
+def preference_accuracy(margins: Tensor, tie: float = TIE_MARGIN) -> float:
+    """Share of pairs whose implicit-reward margin ``(N,)`` (chosen − rejected) is positive; a
+    margin within ``tie`` of 0 counts as half, so a policy that is the reference scores 0.5."""
+    m = margins.detach().double()
+    ties = m.abs() <= tie
+    return ((m > tie).double() + 0.5 * ties.double()).mean().item()
+
+
 def exact_kl(ref_logits: Tensor, policy_logits: Tensor) -> Tensor:
     """``KL(p_ref ‖ softmax(policy_logits))`` per position.
 

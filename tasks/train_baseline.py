@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignheads.losses import preference_accuracy
 from alignheads.models.dera import dera_logits
 from alignheads.models.genarm import genarm_logits
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
@@ -162,7 +163,8 @@ def preference_accuracy_by_alpha(
 ) -> dict[str, float]:
     """Held-out preference accuracy at each α (keys `str(float(α))`) of the implicit reward
     ``log π_α(y) − log π_ref(y)``, π_α the baseline's combined decoding distribution and the
-    reference from the cache (α = 0 is the base itself: its margins are rounding noise)."""
+    reference from the cache (α = 0 is the base itself: its margins are rounding noise, ties
+    that count as half)."""
     from alignheads.training.batches import collate
     from alignheads.training.finetune import response_logits
     from alignheads.training.objective import response_logps
@@ -172,12 +174,12 @@ def preference_accuracy_by_alpha(
     _, test = _streams(plan)
     combine = COMBINE[plan.kind]
     device = next(base.parameters()).device
-    wins = {float(a): [] for a in alphas}
+    margins = {float(a): [] for a in alphas}
     for _, records in test.micro_batches(plan.train_config.batch_size, seed=None, drop_last=False):
         batch = collate(records, test.needs, True, pad_id).to(device)
         z_base, z_tuned = response_logits(base, batch), response_logits(tuned, batch)
         b = batch.n_pairs
-        for alpha in wins:
+        for alpha in margins:
             rewards = response_logps(combine(z_base, z_tuned, alpha), batch) - batch.ref_logps
-            wins[alpha].append(rewards[:b] > rewards[b:])
-    return {str(a): torch.cat(w).float().mean().item() if w else float("nan") for a, w in wins.items()}
+            margins[alpha].append(rewards[:b] - rewards[b:])
+    return {str(a): preference_accuracy(torch.cat(m)) if m else float("nan") for a, m in margins.items()}

@@ -157,3 +157,13 @@ def test_calm_total() -> None:
     assert set(out.metrics()) >= {"loss", "pref", "l2", "strength_var", "entropy", "reward_accuracy"}
     assert CALMWeights() == CALMWeights(beta=0.1, l2=0.001, var=0.01, ent=0.01)
     assert IAVWeights() == IAVWeights(beta=0.1, kl=0.1, l2=0.01)
+
+
+def test_preference_accuracy_counts_ties_as_half():
+    from alignheads.losses import preference_accuracy
+
+    # 2 clear wins, 1 clear loss, 1 rounding-noise margin (a tie): (2 + 0.5) / 4
+    assert preference_accuracy(torch.tensor([0.3, 1e-6, -0.2, 2.0])) == 0.625
+    # a policy equal to the reference (all margins rounding noise) scores exactly chance
+    assert preference_accuracy(torch.tensor([1e-7, -3e-6, 0.0])) == 0.5
+    assert preference_accuracy(torch.tensor([0.01, 0.02]), tie=0.015) == 0.75

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from alignheads.losses import CALMWeights, IAVWeights, dpo_loss
+from alignheads.losses import CALMWeights, IAVWeights, dpo_loss, preference_accuracy
 from alignheads.models.head_base import LogitHead, SteeringOutput, lm_output_layer
 from alignheads.models.registry import new_head
 from alignheads.training.batches import BatchNeeds, PairStream, collate
@@ -200,7 +200,7 @@ def eval_metrics_of(margins: list[Tensor], chosen: list[Tensor], rejected: list[
         return {}
     m = torch.cat(margins)
     return {
-        "eval/rewards/accuracies": (m > 0).float().mean().item(),
+        "eval/rewards/accuracies": preference_accuracy(m),
         "eval/rewards/margins": m.mean().item(),
         "eval/rewards/chosen": torch.cat(chosen).mean().item(),
         "eval/rewards/rejected": torch.cat(rejected).mean().item(),
