@@ -84,7 +84,9 @@ def plan_baseline(
     if kind not in SECTIONS:
         raise ValueError(f"unknown baseline {kind!r} (known: {', '.join(SECTIONS)})")
     refpass = read_manifest(Path(refpass_path), "refpass")
-    config = {"kind": kind, **cfg.model_dump(mode="json", exclude=_NOT_IN_KEY)}
+    # LoRA settings are part of the key only when LoRA is on (a full fine-tune ignores them)
+    unused = {"lora_rank", "lora_alpha", "lora_targets"} if cfg.lora_rank is None else set()
+    config = {"kind": kind, **cfg.model_dump(mode="json", exclude=_NOT_IN_KEY | unused)}
     inputs = {"refpass": refpass.key}
     return BaselinePlan(
         key=artifact_key(STAGE, config, inputs, BASELINE_VERSION),
@@ -131,17 +133,18 @@ def objective_of(plan: BaselinePlan):
 def run_baseline(store: Path, plan: BaselinePlan, log=None, progress: bool = True) -> ArtifactResult:
     """Fine-tune the baseline's LM unless the artifact is complete."""
     from alignheads.training.finetune import as_float32, finetune_lm
+    from alignheads.training.lora import trainable_lm
 
     def build(staging: Path) -> ArtifactContent:
         model, pad_id = _load(plan)
         dtype = next(model.parameters()).dtype
-        model = as_float32(model)
+        trained, finish = trainable_lm(as_float32(model), plan.train_config)
         train, test = _streams(plan)
         result = finetune_lm(
-            model, train, test, plan.train_config, objective_of(plan), pad_id,
+            trained, train, test, plan.train_config, objective_of(plan), pad_id,
             log=log, progress=progress, desc=f"training {plan.kind}",
         )  # fmt: skip
-        model.to(dtype).save_pretrained(staging / MODEL_SUBDIR)
+        finish().to(dtype).save_pretrained(staging / MODEL_SUBDIR)
         history = result.history
         if result.eval_metrics:
             history = history + [result.eval_metrics | {"step": float(result.steps)}]

@@ -93,6 +93,18 @@ class BaselineTrainConfig(_Section):
         0.0, ge=0, description="Weight of the chosen responses' per-token NLL (as for the heads); 0 = off"
     )
     eval_every: int = Field(50, gt=0, description="Evaluate on the held-out pairs every N steps")
+    lora_rank: int | None = Field(
+        None,
+        gt=0,
+        description="LoRA rank (peft) for large models: train adapters on lora_targets, merged into "
+        "the weights after training; empty fine-tunes every weight",
+    )
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is alpha/r · BA)")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear layers that get LoRA adapters (Llama's attention projections)",
+    )
 
 
 class GenARMTrainConfig(BaselineTrainConfig):

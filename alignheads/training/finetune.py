@@ -88,7 +88,8 @@ def finetune_lm(
     progress: bool = True,
     desc: str = "fine-tuning",
 ) -> FinetuneResult:
-    """Train every weight of ``model`` (float32, already on its device) with ``objective``."""
+    """Train the weights of ``model`` that require a gradient (float32, already on its device;
+    see `alignheads.training.lora.trainable_lm`) with ``objective``."""
     log = log or (lambda metrics, step: None)
     micro = cfg.batch_size // cfg.grad_accum
     if micro * cfg.grad_accum != cfg.batch_size:
@@ -102,10 +103,12 @@ def finetune_lm(
         else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     )
     torch.manual_seed(cfg.seed)
-    model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no weight of the model requires a gradient: nothing to fine-tune")
     model.train()
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(round(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
     history: list[dict[str, float]] = []
@@ -123,7 +126,7 @@ def finetune_lm(
             pending.append(_metrics(out, batch.n_pairs))
             if len(pending) < cfg.grad_accum:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(f"non-finite gradient at step {step + 1}; lower lr or check the data")
             optimizer.step()

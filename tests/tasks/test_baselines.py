@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
@@ -106,6 +107,26 @@ def test_keys_follow_the_settings_like_the_heads(world):
     assert plan.inputs == {"refpass": world["refpass"].name}
     with pytest.raises(ValueError, match="unknown baseline"):
         baseline.plan_baseline("rlhf", DPOTrainConfig(), world["refpass"], world["source"])
+
+
+def test_lora_trains_only_the_adapted_projections_and_saves_a_plain_checkpoint(world):
+    """With lora_rank, peft adapters on q_proj and v_proj are trained and merged: the saved model
+    is a plain transformers checkpoint whose other weights equal the base model's exactly."""
+    from safetensors.torch import load_file
+
+    cfg = DPOTrainConfig(
+        **(SETTINGS | {"lora_rank": 4, "lora_alpha": 8, "lora_targets": ["q_proj", "v_proj"]})
+    )
+    plan = baseline.plan_baseline("dpo-dera", cfg, world["refpass"], world["source"])
+    full = baseline.plan_baseline("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    assert plan.key != full.key and plan.config["lora_rank"] == 4 and "lora_rank" not in full.config
+    result = baseline.run_baseline(world["store"], plan, progress=False)
+    tuned = load_file(result.path / baseline.MODEL_SUBDIR / "model.safetensors")
+    base = {k: v.detach() for k, v in load_causal_lm(world["source"]["name_or_path"]).state_dict().items()}
+    assert not any("lora" in name for name in tuned)  # merged: no adapter tensors left
+    changed = {name for name, value in tuned.items() if not torch.equal(value, base[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
+    assert result.manifest.info["eval"]["eval/rewards/accuracies"] > 0.5
 
 
 def test_baselines_learn_the_preference_and_are_cached(world, trained):
