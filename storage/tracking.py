@@ -119,7 +119,17 @@ class Tracker:
             profile=json.dumps(profile) if profile is not None else None,
         )
         tags = [InputTag("mlflow.data.context", context)]
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+                return
+            except MlflowException as exc:
+                # Two runs logging the same dataset at once: MLflow checks, then inserts, and the
+                # slower one hits the unique key. The dataset exists now: linking it again works.
+                if "UNIQUE constraint failed" not in str(exc) or attempt == 2:
+                    raise
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
