@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from alignheads.config import EvaluateConfig, ModelConfig, RefPassConfig, RunConfig, TrackingConfig
-from alignheads.flows.pipeline import _run_refpass, _run_sweep, _run_training
+from alignheads.flows.pipeline import _run_refpass, _run_sweep, _run_training, baseline_task
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.artifacts import artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
@@ -29,6 +29,7 @@ from alignheads.storage.tracking import Tracker, flatten, open_tracker
 from alignheads.sweep_config import SweepConfig
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import train as train_stage
+from alignheads.tasks import train_baseline as baseline_stage
 from alignheads.training.config import TrainConfig
 
 # The chain of inputs a manifest may name, nearest first (to find the world behind an artifact).
@@ -149,20 +150,16 @@ def train_flow(
     train: TrainConfig = TrainConfig(),  # noqa: B008
     tracking: TrackingConfig = TrackingConfig(),  # noqa: B008
 ) -> dict[str, Any]:
-    """Train the enabled heads over a reference cache, each in an MLflow child run.
+    """Train the enabled heads (and baselines) over a reference cache, each in an MLflow child run.
 
     Args:
         refpass_key: Key of the complete refpass artifact in the store (store/refpass/KEY)
         store: Directory holding every artifact, table and the MLflow DB
         name: Run name; also the MLflow experiment name
         model: The frozen model the heads steer; empty name_or_path uses the tiny world's
-        train: Both heads' training settings (disable a head with enabled = false)
+        train: The heads' and baselines' training settings (enabled = false leaves one out)
         tracking: MLflow tracking of this flow run (parent run) and each head (child runs)
     """
-    others = [s for s in type(train).model_fields if s not in train_stage.CONFIG_CLASSES]
-    enabled = [s for s in others if getattr(getattr(train, s), "enabled", False)]
-    if enabled:  # say so rather than skip them silently
-        raise ValueError(f"train.{enabled[0]}.enabled: this flow trains the heads only; run the pipeline")
     cfg = RunConfig(name=name, store=store, model=model, train=train, tracking=tracking).resolved()
     refpass = complete_input(cfg.store, "refpass", refpass_key, "refpass_key")
     source = model_source(cfg.store, model, refpass)
@@ -175,7 +172,26 @@ def train_flow(
             if head_cfg.enabled:
                 plan = train_stage.plan_train(kind, head_cfg, refpass_path, source)
                 outcomes[f"train-{kind}"] = _run_training(cfg.store, plan, tracker, parent)
+        for kind, (section, _) in baseline_stage.SECTIONS.items():
+            base_cfg = getattr(train, section)
+            if base_cfg.enabled:
+                bplan = baseline_stage.plan_baseline(kind, base_cfg, refpass_path, source)
+                outcomes[f"train-{kind}"] = _run_training(
+                    cfg.store, bplan, tracker, parent, baseline_task, None
+                )
     return logged(outcomes)
+
+
+def baseline_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> baseline_stage.BaselinePlan:
+    """The BaselinePlan that built a baseline artifact, rebuilt from its manifest (key checked)."""
+    config = dict(manifest.config)
+    kind = config.pop("kind")
+    base_cfg = baseline_stage.SECTIONS[kind][1].model_validate(config)
+    refpass_path = artifact_dir(store, "refpass", manifest.inputs["refpass"])
+    plan = baseline_stage.plan_baseline(kind, base_cfg, refpass_path, source)
+    if plan.key != manifest.key:
+        raise ValueError(f"baseline artifact {manifest.key}: its manifest does not reproduce its key")
+    return plan
 
 
 def trained_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> train_stage.TrainPlan:
@@ -194,6 +210,7 @@ def trained_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> tra
 def sweep_flow(
     train_keys: list[str],
     data_key: str,
+    baseline_keys: list[str] | None = None,
     store: Path = Path("store"),
     name: str = "tiny",
     model: ModelConfig = ModelConfig(),  # noqa: B008
@@ -206,6 +223,8 @@ def sweep_flow(
     Args:
         train_keys: Keys of complete train artifacts (store/train/KEY), at most one per head kind
         data_key: Key of the data artifact whose test prompts are generated from (store/data/KEY)
+        baseline_keys: Keys of complete baseline artifacts (store/baseline/KEY: GenARM, DPO + DeRa)
+            swept with the heads, at most one per baseline
         store: Directory holding every artifact, table and the MLflow DB
         name: Run name; also the MLflow experiment name
         model: The frozen model the heads steer; empty name_or_path uses the tiny world's
@@ -213,8 +232,9 @@ def sweep_flow(
         evaluate: How the generations are scored
         tracking: MLflow tracking of this flow run (parent run) and each (head, α) (child runs)
     """
-    if not train_keys:
-        raise ValueError("train_keys is empty: give at least one train artifact key")
+    baseline_keys = list(baseline_keys or [])
+    if not train_keys and not baseline_keys:
+        raise ValueError("train_keys is empty: give at least one train (or baseline) artifact key")
     cfg = RunConfig(
         name=name, store=store, model=model, sweep=sweep, evaluate=evaluate, tracking=tracking
     ).resolved()
@@ -233,6 +253,22 @@ def sweep_flow(
             )
         plans[plan.kind] = plan
         outcomes[f"train-{plan.kind}"] = {"key": key, "path": str(artifact_dir(cfg.store, "train", key))}
-    params = {"train_keys": train_keys, "data_key": data_key, "sweep": sweep, "evaluate": evaluate}
+    baselines: dict[str, baseline_stage.BaselinePlan] = {}
+    for i, key in enumerate(baseline_keys):
+        manifest = complete_input(cfg.store, baseline_stage.STAGE, key, f"baseline_keys[{i}]")
+        source = model_source(cfg.store, model, manifest)
+        bplan = baseline_plan(cfg.store, manifest, source)
+        if bplan.kind in baselines:
+            raise ValueError(f"baseline_keys: two {bplan.kind} baselines; give one per baseline")
+        baselines[bplan.kind] = bplan
+        path = artifact_dir(cfg.store, baseline_stage.STAGE, key)
+        outcomes[f"train-{bplan.kind}"] = {"key": key, "path": str(path)}
+    params = {
+        "train_keys": train_keys,
+        "baseline_keys": baseline_keys,
+        "data_key": data_key,
+        "sweep": sweep,
+        "evaluate": evaluate,
+    }
     with tracked(cfg, params) as (tracker, parent):
-        return logged(_run_sweep(cfg, outcomes, plans, source, tracker, parent))
+        return logged(_run_sweep(cfg, outcomes, plans, source, tracker, parent, baselines))

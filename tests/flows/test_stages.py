@@ -100,6 +100,49 @@ def test_train_flow_reuses_heads_and_tracks_a_parent_run(filled):
     assert sorted(r.info.run_name for r in children) == ["train-calm", "train-iav"]
 
 
+def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
+    """train_flow trains an enabled baseline (DPO + DeRa) over the cache; sweep_flow sweeps it
+    from its baseline key alone, with the heads' prompts, seeds and evaluation."""
+    cfg, outcomes = filled
+    dpo = cfg.train.dpo.model_copy(update={"enabled": True, "batch_size": 16, "lr": 1e-3})
+    off = {kind: getattr(cfg.train, kind).model_copy(update={"enabled": False}) for kind in ("iav", "calm")}
+    train = cfg.train.model_copy(update={"dpo": dpo, **off})
+    trained = train_flow(
+        refpass_key=outcomes["refpass"]["key"], store=cfg.store, name=cfg.name, model=cfg.model, train=train
+    )
+    assert list(trained) == ["train-dpo-dera"] and trained["train-dpo-dera"]["status"] == "computed"
+    key = trained["train-dpo-dera"]["key"]
+    assert Path(trained["train-dpo-dera"]["path"]) == cfg.store / "baseline" / key
+    out = sweep_flow(
+        train_keys=[],
+        baseline_keys=[key],
+        data_key=outcomes["data"]["key"],
+        store=cfg.store,
+        name=cfg.name,
+        model=cfg.model,
+        sweep=cfg.sweep,
+    )
+    assert {k: v["status"] for k, v in out.items()} == {
+        "generate-dpo-dera-0": "computed",
+        "generate-dpo-dera-1": "computed",
+        "evaluate": "computed",
+    }
+    rows = run_query(
+        cfg.store,
+        f"SELECT head, alpha, kl FROM summary WHERE artifact = '{out['evaluate']['key']}' ORDER BY alpha",
+    ).to_pylist()
+    assert [(r["head"], r["alpha"]) for r in rows] == [("dpo-dera", 0.0), ("dpo-dera", 1.0)]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # DeRa at α = 0 is the reference
+    # the same prompts and seeds as the heads' generations
+    seeds = run_query(
+        cfg.store,
+        "SELECT count(DISTINCT seed) AS n FROM generations WHERE alpha = 0 GROUP BY prompt_id, sample_index",
+    ).column("n")
+    assert set(seeds.to_pylist()) == {1}
+    with pytest.raises(MissingArtifactError, match=r"baseline_keys\[0\]='nope'"):
+        sweep_flow(train_keys=[], baseline_keys=["nope"], data_key=outcomes["data"]["key"], store=cfg.store)
+
+
 def test_sweep_flow_generates_only_new_alphas(filled):
     cfg, outcomes = filled
     sweep = cfg.sweep.model_copy(update={"alphas": [0.0, 0.5]})
