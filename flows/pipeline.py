@@ -12,7 +12,8 @@ on disk are not recomputed, whichever process computed them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks import train_baseline as baseline_stage
 from alignheads.tasks import world as world_stage
+from alignheads.training.config import TrainConfig
 from alignheads.world.config import WorldConfig
 
 RESULTS_DIR = ".prefect-results"
@@ -183,14 +185,20 @@ def _with_status(state: Any) -> dict[str, Any]:
 
 @task(**_task_options("train"))
 def train_task(store: str, key: str, plan: dict[str, Any], tracking: dict[str, str] | None) -> dict[str, Any]:
-    log = None
-    if tracking is not None:
-        tracker, run_id = Tracker(tracking["uri"], tracking["experiment_id"]), tracking["run_id"]
-
-        def log(metrics: dict[str, float], step: int) -> None:
-            tracker.log_metrics(run_id, metrics, step)
-
+    log = _metric_logger(tracking)
     return _outcome(train_stage.run_train(Path(store), train_stage.TrainPlan(**plan), log=log))
+
+
+def _metric_logger(tracking: dict[str, str] | None) -> Callable[[dict[str, float], int], None] | None:
+    """A training loop's `log(metrics, step)` into the MLflow run `tracking` names, or None."""
+    if tracking is None:
+        return None
+    tracker, run_id = Tracker(tracking["uri"], tracking["experiment_id"]), tracking["run_id"]
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        tracker.log_metrics(run_id, metrics, step)
+
+    return log
 
 
 @task(**_task_options("generate"))
@@ -208,13 +216,7 @@ def generate_task(store: str, key: str, plan: dict[str, Any], train_plan: dict[s
 def baseline_task(
     store: str, key: str, plan: dict[str, Any], tracking: dict[str, str] | None
 ) -> dict[str, Any]:
-    log = None
-    if tracking is not None:
-        tracker, run_id = Tracker(tracking["uri"], tracking["experiment_id"]), tracking["run_id"]
-
-        def log(metrics: dict[str, float], step: int) -> None:
-            tracker.log_metrics(run_id, metrics, step)
-
+    log = _metric_logger(tracking)
     return _outcome(baseline_stage.run_baseline(Path(store), baseline_stage.BaselinePlan(**plan), log=log))
 
 
@@ -274,21 +276,41 @@ def pipeline(
     cfg = (with_overrides(config, overrides) if overrides else config).resolved()
     with writing(cfg.store, cfg.store.parent):  # a read-only or full disk: one clear line
         cfg.store.mkdir(parents=True, exist_ok=True)
-    if not cfg.tracking.enabled:
-        return _pipeline(cfg, None, None)
-    # one MLflow experiment per config name; this flow run is its parent run
-    tracker = open_tracker(cfg.store, cfg.name, cfg.tracking.uri)
-    tags = {"prefect.flow_run_id": str(flow_run.id), "alignheads.store": str(cfg.store)}
-    parent_run = tracker.start_run(flow_run.name or "pipeline", flatten(cfg), tags=tags)
-    try:
+    with tracked(cfg, flatten(cfg), "pipeline") as (tracker, parent_run):
         outcomes = _pipeline(cfg, tracker, parent_run)
-    except BaseException:
-        tracker.end_run(parent_run, "FAILED")
-        raise
-    tracker.log_metrics(parent_run, _summary_metrics(outcomes), 0)
-    tracker.end_run(parent_run)
+        if tracker is None:
+            return outcomes
+        tracker.log_metrics(parent_run, _summary_metrics(outcomes), 0)
     for outcome in outcomes.values():
         outcome["mlflow_run"] = parent_run
+    return outcomes
+
+
+@contextlib.contextmanager
+def tracked(
+    cfg: RunConfig, params: dict[str, str], default_name: str
+) -> Iterator[tuple[Tracker | None, str | None]]:
+    """This flow run as an MLflow parent run (experiment = the config's name; params: flattened),
+    ended FAILED if the body raises; ``(None, None)`` when tracking is off."""
+    if not cfg.tracking.enabled:
+        yield None, None
+        return
+    tracker = open_tracker(cfg.store, cfg.name, cfg.tracking.uri)
+    tags = {"prefect.flow_run_id": str(flow_run.id), "alignheads.store": str(cfg.store)}
+    parent = tracker.start_run(flow_run.name or default_name, params, tags=tags)
+    try:
+        yield tracker, parent
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    tracker.end_run(parent)
+
+
+def logged(outcomes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Log each artifact's status and path; returns `outcomes`."""
+    logger = get_run_logger()
+    for name, outcome in outcomes.items():
+        logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
     return outcomes
 
 
@@ -396,9 +418,8 @@ def _run_sweep(
     sweep["evaluate"]["matched_kl"] = matched
     sweep["evaluate"]["matched_kl_files"] = {name: str(path) for name, path in tables.items()}
     _publish_report(cfg, summary, plots, tracker, parent_run)
-    if tracker is not None:  # the scores and summary tables (Parquet) and their manifest
+    if tracker is not None:  # the scores and summary tables (Parquet, with their manifest)
         tracker.log_artifacts(parent_run, [Path(sweep["evaluate"]["path"])], "evaluate")
-    if tracker is not None:
         tracker.log_artifacts(parent_run, tables.values(), "tables")
     return sweep
 
@@ -507,22 +528,36 @@ def _pipeline(cfg: RunConfig, tracker: Tracker | None, parent_run: str | None) -
     outcomes["refpass"] = _run_refpass(cfg, store, rplan)
 
     model_source = tokenizer_source | {"dtype": cfg.model.dtype}
-    train_plans = {}
-    for kind in train_stage.CONFIG_CLASSES:
-        head_cfg = getattr(cfg.train, kind)
-        if head_cfg.enabled:
-            plan = train_stage.plan_train(kind, head_cfg, outcomes["refpass"]["path"], model_source)
-            train_plans[kind] = plan
-            outcomes[f"train-{kind}"] = _run_training(store, plan, tracker, parent_run)
-    baselines = {}
-    for kind, (section, _) in baseline_stage.SECTIONS.items():
-        base_cfg = getattr(cfg.train, section)
-        if base_cfg.enabled:
-            plan = baseline_stage.plan_baseline(kind, base_cfg, outcomes["refpass"]["path"], model_source)
-            baselines[kind] = plan
-            outcomes[f"train-{kind}"] = _run_training(store, plan, tracker, parent_run, baseline_task, None)
+    train_plans, baselines, trained = _train_methods(
+        store, cfg.train, outcomes["refpass"]["path"], model_source, tracker, parent_run
+    )
+    outcomes.update(trained)
     if train_plans or baselines:
         outcomes.update(_run_sweep(cfg, outcomes, train_plans, model_source, tracker, parent_run, baselines))
-    for name, outcome in outcomes.items():
-        logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
-    return outcomes
+    return logged(outcomes)
+
+
+def _train_methods(
+    store: Path,
+    train: TrainConfig,
+    refpass_path: str | Path,
+    model_source: dict[str, Any],
+    tracker: Tracker | None,
+    parent_run: str | None,
+) -> tuple[dict[str, train_stage.TrainPlan], dict[str, baseline_stage.BaselinePlan], dict[str, dict]]:
+    """Train every enabled head and baseline over the reference cache, each a cached stage in an
+    MLflow child run: (head plans, baseline plans, outcomes named `train-<kind>`)."""
+    heads, baselines, outcomes = {}, {}, {}
+    for kind in train_stage.CONFIG_CLASSES:
+        head_cfg = getattr(train, kind)
+        if head_cfg.enabled:
+            heads[kind] = train_stage.plan_train(kind, head_cfg, refpass_path, model_source)
+            outcomes[f"train-{kind}"] = _run_training(store, heads[kind], tracker, parent_run)
+    for kind, (section, _) in baseline_stage.SECTIONS.items():
+        base_cfg = getattr(train, section)
+        if base_cfg.enabled:
+            baselines[kind] = baseline_stage.plan_baseline(kind, base_cfg, refpass_path, model_source)
+            outcomes[f"train-{kind}"] = _run_training(
+                store, baselines[kind], tracker, parent_run, baseline_task, None
+            )
+    return heads, baselines, outcomes

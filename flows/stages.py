@@ -11,21 +11,18 @@ input artifacts' manifests back to the world that produced their data.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect import flow
 
 from alignheads.config import EvaluateConfig, ModelConfig, RefPassConfig, RunConfig, TrackingConfig
-from alignheads.flows.pipeline import _run_refpass, _run_sweep, _run_training, baseline_task
+from alignheads.flows.pipeline import _run_refpass, _run_sweep, _train_methods, logged, tracked
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.artifacts import artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST, Manifest, read_manifest
-from alignheads.storage.tracking import Tracker, flatten, open_tracker
+from alignheads.storage.tracking import flatten
 from alignheads.sweep_config import SweepConfig
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import train as train_stage
@@ -85,31 +82,6 @@ def model_source(store: Path, model: ModelConfig, manifest: Manifest) -> dict[st
     }
 
 
-@contextlib.contextmanager
-def tracked(cfg: RunConfig, params: dict[str, Any]) -> Iterator[tuple[Tracker | None, str | None]]:
-    """An MLflow parent run for this flow run (experiment = the run name), or (None, None)."""
-    if not cfg.tracking.enabled:
-        yield None, None
-        return
-    tracker = open_tracker(cfg.store, cfg.name, cfg.tracking.uri)
-    tags = {"prefect.flow_run_id": str(flow_run.id), "alignheads.store": str(cfg.store)}
-    parent = tracker.start_run(flow_run.name or "stage", flatten(params), tags=tags)
-    try:
-        yield tracker, parent
-    except BaseException:
-        tracker.end_run(parent, "FAILED")
-        raise
-    tracker.end_run(parent)
-
-
-def logged(outcomes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Log each artifact's status and path (as the pipeline does); returns `outcomes`."""
-    logger = get_run_logger()
-    for name, outcome in outcomes.items():
-        logger.info("%s: %s %s", name, outcome["status"], outcome["path"])
-    return outcomes
-
-
 @flow(name="alignheads-refpass", log_prints=True)
 def refpass_flow(
     tokenize_key: str,
@@ -165,45 +137,35 @@ def train_flow(
     source = model_source(cfg.store, model, refpass)
     refpass_path = artifact_dir(cfg.store, "refpass", refpass_key)
     params = {"refpass_key": refpass_key, "model": model.model_dump(mode="json"), "train": train}
-    outcomes: dict[str, Any] = {}
-    with tracked(cfg, params) as (tracker, parent):
-        for kind in train_stage.CONFIG_CLASSES:
-            head_cfg = getattr(train, kind)
-            if head_cfg.enabled:
-                plan = train_stage.plan_train(kind, head_cfg, refpass_path, source)
-                outcomes[f"train-{kind}"] = _run_training(cfg.store, plan, tracker, parent)
-        for kind, (section, _) in baseline_stage.SECTIONS.items():
-            base_cfg = getattr(train, section)
-            if base_cfg.enabled:
-                bplan = baseline_stage.plan_baseline(kind, base_cfg, refpass_path, source)
-                outcomes[f"train-{kind}"] = _run_training(
-                    cfg.store, bplan, tracker, parent, baseline_task, None
-                )
+    with tracked(cfg, flatten(params), "stage") as (tracker, parent):
+        _, _, outcomes = _train_methods(cfg.store, train, refpass_path, source, tracker, parent)
     return logged(outcomes)
 
 
-def baseline_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> baseline_stage.BaselinePlan:
-    """The BaselinePlan that built a baseline artifact, rebuilt from its manifest (key checked)."""
+def _rebuilt_plan(store: Path, manifest: Manifest, source: dict[str, Any], settings_class, plan_fn):
+    """The plan that built a train or baseline artifact, rebuilt from its manifest: the settings
+    class of its kind, validated from the manifest's config, re-planned (its key checked)."""
     config = dict(manifest.config)
     kind = config.pop("kind")
-    base_cfg = baseline_stage.SECTIONS[kind][1].model_validate(config)
-    refpass_path = artifact_dir(store, "refpass", manifest.inputs["refpass"])
-    plan = baseline_stage.plan_baseline(kind, base_cfg, refpass_path, source)
+    settings = settings_class(kind).model_validate(config)
+    plan = plan_fn(kind, settings, artifact_dir(store, "refpass", manifest.inputs["refpass"]), source)
     if plan.key != manifest.key:
-        raise ValueError(f"baseline artifact {manifest.key}: its manifest does not reproduce its key")
+        raise ValueError(f"{manifest.stage} artifact {manifest.key}: its manifest does not reproduce its key")
     return plan
 
 
 def trained_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> train_stage.TrainPlan:
     """The TrainPlan that built a train artifact, rebuilt from its manifest (key checked)."""
-    config = dict(manifest.config)
-    kind = config.pop("kind")
-    head_cfg = train_stage.CONFIG_CLASSES[kind].model_validate(config)
-    refpass_path = artifact_dir(store, "refpass", manifest.inputs["refpass"])
-    plan = train_stage.plan_train(kind, head_cfg, refpass_path, source)
-    if plan.key != manifest.key:
-        raise ValueError(f"train artifact {manifest.key}: its manifest does not reproduce its key")
-    return plan
+    return _rebuilt_plan(
+        store, manifest, source, train_stage.CONFIG_CLASSES.__getitem__, train_stage.plan_train
+    )
+
+
+def baseline_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> baseline_stage.BaselinePlan:
+    """The BaselinePlan that built a baseline artifact, rebuilt from its manifest (key checked)."""
+    return _rebuilt_plan(
+        store, manifest, source, lambda kind: baseline_stage.SECTIONS[kind][1], baseline_stage.plan_baseline
+    )
 
 
 @flow(name="alignheads-sweep", log_prints=True)
@@ -270,5 +232,5 @@ def sweep_flow(
         "sweep": sweep,
         "evaluate": evaluate,
     }
-    with tracked(cfg, params) as (tracker, parent):
+    with tracked(cfg, flatten(params), "stage") as (tracker, parent):
         return logged(_run_sweep(cfg, outcomes, plans, source, tracker, parent, baselines))
