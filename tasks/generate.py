@@ -34,7 +34,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,14 +389,10 @@ def sample_responses(
     per (prompt, sample), ordered by prompt then sample, with the generations table's
     per-row columns plus `token_ids` (the counted generated tokens).
     """
-    import torch
-    from tqdm.auto import tqdm
-
     from alignheads.models import AlignedLM
 
     aligned = lm if isinstance(lm, AlignedLM) else None
     model = aligned.model if aligned is not None else lm
-    device = next(model.parameters()).device
     eos_ids = _eos_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     settings: dict[str, Any] = {
@@ -409,6 +405,36 @@ def sample_responses(
     if sweep.do_sample:
         settings |= {"temperature": sweep.temperature, "top_p": sweep.top_p}
 
+    def decode(input_ids, mask):
+        if aligned is None:
+            return model.generate(input_ids, attention_mask=mask, **settings), {}
+        with aligned.recording() as recorder:
+            out = aligned.generate(input_ids, attention_mask=mask, alpha=alpha, **settings)
+        return out, recorder.stacked()
+
+    with _plain_generation_config(model):
+        return sample_batches(decode, tokenizer, prompts, sweep, eos_ids, pad_id, model, progress, desc)
+
+
+def sample_batches(
+    decode: Callable[[Any, Any], tuple[Any, dict[str, Any]]],
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    sweep: SweepConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    model: Any,
+    progress: bool,
+    desc: str,
+) -> list[dict[str, Any]]:
+    """The sweep's sampling loop, whatever decodes a batch: for each sample index and batch of
+    prompts (left-padded), seed torch from (seed, sample, batch) and call ``decode(input_ids
+    (B, P), attention_mask (B, P)) -> (sequences (B, P + N), recorded {name: (B, N)})``; the
+    rows of `sample_responses`, with the recorded per-token statistics summarised per row."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
     prompts = list(prompts)
     texts = [text for _, text in prompts]
     encoded = encode_prompts(tokenizer, texts, sweep.max_prompt_length)
@@ -417,20 +443,14 @@ def sample_responses(
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=sweep.n_samples * len(starts), desc=desc, disable=not progress, leave=False)
     eos_set = set(eos_ids)
-    with _plain_generation_config(model), torch.inference_mode():
+    with torch.inference_mode():
         for sample in range(sweep.n_samples):
             for batch_index, start in enumerate(starts):
                 input_ids, mask = _left_pad(encoded[start : start + bs], pad_id, device)
                 seed = batch_seed(sweep.seed, sample, batch_index)
                 with SAMPLING_LOCK:
                     torch.manual_seed(seed)
-                    if aligned is not None:
-                        with aligned.recording() as recorder:
-                            out = aligned.generate(input_ids, attention_mask=mask, alpha=alpha, **settings)
-                        recorded = recorder.stacked()
-                    else:
-                        out = model.generate(input_ids, attention_mask=mask, **settings)
-                        recorded = {}
+                    out, recorded = decode(input_ids, mask)
                 generated = out[:, input_ids.shape[1] :].cpu().tolist()
                 if recorded and recorded["kl_to_base"].shape[1] != len(generated[0]):
                     raise RuntimeError(

@@ -62,57 +62,21 @@ def sample_guided(
 ) -> list[dict[str, Any]]:
     """Responses to `prompts` from two models combined by ``combine(z_base, z_tuned)``, with the
     heads' common random numbers; rows as `alignheads.tasks.generate.sample_responses` gives."""
-    import torch
-    from tqdm.auto import tqdm
-
     from alignheads.models.guided import guided_decode
 
-    device = next(base.parameters()).device
     eos_ids = gen._eos_ids(tokenizer, base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    texts = [text for _, text in prompts]
-    encoded = gen.encode_prompts(tokenizer, texts, sweep.max_prompt_length)
-    starts = list(range(0, len(prompts), sweep.batch_size))
-    eos_set = set(eos_ids)
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=sweep.n_samples * len(starts), desc=desc, disable=not progress, leave=False)
-    for sample in range(sweep.n_samples):
-        for batch_index, start in enumerate(starts):
-            input_ids, mask = gen._left_pad(encoded[start : start + sweep.batch_size], pad_id, device)
-            seed = gen.batch_seed(sweep.seed, sample, batch_index)
-            with gen.SAMPLING_LOCK:  # the global RNG: see tasks/generate.py
-                torch.manual_seed(seed)
-                out = guided_decode(
-                    base, tuned, input_ids, mask, combine,
-                    max_new_tokens=sweep.max_new_tokens, do_sample=sweep.do_sample,
-                    temperature=sweep.temperature, top_p=sweep.top_p,
-                    eos_token_id=eos_ids, pad_token_id=pad_id,
-                )  # fmt: skip
-            generated = out.sequences[:, input_ids.shape[1] :].cpu().tolist()
-            for row, ids in enumerate(generated):
-                end = next((i + 1 for i, t in enumerate(ids) if t in eos_set), None)
-                n = end if end is not None else len(ids)
-                kl = out.kl_to_base[row, :n].double()
-                rows.append(
-                    {
-                        "_order": (start + row, sample),
-                        "prompt_id": prompts[start + row][0],
-                        "sample_index": sample,
-                        "seed": seed,
-                        "prompt": texts[start + row],
-                        "response": tokenizer.decode(ids[:n], skip_special_tokens=True),
-                        "n_tokens": n,
-                        "finish_reason": "eos" if end is not None else "length",
-                        "token_ids": ids[:n],
-                        "kl_mean": kl.mean().item(),
-                        "kl_sum": kl.sum().item(),
-                        **dict.fromkeys(("strength_mean", "strength_max", "utilisation", "align_norm_mean")),
-                    }
-                )
-            bar.update(1)
-    bar.close()
-    rows.sort(key=lambda r: r.pop("_order"))
-    return rows
+
+    def decode(input_ids, mask):
+        out = guided_decode(
+            base, tuned, input_ids, mask, combine,
+            max_new_tokens=sweep.max_new_tokens, do_sample=sweep.do_sample,
+            temperature=sweep.temperature, top_p=sweep.top_p,
+            eos_token_id=eos_ids, pad_token_id=pad_id,
+        )  # fmt: skip
+        return out.sequences, {"kl_to_base": out.kl_to_base}
+
+    return gen.sample_batches(decode, tokenizer, prompts, sweep, eos_ids, pad_id, base, progress, desc)
 
 
 def run_baseline_generate(store: Path, plan: gen.GeneratePlan, *, progress: bool = True) -> ArtifactResult:
