@@ -20,7 +20,7 @@ from alignheads.training.baseline_objective import BaselineLoss
 from alignheads.training.batches import PairStream, collate
 from alignheads.training.config import BaselineTrainConfig
 from alignheads.training.features import _gather_time
-from alignheads.training.loop import NonFiniteError, eval_metrics_of, lr_lambda
+from alignheads.training.loop import NonFiniteError, eval_metrics_of, lr_lambda, mean_metrics, trl_metrics
 from alignheads.training.objective import PairBatch
 
 Objective = Callable[[Tensor, PairBatch], BaselineLoss]
@@ -44,20 +44,6 @@ def response_logits(model: nn.Module, batch: PairBatch) -> Tensor:
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state
     return model.get_output_embeddings()(_gather_time(hidden, batch.gather_index)).float()
-
-
-def _metrics(out: BaselineLoss, n_pairs: int) -> dict[str, float]:
-    """TRL-named metrics of one micro-batch."""
-    dpo = out.dpo
-    return {
-        "loss": out.loss.item(),
-        "rewards/chosen": dpo.chosen_rewards.mean().item(),
-        "rewards/rejected": dpo.rejected_rewards.mean().item(),
-        "rewards/accuracies": (dpo.margins > 0).float().mean().item(),
-        "rewards/margins": dpo.margins.mean().item(),
-        "logps/chosen": out.logps[:n_pairs].mean().item(),
-        "logps/rejected": out.logps[n_pairs:].mean().item(),
-    }
 
 
 @torch.no_grad()
@@ -123,7 +109,7 @@ def finetune_lm(
             if not torch.isfinite(out.loss):
                 raise NonFiniteError(f"non-finite loss at step {step + 1}; lower lr or check the data")
             (out.loss / cfg.grad_accum).backward()
-            pending.append(_metrics(out, batch.n_pairs))
+            pending.append(trl_metrics(out.loss, out.dpo, out.logps, batch.n_pairs))
             if len(pending) < cfg.grad_accum:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -133,7 +119,7 @@ def finetune_lm(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            metrics = {k: sum(m[k] for m in pending) / len(pending) for k in pending[0]}
+            metrics = mean_metrics(pending)
             metrics |= {"learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             pending = []
             history.append(metrics | {"step": float(step)})

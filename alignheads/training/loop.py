@@ -138,21 +138,24 @@ def objective_fn(cfg: HeadTrainConfig, frozen: nn.Module):
     return lambda out, batch, hidden: calm_objective(out, batch, weights, cfg.lambda_nll)
 
 
-def step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:
-    """TRL-named metrics of one micro-batch."""
-    dpo = loss_obj.dpo
-    b = batch.n_pairs
-    logps = response_logps(out.logits(1.0).detach(), batch)
-    metrics = {
-        "loss": loss_obj.loss.item(),
+def trl_metrics(loss: Tensor, dpo: Any, logps: Tensor, n_pairs: int) -> dict[str, float]:
+    """TRL-named metrics of one micro-batch: the loss, the DPO output's implicit rewards, and the
+    policy's summed response log-probs ``(2B,)`` (chosen rows first)."""
+    return {
+        "loss": loss.item(),
         "rewards/chosen": dpo.chosen_rewards.mean().item(),
         "rewards/rejected": dpo.rejected_rewards.mean().item(),
         "rewards/accuracies": (dpo.margins > 0).float().mean().item(),
         "rewards/margins": dpo.margins.mean().item(),
-        "logps/chosen": logps[:b].mean().item(),
-        "logps/rejected": logps[b:].mean().item(),
-        "l2": loss_obj.l2.item(),
+        "logps/chosen": logps[:n_pairs].mean().item(),
+        "logps/rejected": logps[n_pairs:].mean().item(),
     }
+
+
+def step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:
+    """TRL-named metrics of one micro-batch, plus the head's own (l2, IAV's kl, CALM's strength)."""
+    logps = response_logps(out.logits(1.0).detach(), batch)
+    metrics = trl_metrics(loss_obj.loss, loss_obj.dpo, logps, batch.n_pairs) | {"l2": loss_obj.l2.item()}
     if hasattr(loss_obj, "kl"):
         metrics["kl"] = loss_obj.kl.item()
     if hasattr(out, "strength"):
@@ -162,7 +165,7 @@ def step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[s
     return metrics
 
 
-def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
+def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
     keys = items[0].keys()
     return {k: sum(m[k] for m in items) / len(items) for k in keys}
 
@@ -321,7 +324,7 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
             steps_this_epoch += 1
             # every process has now handled its share: world x grad_accum micro-batches per step
             next_index = start + steps_this_epoch * world * cfg.grad_accum
-            metrics = _mean_metrics(pending) | {
+            metrics = mean_metrics(pending) | {
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
             }
