@@ -210,14 +210,25 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
             print(base, flush=True)
             print(f"--- aligned ({head_type} head, alpha={alpha:g}) ---", flush=True)
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        _, info = _responses(
+            aligned, tokenizer, [prompt], alpha, seed, args.steering_info, streamer=streamer, **settings
+        )
         if args.steering_info:
-            out = inference.generate_with_steering_info(
-                aligned, tokenizer, [prompt], alpha, seed=seed, streamer=streamer, **settings
-            )
-            print("steering: " + json.dumps(out[0]["steering"]), flush=True)
-        else:
-            inference.generate(aligned, tokenizer, [prompt], alpha, seed=seed, streamer=streamer, **settings)
+            print("steering: " + json.dumps(info[0]), flush=True)
         sys.stdout.flush()
+
+
+def _responses(aligned, tokenizer, texts: list[str], alpha: float, seed: int, steering: bool, **settings):
+    """(responses, per-response steering statistics or None) at ``alpha``; the responses are the
+    same with or without the statistics (recording reads the logits, it does not change them)."""
+    from alignheads import inference
+
+    if not steering:
+        return inference.generate(aligned, tokenizer, texts, alpha, seed=seed, **settings), [None] * len(
+            texts
+        )
+    rows = inference.generate_with_steering_info(aligned, tokenizer, texts, alpha, seed=seed, **settings)
+    return [r["response"] for r in rows], [r["steering"] for r in rows]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -261,14 +272,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             chunk = prompts[start : start + bs]
             texts = [inference.format_prompt(tokenizer, t, raw=args.raw) for _, t in chunk]
             batch = batch_seed(seed, 0, index)
-            if args.steering_info:
-                steered = inference.generate_with_steering_info(
-                    aligned, tokenizer, texts, args.alpha, seed=batch, **settings
-                )
-                out, info = [r["response"] for r in steered], [r["steering"] for r in steered]
-            else:
-                out = inference.generate(aligned, tokenizer, texts, args.alpha, seed=batch, **settings)
-                info = [None] * len(chunk)
+            out, info = _responses(
+                aligned, tokenizer, texts, args.alpha, batch, args.steering_info, **settings
+            )
             base = (
                 inference.generate_base(aligned, tokenizer, texts, seed=batch, **settings)
                 if args.compare
@@ -302,13 +308,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
 
     prompt = inference.format_prompt(tokenizer, args.prompt, raw=args.raw)
-    if args.steering_info:
-        steered = inference.generate_with_steering_info(
-            aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings
-        )
-        response = steered[0]["response"]
-    else:
-        response = inference.generate(aligned, tokenizer, [prompt], args.alpha, seed=seed, **settings)[0]
+    out, info = _responses(aligned, tokenizer, [prompt], args.alpha, seed, args.steering_info, **settings)
+    response = out[0]
     if args.compare:
         base = inference.generate_base(aligned, tokenizer, [prompt], seed=seed, **settings)[0]
         print(f"prompt: {args.prompt}")
@@ -316,7 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(response)
     if args.steering_info:
-        print("steering: " + json.dumps(steered[0]["steering"]))
+        print("steering: " + json.dumps(info[0]))
     return 0
 
 
