@@ -1,4 +1,4 @@
-"""Training settings for the two heads (the `train:` section of a run config)."""
+"""Training settings for the heads and the baselines (the `train:` section of a run config)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class HeadTrainConfig(_Section):
-    """What both heads' training loops share."""
+class PreferenceTrainConfig(_Section):
+    """What every method trained on the preference pairs shares: batching, optimizer, schedule,
+    evaluation and the preference loss's β and NLL anchor."""
 
-    enabled: bool = Field(True, description="Train this head")
-    features: Literal["backbone", "cached"] = Field(
-        "backbone",
-        description="'backbone' runs the frozen LM each step; 'cached' reads the reference pass's "
-        "hidden states (needs refpass.store_hidden) and never runs the LM",
-    )
     batch_size: int = Field(
         8, gt=0, description="Pairs per optimizer step, over all processes and accumulation"
     )
@@ -31,23 +26,34 @@ class HeadTrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm)")
-    seed: int = Field(0, description="Seed for head initialisation, data order and dropout")
-    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU)")
-    num_processes: int = Field(
-        1,
-        gt=0,
-        description="Processes for `accelerate launch` (GPUs, or CPU processes with gloo); 1 trains in-process",
-    )
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout")
     eval_every: int = Field(50, gt=0, description="Evaluate on the held-out pairs every N steps")
-    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps")
-    resume: bool = Field(True, description="Continue from the latest checkpoint of the same run key")
-    beta: float = Field(0.1, gt=0, description="DPO temperature β")
+    beta: float = Field(0.1, gt=0, description="DPO temperature β (the preference loss's β)")
     lambda_nll: float = Field(
         0.0,
         ge=0,
         description="Weight of the chosen responses' per-token NLL (an RPO-style anchor against DPO "
         "lowering the chosen likelihood too); 0 is the plain objective of DESIGN.md",
     )
+
+
+class HeadTrainConfig(PreferenceTrainConfig):
+    """What both heads' training loops share."""
+
+    enabled: bool = Field(True, description="Train this head")
+    features: Literal["backbone", "cached"] = Field(
+        "backbone",
+        description="'backbone' runs the frozen LM each step; 'cached' reads the reference pass's "
+        "hidden states (needs refpass.store_hidden) and never runs the LM",
+    )
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU)")
+    num_processes: int = Field(
+        1,
+        gt=0,
+        description="Processes for `accelerate launch` (GPUs, or CPU processes with gloo); 1 trains in-process",
+    )
+    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps")
+    resume: bool = Field(True, description="Continue from the latest checkpoint of the same run key")
 
 
 class IAVTrainConfig(HeadTrainConfig):
@@ -74,25 +80,12 @@ class CALMTrainConfig(HeadTrainConfig):
     lambda_ent: float = Field(0.01, ge=0, description="Reward for policy entropy (subtracted)")
 
 
-class BaselineTrainConfig(_Section):
+class BaselineTrainConfig(PreferenceTrainConfig):
     """A baseline that fine-tunes a whole copy of the LM (GenARM's reward LM, DPO for DeRa)."""
 
     enabled: bool = Field(False, description="Train this baseline and add it to the α sweep")
     batch_size: int = Field(16, gt=0, description="Pairs per optimizer step (over accumulation)")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step")
-    epochs: int = Field(1, gt=0, description="Passes over the training pairs")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, every weight of the LM)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm)")
-    seed: int = Field(0, description="Seed for data order and dropout")
-    beta: float = Field(0.1, gt=0, description="β of the preference loss")
-    lambda_nll: float = Field(
-        0.0, ge=0, description="Weight of the chosen responses' per-token NLL (as for the heads); 0 = off"
-    )
-    eval_every: int = Field(50, gt=0, description="Evaluate on the held-out pairs every N steps")
     lora_rank: int | None = Field(
         None,
         gt=0,
