@@ -43,7 +43,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     _prefect_defaults()
     from alignheads.flows.pipeline import pipeline
-    from alignheads.report import print_run_summary
+    from alignheads.tasks.reporting.printing import print_run_summary
 
     cfg = _config(args)
     outcomes = pipeline(config=cfg)
@@ -65,8 +65,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from alignheads.report import print_arrow_table
     from alignheads.storage.query import run_query
+    from alignheads.tasks.reporting.printing import print_arrow_table
 
     cfg = _config(args)
     table = run_query(cfg.store, args.sql)

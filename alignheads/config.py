@@ -6,17 +6,19 @@ description that the Prefect UI shows in its form.
 
 from __future__ import annotations
 
+import math
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alignheads.sweep_config import SweepConfig
-from alignheads.training.config import TrainConfig
-from alignheads.world.config import WorldConfig
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+# The embedded default ships inside the package (alignheads.configs, package data), so it is found
+# from a wheel or a non-editable install as well as from a checkout; it is read when asked for,
+# never at import time.
+CONFIG_PACKAGE = "alignheads.configs"
+EMBEDDED_DEFAULT = "tiny.yaml"
 
 
 class ConfigError(ValueError):
@@ -104,6 +106,256 @@ class RefPassConfig(_Section):
     device: str = Field(
         "auto", description="Torch device for the reference model: auto, cpu, cuda, cuda:1, ..."
     )
+
+
+# --- the tiny world ---------------------------------------------------------------------------
+
+
+class WorldConfig(_Section):
+    """The embedded default: a tiny stand-in for 'Llama-7B SFT + HH-RLHF', built on the CPU."""
+
+    build: bool = Field(True, description="Build (or reuse) the tiny world when model or data come from it")
+    seed: int = Field(0, description="Seed for the corpus, tokenizer and pretraining")
+    n_train_pairs: int = Field(2000, gt=0, description="Training preference pairs")
+    n_test_pairs: int = Field(200, gt=0, description="Held-out preference pairs")
+    vocab_size: int = Field(512, ge=64, description="BPE vocabulary size")
+    hidden_size: int = Field(128, gt=0, description="Model width")
+    num_layers: int = Field(3, gt=0, description="Transformer layers")
+    num_heads: int = Field(4, gt=0, description="Attention heads")
+    intermediate_size: int = Field(384, gt=0, description="MLP width")
+    max_position_embeddings: int = Field(256, gt=0, description="Longest sequence the model handles")
+    pretrain_steps: int = Field(1000, gt=0, description="Pretraining optimizer steps")
+    pretrain_batch_size: int = Field(32, gt=0, description="Pretraining sequences per step")
+    pretrain_lr: float = Field(2e-3, gt=0, description="Pretraining peak learning rate")
+    pretrain_warmup_frac: float = Field(
+        0.05, ge=0, lt=1, description="Share of pretraining steps spent warming the learning rate up"
+    )
+    n_pretrain_dialogues: int = Field(20000, gt=0, description="Dialogues in the pretraining corpus")
+    good_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of pretraining responses in a good style (the rest are bad)"
+    )
+    multi_turn_prob: float = Field(
+        0.15, ge=0, le=1, description="Chance that a dialogue starts with one earlier exchange"
+    )
+    held_out_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of questions kept out of the training pairs (test-only)"
+    )
+    report_samples: int = Field(
+        128, gt=0, description="Test prompts sampled from the base model for the report"
+    )
+    report_max_new_tokens: int = Field(96, gt=0, description="Longest base-model sample in the report")
+
+
+# --- training (heads and baselines) -------------------------------------------------------------
+
+
+class PreferenceTrainConfig(_Section):
+    """What every method trained on the preference pairs shares: batching, optimizer, schedule,
+    evaluation and the preference loss's β and NLL anchor."""
+
+    batch_size: int = Field(
+        8, gt=0, description="Pairs per optimizer step, over all processes and accumulation"
+    )
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step")
+    epochs: int = Field(1, gt=0, description="Passes over the training pairs")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm)")
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout")
+    eval_every: int = Field(50, gt=0, description="Evaluate on the held-out pairs every N steps")
+    beta: float = Field(0.1, gt=0, description="DPO temperature β (the preference loss's β)")
+    lambda_nll: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the chosen responses' per-token NLL (an RPO-style anchor against DPO "
+        "lowering the chosen likelihood too); 0 is the plain objective of DESIGN.md",
+    )
+
+
+class HeadTrainConfig(PreferenceTrainConfig):
+    """What both heads' training loops share."""
+
+    enabled: bool = Field(True, description="Train this head")
+    features: Literal["backbone", "cached"] = Field(
+        "backbone",
+        description="'backbone' runs the frozen LM each step; 'cached' reads the reference pass's "
+        "hidden states (needs refpass.store_hidden) and never runs the LM",
+    )
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU)")
+    num_processes: int = Field(
+        1,
+        gt=0,
+        description="Processes for `accelerate launch` (GPUs, or CPU processes with gloo); 1 trains in-process",
+    )
+    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps")
+    resume: bool = Field(True, description="Continue from the latest checkpoint of the same run key")
+
+
+class IAVTrainConfig(HeadTrainConfig):
+    """IAV: base head (from lm_head) + zero-initialised alignment head."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW)")
+    kl: Literal["topk", "exact"] = Field(
+        "topk",
+        description="KL of the base head to the reference: 'topk' from the cache (top-k + tail), "
+        "'exact' from the backbone's own head (reference = the run's model)",
+    )
+    lambda_kl: float = Field(0.1, ge=0, description="Weight of the KL to the reference")
+    lambda_l2: float = Field(0.01, ge=0, description="Weight of mean ‖W_a h‖²")
+
+
+class CALMTrainConfig(HeadTrainConfig):
+    """CALM: frozen lm_head + gated low-rank modulation."""
+
+    rank: int = Field(32, gt=0, description="Rank R of the modulation")
+    s_max: float = Field(5.0, gt=0, description="Largest gate strength")
+    max_positions: int = Field(2048, gt=0, description="Rows of the position embedding")
+    lambda_l2: float = Field(0.001, ge=0, description="Weight of mean ‖v‖²")
+    lambda_var: float = Field(0.01, ge=0, description="Reward for strength variance (subtracted)")
+    lambda_ent: float = Field(0.01, ge=0, description="Reward for policy entropy (subtracted)")
+
+
+class BaselineTrainConfig(PreferenceTrainConfig):
+    """A baseline that fine-tunes a whole copy of the LM (GenARM's reward LM, DPO for DeRa)."""
+
+    enabled: bool = Field(False, description="Train this baseline and add it to the α sweep")
+    batch_size: int = Field(16, gt=0, description="Pairs per optimizer step (over accumulation)")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, every weight of the LM)")
+    lora_rank: int | None = Field(
+        None,
+        gt=0,
+        description="LoRA rank (peft) for large models: train adapters on lora_targets, merged into "
+        "the weights after training; empty fine-tunes every weight",
+    )
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is alpha/r · BA)")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear layers that get LoRA adapters (Llama's attention projections)",
+    )
+
+
+class GenARMTrainConfig(BaselineTrainConfig):
+    """GenARM-style: an autoregressive reward LM trained with −log σ(β(log π_r(y_w) − log π_r(y_l)))."""
+
+
+class DPOTrainConfig(BaselineTrainConfig):
+    """DPO + DeRa: the whole LM fine-tuned with DPO against the cached reference log-probs."""
+
+
+class TrainConfig(_Section):
+    """The heads' and the baselines' training settings."""
+
+    iav: IAVTrainConfig = Field(default_factory=IAVTrainConfig)
+    calm: CALMTrainConfig = Field(default_factory=CALMTrainConfig)
+    genarm: GenARMTrainConfig = Field(default_factory=GenARMTrainConfig)
+    dpo: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
+
+
+# --- the alpha sweep ----------------------------------------------------------------------------
+
+
+class SweepConfig(_Section):
+    """α-sweep generation: for every trained head and every α, responses to the evaluation prompts."""
+
+    alphas: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0],
+        min_length=1,
+        description="Values of the dial α to generate at (one cached artifact per head and α)",
+    )
+    n_prompts: int = Field(
+        64, gt=0, description="Use the first N distinct prompts (test split, or the prompts file)"
+    )
+    prompts_file: str | None = Field(
+        None,
+        description=(
+            "Prompts for real runs instead of the test split: .txt (one prompt per line), "
+            ".jsonl (objects with a 'prompt' field) or .json (a list of strings or of such objects)"
+        ),
+    )
+    prompt_set: Literal["hh-rlhf", "alpacaeval", "arena-hard"] | None = Field(
+        None,
+        description=(
+            "A named evaluation prompt set from the Hub instead of the test split: HH-RLHF's test "
+            "split, AlpacaEval or Arena-Hard (its first n_prompts distinct prompts)"
+        ),
+    )
+    prompt_set_source: str | None = Field(
+        None,
+        description="Local file or directory (or another Hub id) of the same shape as the named "
+        "prompt set; empty reads the set from the Hub",
+    )
+    prompt_set_revision: str | None = Field(None, description="Hub revision of the prompt set (pin it)")
+    n_samples: int = Field(1, gt=0, description="Responses per prompt (sampling only when > 1)")
+    do_sample: bool = Field(True, description="Sample (true) or decode greedily (false)")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off)")
+    max_new_tokens: int = Field(48, gt=0, description="Maximum generated tokens per response (EOS included)")
+    max_prompt_length: int | None = Field(
+        None,
+        gt=0,
+        description="Keep only the last N prompt tokens (the first BOS is kept); empty keeps whole prompts",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Base seed; a batch's seed depends only on it, the sample index and the batch index, "
+            "so every head and α sees the same random numbers"
+        ),
+    )
+    batch_size: int = Field(
+        32, gt=0, description="Prompts per generate() call (part of the cache key: it fixes the random draws)"
+    )
+
+    @field_validator("alphas")
+    @classmethod
+    def _finite_distinct(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"every α must be a finite number, got {bad}")
+        seen: set[float] = set()
+        dupes = sorted({v for v in values if v in seen or seen.add(v)})
+        if dupes:
+            raise ValueError(f"α listed more than once: {dupes}")
+        return [float(v) + 0.0 for v in values]  # + 0.0 turns -0.0 into 0.0
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> SweepConfig:
+        if self.prompt_set is not None and self.prompts_file:
+            raise ValueError("give either prompts_file or prompt_set, not both")
+        if self.prompt_set is None and (self.prompt_set_source or self.prompt_set_revision):
+            raise ValueError("prompt_set_source / prompt_set_revision need a prompt_set")
+        return self
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> SweepConfig:
+        if self.n_samples > 1 and not self.do_sample:
+            raise ValueError(
+                f"n_samples is {self.n_samples} but do_sample is false: greedy decoding gives the same "
+                "response every time; set do_sample: true or n_samples: 1"
+            )
+        return self
+
+    def decoding(self) -> dict:
+        """The settings the generated text depends on (besides model, head, α and prompts).
+
+        Greedy decoding ignores temperature and top-p, so they are left out then.
+        """
+        out = {
+            "do_sample": self.do_sample,
+            "n_samples": self.n_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "max_prompt_length": self.max_prompt_length,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+        if self.do_sample:
+            out |= {"temperature": self.temperature, "top_p": self.top_p}
+        return out
 
 
 class RunnerConfig(_Section):
@@ -246,22 +498,34 @@ def with_overrides(cfg: RunConfig, overrides: list[str], source: str = "override
         raise ConfigError(format_validation_error(exc, source)) from exc
 
 
+def shipped_config(name: str = EMBEDDED_DEFAULT) -> Any:
+    """A run config shipped with the package (``configs/<name>`` in a checkout), as an
+    importlib.resources Traversable."""
+    return resources.files(CONFIG_PACKAGE).joinpath(name)
+
+
+def shipped_config_names() -> list[str]:
+    """The YAML run configs shipped with the package, sorted."""
+    return sorted(f.name for f in resources.files(CONFIG_PACKAGE).iterdir() if f.name.endswith(".yaml"))
+
+
 def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """A run config from YAML (default: configs/tiny.yaml) with overrides; the store stays as written."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    """A run config from YAML (default: the shipped embedded default, configs/tiny.yaml) with
+    overrides; the store stays as written."""
+    source = Path(path) if path is not None else shipped_config()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = source.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read config {source}: {exc.strerror}") from exc
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides or []))
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from exc
+        raise ConfigError(format_validation_error(exc, str(source))) from exc
     return cfg

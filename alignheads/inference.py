@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from alignheads.models import AlignedLM, load_aligned, read_head_file
-from alignheads.modstats import alignment_norm_stats, strength_stats
+from alignheads.models.modstats import alignment_norm_stats, strength_stats
 
 __all__ = [
     "analyze_modulation_patterns",
@@ -269,7 +269,7 @@ def analyze_modulation_patterns(
     ``n_prompts``, ``n_tokens``, ``kl_mean`` (mean per-token KL(π_α ‖ π_base)), ``responses``.
     CALM: ``strength_mean``, ``utilisation`` (share of tokens with s > 0.5),
     ``high_intensity`` (share with s > 2.0), ``strength_min``, ``strength_max``
-    (see :func:`alignheads.modstats.strength_stats`). IAV: ``align_norm_mean``,
+    (see :func:`alignheads.models.modstats.strength_stats`). IAV: ``align_norm_mean``,
     ``align_norm_std``, ``align_norm_min``, ``align_norm_max`` of ``‖W_a h_t‖₂``.
     Statistics are None where no token was generated. Use greedy decoding or sampling
     (beam search reorders rows between steps).

@@ -64,7 +64,7 @@ def prepare_tiny_world(store: Path, world_config: Any = None) -> TinyWorld:
 def tiny_world_shape() -> tuple[dict[str, int], int]:
     """The embedded default world's model shape (configs/tiny.yaml: `WorldConfig()` defaults) as
     (LlamaConfig sizes, layers); the vocabulary is the BPE vocabulary size asked for."""
-    from alignheads.world.config import WorldConfig
+    from alignheads.config import WorldConfig
 
     w = WorldConfig()
     shape = {

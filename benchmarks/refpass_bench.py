@@ -34,11 +34,11 @@ import torch
 from common import prepare_tiny_world
 
 from alignheads.config import ModelConfig, RefPassConfig
-from alignheads.losses import exact_kl, topk_tail_kl
-from alignheads.refcache import TABLE, token_matrix
-from alignheads.reference import load_reference, pack_batch
-from alignheads.storage.sharded import shard_path
-from alignheads.storage.shards import read_table, read_table_rows, write_shard
+from alignheads.models.losses import exact_kl, topk_tail_kl
+from alignheads.models.reference import load_reference, pack_batch
+from alignheads.storage.refcache import TABLE, token_matrix
+from alignheads.storage.sharded_artifact import shard_path
+from alignheads.storage.tables import read_table, read_table_rows, write_shard
 from alignheads.tasks.refpass import compute_refpass_shard, plan_refpass, run_refpass
 
 KS = (8, 16, 64, 256)
@@ -92,7 +92,7 @@ def throughput(store: Path, plan, reference, repeats: int) -> tuple[float, float
     The same shards and the same length-sorted batches for both; best of `repeats` runs each
     (the machine is shared: the minimum is the least disturbed).
     """
-    from alignheads.reference import length_sorted_batches
+    from alignheads.models.reference import length_sorted_batches
 
     batches = []
     for index in range(plan.n_shards):
@@ -132,7 +132,7 @@ def throughput(store: Path, plan, reference, repeats: int) -> tuple[float, float
 
 def llama_scale_check(tokens: int = 256, hidden: int = 4096, vocab: int = LLAMA_VOCAB, k: int = 64):
     """Seconds for (output-layer matmul, log-sum-exp + top-k) on `tokens` synthetic hidden states."""
-    from alignheads.reference import topk_reference
+    from alignheads.models.reference import topk_reference
 
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=gen)

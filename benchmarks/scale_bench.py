@@ -50,7 +50,7 @@ def replicated_tokenized(store: Path, source: Path, factor: int):
     from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
     from alignheads.storage.fingerprint import artifact_key
     from alignheads.storage.manifest import read_manifest
-    from alignheads.storage.shards import read_table, write_table
+    from alignheads.storage.tables import read_table, write_table
     from alignheads.tasks.tokenize import STAGE, TOKENIZE_VERSION
 
     manifest = read_manifest(source, STAGE)
@@ -76,7 +76,7 @@ def replicated_tokenized(store: Path, source: Path, factor: int):
 
 def train_configs(dry_run: bool) -> dict:
     """configs/tiny.yaml's head settings, one epoch, evaluation and intermediate checkpoints off."""
-    from alignheads.training.config import CALMTrainConfig, IAVTrainConfig
+    from alignheads.config import CALMTrainConfig, IAVTrainConfig
 
     common = {
         "lr": 2e-3,
@@ -94,7 +94,7 @@ def train_configs(dry_run: bool) -> dict:
 def prepare(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
     """Train plans per (head, factor), and the pairs and shards per factor."""
     from alignheads.config import ModelConfig, RefPassConfig
-    from alignheads.reference import load_reference
+    from alignheads.models.reference import load_reference
     from alignheads.storage.manifest import read_manifest
     from alignheads.tasks.refpass import plan_refpass, run_refpass
     from alignheads.tasks.train import plan_train
@@ -155,7 +155,7 @@ def child(plan_file: Path, checkpoints: Path) -> None:
     import torch
 
     from alignheads.tasks.train import TrainPlan, make_job
-    from alignheads.training.loop import train_head
+    from alignheads.tasks.training.loop import train_head
 
     torch.set_num_threads(1)
     plan = TrainPlan(**json.loads(plan_file.read_text()))

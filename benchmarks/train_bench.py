@@ -16,7 +16,7 @@ micro-batches, interleaved in one run so that machine noise hits all of them ali
 - cached-hidden: `features: cached`. No backbone at all: the head runs on the refcache's
   float16 hidden states.
 
-The step is the training loop's own (`alignheads.training.loop`): `collate`, the loop's
+The step is the training loop's own (`alignheads.tasks.training.loop`): `collate`, the loop's
 `features_fn` / `objective_fn` / `build_head`, backward, gradient clipping, AdamW, and the
 per-micro-batch metrics the loop logs (`step_metrics`). The batches are read from the refcache
 with `PairStream` before timing (the Parquet reads are not timed; `collate` is). The reference
@@ -56,12 +56,12 @@ import torch
 from common import LLAMA_7B, MIB, prepare_tiny_world, random_llama
 from torch import nn
 
+from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
 from alignheads.models.head_base import lm_output_layer
-from alignheads.reference import ReferenceModel, pack_batch
-from alignheads.training.batches import BatchNeeds, PairRecord, PairStream, collate
-from alignheads.training.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
-from alignheads.training.loop import batch_needs, build_head, features_fn, objective_fn, step_metrics
-from alignheads.training.objective import PairBatch
+from alignheads.models.objectives import PairBatch
+from alignheads.models.reference import ReferenceModel, pack_batch
+from alignheads.tasks.training.batches import BatchNeeds, PairRecord, PairStream, collate
+from alignheads.tasks.training.loop import batch_needs, build_head, features_fn, objective_fn, step_metrics
 
 VARIANTS = ("live", "cached-ref", "cached-hidden")
 PHASES = ("collate", "reference", "features", "head", "metrics")
@@ -98,7 +98,7 @@ def read_batches(
 def prepare_cpu(store: Path, args: argparse.Namespace) -> Setup:
     """The test-size tiny world through the project's stages: world, data, tokenize, reference pass."""
     from alignheads.config import ModelConfig, RefPassConfig
-    from alignheads.reference import load_reference
+    from alignheads.models.reference import load_reference
     from alignheads.tasks.refpass import plan_refpass, run_refpass
 
     world = prepare_tiny_world(store)
@@ -128,7 +128,7 @@ def synthetic_tokenized(store: Path, n_pairs: int, prompt_len: int, response_len
     (ending in EOS = 2), written with the storage layer like the real stage's."""
     from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
     from alignheads.storage.fingerprint import artifact_key
-    from alignheads.storage.shards import write_table
+    from alignheads.storage.tables import write_table
     from alignheads.tasks.tokenize import STAGE, TOKENIZE_VERSION, TOKENIZED_SCHEMA
 
     config = {

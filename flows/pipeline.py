@@ -22,16 +22,13 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from alignheads.config import RunConfig, RunnerConfig, read_config, with_overrides
+from alignheads.config import RunConfig, RunnerConfig, TrainConfig, WorldConfig, read_config, with_overrides
 from alignheads.loading import load_tokenizer, model_location
-from alignheads.matched_kl import matched_kl_rows, save_matched_kl
-from alignheads.plots import save_summary_plots
-from alignheads.report import summary_markdown
 from alignheads.storage.artifacts import ArtifactResult, artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST
-from alignheads.storage.shards import read_table
 from alignheads.storage.store_errors import writing
+from alignheads.storage.tables import read_table
 from alignheads.storage.tracking import Tracker, flatten, open_tracker
 from alignheads.tasks import data as data_stage
 from alignheads.tasks import evaluate as evaluate_stage
@@ -42,8 +39,9 @@ from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks import train_baseline as baseline_stage
 from alignheads.tasks import world as world_stage
-from alignheads.training.config import TrainConfig
-from alignheads.world.config import WorldConfig
+from alignheads.tasks.reporting.matched_kl import matched_kl_rows, save_matched_kl
+from alignheads.tasks.reporting.plots import save_summary_plots
+from alignheads.tasks.reporting.printing import summary_markdown
 
 RESULTS_DIR = ".prefect-results"
 

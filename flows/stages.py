@@ -16,18 +16,24 @@ from typing import Any
 
 from prefect import flow
 
-from alignheads.config import EvaluateConfig, ModelConfig, RefPassConfig, RunConfig, TrackingConfig
+from alignheads.config import (
+    EvaluateConfig,
+    ModelConfig,
+    RefPassConfig,
+    RunConfig,
+    SweepConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from alignheads.flows.pipeline import _run_refpass, _run_sweep, _train_methods, logged, tracked
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.artifacts import artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST, Manifest, read_manifest
 from alignheads.storage.tracking import flatten
-from alignheads.sweep_config import SweepConfig
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks import train_baseline as baseline_stage
-from alignheads.training.config import TrainConfig
 
 # The chain of inputs a manifest may name, nearest first (to find the world behind an artifact).
 _UPSTREAM = ("train", "refpass", "tokenize", "data", "world")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from alignheads.models.context import TokenContext, token_context
-from alignheads.models.decoding import ContextTracker
+from alignheads.models.context_hooks import ContextTracker
 from alignheads.models.head_base import LogitHead, SteeringOutput
 from alignheads.models.recording import StepRecorder
 

@@ -8,7 +8,7 @@ A× larger batch, which a GPU processes in about the time of one).
 :class:`RowAlphaLMHead` stands in for the LM's output layer like ``SteeredLMHead`` but with a
 vector of α: ``z_b = base_logits_b + α_b · delta_b``; the head itself is unchanged (its
 ``forward`` gives both terms). Token context (CALM) is tracked with the same
-:class:`~alignheads.models.decoding.ContextTracker` as ``AlignedLM``'s, so KV-cached decoding sees
+:class:`~alignheads.models.context_hooks.ContextTracker` as ``AlignedLM``'s, so KV-cached decoding sees
 what training saw.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from alignheads.models.context import TokenContext
-from alignheads.models.decoding import ContextTracker
+from alignheads.models.context_hooks import ContextTracker
 from alignheads.models.head_base import LogitHead
 
 __all__ = ["RowAlphaLMHead", "alpha_sweep_generate", "row_alphas"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignheads.losses import exact_kl
+from alignheads.models.losses import exact_kl
 
 __all__ = ["CombineRule", "GuidedOutput", "guided_decode"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignheads.losses import exact_kl
 from alignheads.models.head_base import SteeringOutput
+from alignheads.models.losses import exact_kl
 
 __all__ = ["StepRecorder"]
 

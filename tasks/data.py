@@ -10,7 +10,7 @@ import pyarrow as pa
 from alignheads.config import DataConfig, SourceConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key, file_sha256
-from alignheads.storage.shards import write_table
+from alignheads.storage.tables import write_table
 
 STAGE = "data"
 DATA_VERSION = 1

@@ -8,7 +8,7 @@ Output artifact `<store>/evaluate/<key>/` with two tables:
 - `summary` (`SUMMARY_SCHEMA`, one row per (head, α)): means and rates over those rows, the
   run id and the held-out preference accuracy the plan carries.
 
-The metric definitions (words, distinct-n, repetition, ties) are in `alignheads.metrics`.
+The metric definitions (words, distinct-n, repetition, ties) are in `alignheads.models.metrics`.
 Rewards come from the tiny world's ground truth (`reward="world"`) or a Hugging Face
 sequence-classification reward model (a Hub id or a local directory) scoring
 ``prompt + response``.
@@ -25,11 +25,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignheads import metrics
+from alignheads.models import metrics
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key, file_sha256
 from alignheads.storage.manifest import read_manifest
-from alignheads.storage.shards import read_table, write_table
+from alignheads.storage.tables import read_table, write_table
 from alignheads.tasks.generate import GENERATIONS_SCHEMA
 from alignheads.tasks.generate import TABLE as GENERATIONS_TABLE
 

@@ -43,11 +43,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from alignheads.config import SweepConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key, fingerprint
 from alignheads.storage.manifest import read_manifest
-from alignheads.storage.shards import read_table, write_table
-from alignheads.sweep_config import SweepConfig
+from alignheads.storage.tables import read_table, write_table
 
 __all__ = [
     "GENERATE_VERSION",
@@ -355,7 +355,7 @@ def _plain_generation_config(model: Any) -> Iterator[None]:
 
 
 def _row_stats(recorded: dict, row: int, n: int) -> dict[str, float | None]:
-    from alignheads.modstats import strength_stats
+    from alignheads.models.modstats import strength_stats
 
     stats: dict[str, float | None] = dict.fromkeys(
         ("kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean")
@@ -565,7 +565,7 @@ def run_generate(
         seconds = time.perf_counter() - started
         table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
         info = {"head": plan.head, "alpha": plan.alpha, "prompts": len(plan.prompts), **_summary(table)}
-        # decoding cost, for the comparison with the two-model baselines (alignheads.matched_kl)
+        # decoding cost, for the comparison with the two-model baselines (alignheads.tasks.reporting.matched_kl)
         info |= {
             "lm_forwards_per_token": 1,
             "decode_seconds": seconds,

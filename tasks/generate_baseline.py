@@ -20,10 +20,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alignheads.config import SweepConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.manifest import read_manifest
-from alignheads.storage.shards import write_table
-from alignheads.sweep_config import SweepConfig
+from alignheads.storage.tables import write_table
 from alignheads.tasks import generate as gen
 from alignheads.tasks import train_baseline
 

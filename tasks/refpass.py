@@ -5,7 +5,7 @@ log-prob of the actual token and its top-k distribution (ids int32, log-probs fl
 default), per sequence the summed log-prob, and optionally (`store_hidden`) the float16 hidden
 state that predicts each token together with, per sequence, the float32 sum of the hidden
 states before its first predicting position (so CALM's causal context can be rebuilt from the
-cache without the backbone). Row layout: see :mod:`alignheads.refcache` (one row per (pair, side),
+cache without the backbone). Row layout: see :mod:`alignheads.storage.refcache` (one row per (pair, side),
 chosen then rejected, pairs in `tokenized` order).
 
 The reference is, by default, the run's own model with its own `lm_head`; another model can be
@@ -13,7 +13,7 @@ configured (`refpass.reference_model`) only if its tokenizer is identical to the
 token ids in `tokenized` must mean the same tokens to it).
 
 Shard `i` covers `tokenized` rows `[i · pairs_per_shard, (i + 1) · pairs_per_shard)` and is an
-independent piece of work (a Prefect task in the flow); :mod:`alignheads.storage.sharded`
+independent piece of work (a Prefect task in the flow); :mod:`alignheads.storage.sharded_artifact`
 records each finished shard, so a killed run recomputes only the shards that are missing or
 fail their checksum. The key hashes everything the numbers depend on: the model (Hub id +
 revision, or a hash of a local directory's weights and config), its dtype, the tokenizer,
@@ -31,13 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from alignheads.config import ModelConfig, RefPassConfig
-from alignheads.refcache import TABLE, build_rows
-from alignheads.reference import ReferenceModel, load_reference, score_sequences
+from alignheads.models.reference import ReferenceModel, load_reference, score_sequences
 from alignheads.storage.artifacts import ArtifactResult
 from alignheads.storage.fingerprint import artifact_key, file_sha256, fingerprint
 from alignheads.storage.manifest import ArtifactError, Manifest, read_manifest, verify_artifact
-from alignheads.storage.sharded import ShardData, ShardedArtifact, ShardOutcome, ShardRecord, build_sharded
-from alignheads.storage.shards import read_table_rows
+from alignheads.storage.refcache import TABLE, build_rows
+from alignheads.storage.sharded_artifact import (
+    ShardData,
+    ShardedArtifact,
+    ShardOutcome,
+    ShardRecord,
+    build_sharded,
+)
+from alignheads.storage.tables import read_table_rows
 
 __all__ = [
     "REFPASS_VERSION",

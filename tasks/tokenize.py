@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from alignheads.config import TokenizeConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
-from alignheads.storage.shards import read_table, write_table
+from alignheads.storage.tables import read_table, write_table
 
 __all__ = [
     "TOKENIZED_SCHEMA",

@@ -19,11 +19,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
-from alignheads.storage.shards import write_table
-from alignheads.training.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
+from alignheads.storage.tables import write_table
 
 STAGE = "train"
 TRAIN_VERSION = 1
@@ -106,7 +106,7 @@ def launch_command(plan_file: Path, out_dir: Path, checkpoints: Path, processes:
     return [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-        "--main_process_port", "0", "-m", "alignheads.training.launch",
+        "--main_process_port", "0", "-m", "alignheads.tasks.training.launch",
         str(plan_file), str(out_dir), "--checkpoints", str(checkpoints),
     ]  # fmt: skip
 
@@ -114,8 +114,8 @@ def launch_command(plan_file: Path, out_dir: Path, checkpoints: Path, processes:
 def make_job(plan: TrainPlan, checkpoints: Path, log=None, progress: bool = True):
     """The TrainJob of a plan: the frozen model loaded, train/test streams over the cache."""
     from alignheads.loading import load_causal_lm, load_tokenizer
-    from alignheads.training.batches import PairStream
-    from alignheads.training.loop import TrainJob, batch_needs
+    from alignheads.tasks.training.batches import PairStream
+    from alignheads.tasks.training.loop import TrainJob, batch_needs
 
     cfg, m = plan.head_config, plan.model
     source = (m["name_or_path"], m.get("revision"))
@@ -149,7 +149,7 @@ def result_summary(result) -> dict[str, Any]:
 
 def _train_in_process(store: Path, plan: TrainPlan, out: Path, log, progress: bool) -> dict[str, Any]:
     from alignheads.models.head_io import save_head
-    from alignheads.training.loop import train_head
+    from alignheads.tasks.training.loop import train_head
 
     job = make_job(plan, checkpoint_dir(store, plan.key), log, progress)
     result = train_head(job)
@@ -212,7 +212,7 @@ def preference_accuracy_by_alpha(plan: TrainPlan, head_dir: Path, alphas: list[f
     (keys are `str(float(α))`); at α = 0 CALM is the reference itself, so its margins are 0."""
     from alignheads.models.head_base import lm_output_layer
     from alignheads.models.head_io import load_head
-    from alignheads.training.loop import evaluate, features_fn
+    from alignheads.tasks.training.loop import evaluate, features_fn
 
     cfg = plan.head_config
     job = make_job(plan, Path(head_dir), progress=False)

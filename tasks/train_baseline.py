@@ -24,16 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignheads.losses import preference_accuracy
+from alignheads.config import BaselineTrainConfig, DPOTrainConfig, GenARMTrainConfig
+from alignheads.models import baseline_objectives as baseline_objective
 from alignheads.models.dera import dera_logits
 from alignheads.models.genarm import genarm_logits
+from alignheads.models.losses import preference_accuracy
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
-from alignheads.storage.shards import write_table
+from alignheads.storage.tables import write_table
 from alignheads.tasks.train import metrics_table
-from alignheads.training import baseline_objective
-from alignheads.training.config import BaselineTrainConfig, DPOTrainConfig, GenARMTrainConfig
 
 STAGE = "baseline"
 BASELINE_VERSION = 1
@@ -105,7 +105,7 @@ def _device() -> str:
 
 
 def _streams(plan: BaselinePlan):
-    from alignheads.training.batches import BatchNeeds, PairStream
+    from alignheads.tasks.training.batches import BatchNeeds, PairStream
 
     needs = BatchNeeds(topk=False, hidden=False)
     refpass, tokenized = Path(plan.refpass_path), Path(plan.tokenize_path)
@@ -132,8 +132,8 @@ def objective_of(plan: BaselinePlan):
 
 def run_baseline(store: Path, plan: BaselinePlan, log=None, progress: bool = True) -> ArtifactResult:
     """Fine-tune the baseline's LM unless the artifact is complete."""
-    from alignheads.training.finetune import as_float32, finetune_lm
-    from alignheads.training.lora import trainable_lm
+    from alignheads.tasks.training.finetune import as_float32, finetune_lm
+    from alignheads.tasks.training.lora import trainable_lm
 
     def build(staging: Path) -> ArtifactContent:
         model, pad_id = _load(plan)
@@ -168,9 +168,9 @@ def preference_accuracy_by_alpha(
     ``log π_α(y) − log π_ref(y)``, π_α the baseline's combined decoding distribution and the
     reference from the cache (α = 0 is the base itself: its margins are rounding noise, ties
     that count as half)."""
-    from alignheads.training.batches import collate
-    from alignheads.training.finetune import response_logits
-    from alignheads.training.objective import response_logps
+    from alignheads.models.objectives import response_logps
+    from alignheads.tasks.training.batches import collate
+    from alignheads.tasks.training.finetune import response_logits
 
     base, pad_id = _load(plan)
     tuned, _ = _load(plan, str(model_dir))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignheads.config import WorldConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
-from alignheads.world.config import WorldConfig
 
 STAGE = "world"
 WORLD_VERSION = 1

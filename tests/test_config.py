@@ -7,19 +7,22 @@ from pathlib import Path
 import pytest
 
 from alignheads.config import (
-    DEFAULT_CONFIG,
+    EMBEDDED_DEFAULT,
     ConfigError,
     RunConfig,
     apply_overrides,
     load_config,
     parse_override,
+    read_config,
+    shipped_config,
+    shipped_config_names,
 )
 
 
 def test_default_config_is_the_tiny_world(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     cfg = load_config()
-    assert DEFAULT_CONFIG.name == "tiny.yaml"
+    assert EMBEDDED_DEFAULT == "tiny.yaml"
     assert cfg.name == "tiny" and cfg.needs_world and cfg.world.build
     assert cfg.store == tmp_path / "store"  # absolute, resolved against the working directory
     assert cfg.store.is_absolute()
@@ -94,8 +97,13 @@ def test_yaml_problems_name_the_file(tmp_path):
 
 
 def test_every_shipped_config_validates():
-    for path in sorted(Path(DEFAULT_CONFIG).parent.glob("*.yaml")):
-        assert isinstance(load_config(path), RunConfig), path
+    names = shipped_config_names()
+    assert {"tiny.yaml", "llama7b-hh.yaml"} <= set(names)
+    for name in names:
+        text = shipped_config(name).read_text(encoding="utf-8")
+        path = Path("configs") / name
+        assert isinstance(read_config(Path(__file__).parents[1] / path), RunConfig), name
+        assert text == (Path(__file__).parents[1] / path).read_text(encoding="utf-8")
 
 
 def test_config_round_trips_through_json():

@@ -19,7 +19,7 @@ from alignheads.inference import (
     load_for_generation,
 )
 from alignheads.models import BaseModelInfo, save_head
-from alignheads.modstats import strength_stats
+from alignheads.models.modstats import strength_stats
 from tests.models.headtest_utils import make_head, randomise, tiny_llama, tiny_tokenizer
 
 PROMPTS = ["w3 w4 w5", "w10 w11", "w20 w21 w22 w23", "w40"]

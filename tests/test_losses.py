@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignheads.losses import (
+from alignheads.models.losses import (
     CALMWeights,
     IAVWeights,
     PreferenceLogps,
@@ -160,7 +160,7 @@ def test_calm_total() -> None:
 
 
 def test_preference_accuracy_counts_ties_as_half():
-    from alignheads.losses import preference_accuracy
+    from alignheads.models.losses import preference_accuracy
 
     # 2 clear wins, 1 clear loss, 1 rounding-noise margin (a tie): (2 + 0.5) / 4
     assert preference_accuracy(torch.tensor([0.3, 1e-6, -0.2, 2.0])) == 0.625

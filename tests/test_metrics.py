@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from alignheads import metrics as M
+from alignheads.models import metrics as M
 
 
 def test_words_lowercase_and_split_on_punctuation():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignheads.modstats import alignment_norm_stats, strength_stats
+from alignheads.models.modstats import alignment_norm_stats, strength_stats
 
 
 def test_calm_strength_stats_count_only_real_tokens() -> None:

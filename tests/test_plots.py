@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from alignheads.plots import (
+from alignheads.tasks.reporting.plots import (
     plot_reward_vs_alpha,
     plot_reward_vs_kl,
     plot_win_rate_vs_alpha,
@@ -69,7 +69,7 @@ def test_rows_with_null_values_are_skipped_and_empty_summary_refused(tmp_path):
     assert summary_rows(pa.table({"head": ["iav"], "alpha": [0.0]})) == [{"head": "iav", "alpha": 0.0}]
 
 
-# --- the summary as terminal and markdown tables (alignheads.report) ---------------------------
+# --- the summary as terminal and markdown tables (alignheads.tasks.reporting.printing) ---------------------------
 
 
 def _report_rows():
@@ -82,7 +82,7 @@ def _report_rows():
 def test_print_sweep_summary_shows_every_head_and_alpha():
     from rich.console import Console
 
-    from alignheads.report import print_sweep_summary
+    from alignheads.tasks.reporting.printing import print_sweep_summary
 
     console = Console(record=True, width=140)
     print_sweep_summary(pa.Table.from_pylist(_report_rows()), console=console)
@@ -100,7 +100,7 @@ def test_print_sweep_summary_shows_every_head_and_alpha():
 
 
 def test_summary_markdown_table():
-    from alignheads.report import summary_markdown
+    from alignheads.tasks.reporting.printing import summary_markdown
 
     md = summary_markdown(_report_rows())
     lines = md.strip().splitlines()

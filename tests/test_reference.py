@@ -10,8 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from alignheads.refcache import build_rows, refcache_schema, token_matrix, token_vector
-from alignheads.reference import (
+from alignheads.models.reference import (
     BatchScores,
     length_sorted_batches,
     pack_batch,
@@ -20,6 +19,7 @@ from alignheads.reference import (
     segment_sums,
     topk_reference,
 )
+from alignheads.storage.refcache import build_rows, refcache_schema, token_matrix, token_vector
 
 
 def test_pack_batch_right_pads_and_indexes_the_response():
@@ -119,7 +119,7 @@ def test_score_sequences_returns_input_order_for_any_batching():
 def _tiny_reference():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignheads.reference import ReferenceModel
+    from alignheads.models.reference import ReferenceModel
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignheads.config import WorldConfig
 from alignheads.world import corpus
-from alignheads.world.config import WorldConfig
 from alignheads.world.pretrain import encode_corpus, make_model, pretrain
 from alignheads.world.reward import rewards
 from alignheads.world.tokenizer import build_tokenizer

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from alignheads.world.config import WorldConfig
+from alignheads.config import WorldConfig
 
 
 def make_model(cfg: WorldConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:

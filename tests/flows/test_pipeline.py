@@ -20,8 +20,8 @@ from alignheads.config import RunConfig, load_config
 from alignheads.flows.pipeline import pipeline
 from alignheads.storage.manifest import verify_artifact
 from alignheads.storage.query import run_query
-from alignheads.storage.sharded import shard_path
-from alignheads.storage.shards import read_table
+from alignheads.storage.sharded_artifact import shard_path
+from alignheads.storage.tables import read_table
 from alignheads.tasks.ingest import BadRowError
 from alignheads.world.build import tiny_test_config
 
@@ -242,7 +242,7 @@ def test_second_run_recomputes_nothing(first_run, capsys):
     again = pipeline(config=cfg)
     assert _statuses(again) == _all("cached")
     assert {s: o["key"] for s, o in again.items()} == {s: o["key"] for s, o in outcomes.items()}
-    from alignheads.report import print_run_summary
+    from alignheads.tasks.reporting.printing import print_run_summary
 
     print_run_summary(cfg, again)
     assert "Nothing recomputed" in capsys.readouterr().out
@@ -252,8 +252,8 @@ def test_refcache_sums_match_the_model(first_run):
     """The reference pass on the tiny world: the view answers, summed log-probs match the model."""
     import torch
 
-    from alignheads.losses import sequence_logprobs
-    from alignheads.reference import load_reference, pack_batch
+    from alignheads.models.losses import sequence_logprobs
+    from alignheads.models.reference import load_reference, pack_batch
 
     cfg, outcomes = first_run
     key = outcomes["refpass"]["key"]
@@ -383,7 +383,7 @@ def test_bad_rows_skipped_are_counted_and_queryable(first_run, tmp_path, capsys)
     out = pipeline(config=skip)
     assert out["data"]["info"]["rejects"] == {"train": 2, "test": 0}
     assert out["data"]["info"]["pairs"]["train"] == 1
-    from alignheads.report import print_run_summary
+    from alignheads.tasks.reporting.printing import print_run_summary
 
     print_run_summary(skip, out)
     assert "2 bad rows skipped" in capsys.readouterr().out

@@ -8,7 +8,8 @@ import pytest
 import torch
 from headtest_utils import left_padded_batch, make_head, randomise, tiny_llama
 
-from alignheads.losses import (
+from alignheads.models import AlignedLM, SteeredLMHead
+from alignheads.models.losses import (
     PreferenceLogps,
     dpo_loss,
     exact_kl,
@@ -17,7 +18,6 @@ from alignheads.losses import (
     prediction_mask,
     sequence_logprobs,
 )
-from alignheads.models import AlignedLM, SteeredLMHead
 
 LN2 = torch.tensor(math.log(2.0), dtype=torch.float32)
 

@@ -9,8 +9,8 @@ import torch
 from headtest_utils import PAD, left_padded_batch, make_head, randomise, tiny_llama, tiny_tokenizer
 from transformers import TextIteratorStreamer
 
-from alignheads.losses import exact_kl
 from alignheads.models import AlignedLM, token_context
+from alignheads.models.losses import exact_kl
 
 TOL = 1e-5
 KINDS = ["iav", "calm"]

@@ -14,15 +14,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from headtest_utils import EOS, PAD, left_padded_batch, tiny_llama  # noqa: E402
 
-from alignheads.losses import exact_kl  # noqa: E402
-from alignheads.models.genarm import genarm_generate, genarm_logits  # noqa: E402
-from alignheads.models.guided import guided_decode  # noqa: E402
-from alignheads.training.baseline_objective import (  # noqa: E402
+from alignheads.models.baseline_objectives import (  # noqa: E402
     dpo_objective,
     reward_lm_loss,
     reward_lm_objective,
 )
-from alignheads.training.objective import PairBatch  # noqa: E402
+from alignheads.models.genarm import genarm_generate, genarm_logits  # noqa: E402
+from alignheads.models.guided import guided_decode  # noqa: E402
+from alignheads.models.losses import exact_kl  # noqa: E402
+from alignheads.models.objectives import PairBatch  # noqa: E402
 
 
 def test_genarm_rule_on_hand_computed_logits():

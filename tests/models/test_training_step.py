@@ -8,7 +8,8 @@ import pytest
 import torch
 from headtest_utils import left_padded_batch, make_head, tiny_llama
 
-from alignheads.losses import (
+from alignheads.models import AlignedLM, CALMOutput, IAVOutput
+from alignheads.models.losses import (
     PreferenceLogps,
     calm_loss,
     exact_kl,
@@ -20,7 +21,6 @@ from alignheads.losses import (
     prediction_mask,
     sequence_logprobs,
 )
-from alignheads.models import AlignedLM, CALMOutput, IAVOutput
 
 
 def preference_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

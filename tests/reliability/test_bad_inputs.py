@@ -35,8 +35,8 @@ from alignheads.models.head_io import (  # noqa: E402
 )
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact  # noqa: E402
 from alignheads.storage.manifest import ArtifactError, read_manifest, write_manifest  # noqa: E402
-from alignheads.storage.shards import read_table, write_table  # noqa: E402
 from alignheads.storage.store_errors import StoreWriteError  # noqa: E402
+from alignheads.storage.tables import read_table, write_table  # noqa: E402
 from alignheads.tasks.ingest import BadRowError, DataError, EmptyDatasetError, load_pairs  # noqa: E402
 from alignheads.tasks.refpass import REFPASS_VERSION, check_refcache  # noqa: E402
 

@@ -78,7 +78,7 @@ def store(tmp_path):
     import pyarrow as pa
 
     from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
-    from alignheads.storage.shards import write_table
+    from alignheads.storage.tables import write_table
 
     ensure_artifact(
         tmp_path / "store",

@@ -12,7 +12,7 @@ import pytest
 
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact, list_artifacts
 from alignheads.storage.fingerprint import artifact_key, canonical_json, fingerprint
-from alignheads.storage.shards import read_table, write_table
+from alignheads.storage.tables import read_table, write_table
 
 
 def test_artifact_key_depends_on_config_inputs_and_version():

@@ -7,7 +7,7 @@ import pytest
 
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
 from alignheads.storage.query import QueryError, check_read_only, run_query
-from alignheads.storage.shards import write_table
+from alignheads.storage.tables import write_table
 
 
 def _make(store, stage, key, tables):

@@ -20,14 +20,14 @@ import pytest
 
 from alignheads.storage.manifest import ArtifactError, verify_artifact
 from alignheads.storage.query import run_query
-from alignheads.storage.sharded import (
+from alignheads.storage.sharded_artifact import (
     SHARD_INFO_KEY,
     ShardData,
     ShardedArtifact,
     build_sharded,
     shard_path,
 )
-from alignheads.storage.shards import read_table
+from alignheads.storage.tables import read_table
 
 N_SHARDS = 5
 CONFIG = {"rows": 3}
@@ -111,7 +111,7 @@ CHILD = textwrap.dedent(
     from test_sharded import artifact, make_shard, summarize
     from pathlib import Path
     import alignheads.storage.atomic as atomic
-    from alignheads.storage.sharded import build_sharded
+    from alignheads.storage.sharded_artifact import build_sharded
 
     real_replace = os.replace
     def replace(src, dst):

@@ -17,7 +17,7 @@ from alignheads.storage.manifest import (
     verify_artifact,
     write_manifest,
 )
-from alignheads.storage.shards import ShardWriter, read_table, write_table
+from alignheads.storage.tables import ShardWriter, read_table, write_table
 
 
 def _table(n: int, start: int = 0) -> pa.Table:

@@ -19,13 +19,19 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 from headtest_utils import tiny_llama, tiny_tokenizer  # noqa: E402
 
-from alignheads.config import DataConfig, ModelConfig, RefPassConfig, SourceConfig, TokenizeConfig  # noqa: E402
+from alignheads.config import (  # noqa: E402  # noqa: E402
+    DataConfig,
+    DPOTrainConfig,
+    GenARMTrainConfig,
+    ModelConfig,
+    RefPassConfig,
+    SourceConfig,
+    SweepConfig,  # noqa: E402
+    TokenizeConfig,
+)
 from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
-from alignheads.matched_kl import kl_levels, matched_kl_rows, reward_at_kl, save_matched_kl  # noqa: E402
-from alignheads.report import print_matched_kl  # noqa: E402
 from alignheads.storage.fingerprint import tokenizer_fingerprint  # noqa: E402
-from alignheads.storage.shards import read_table  # noqa: E402
-from alignheads.sweep_config import SweepConfig  # noqa: E402
+from alignheads.storage.tables import read_table  # noqa: E402
 from alignheads.tasks import data as data_stage  # noqa: E402
 from alignheads.tasks import evaluate as evaluate_stage  # noqa: E402
 from alignheads.tasks import generate as gen  # noqa: E402
@@ -33,7 +39,8 @@ from alignheads.tasks import generate_baseline as gen_baseline  # noqa: E402
 from alignheads.tasks import refpass as refpass_stage  # noqa: E402
 from alignheads.tasks import tokenize as tokenize_stage  # noqa: E402
 from alignheads.tasks import train_baseline as baseline  # noqa: E402
-from alignheads.training.config import DPOTrainConfig, GenARMTrainConfig  # noqa: E402
+from alignheads.tasks.reporting.matched_kl import kl_levels, matched_kl_rows, reward_at_kl, save_matched_kl  # noqa: E402
+from alignheads.tasks.reporting.printing import print_matched_kl  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
 from alignheads.storage.query import run_query
-from alignheads.storage.shards import read_table, write_table
+from alignheads.storage.tables import read_table, write_table
 from alignheads.tasks.evaluate import (
     GENERATIONS_SCHEMA,
     SCORES_SCHEMA,

@@ -20,13 +20,16 @@ from pydantic import ValidationError
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 from headtest_utils import EOS, make_head, randomise, tiny_llama, tiny_tokenizer  # noqa: E402
 
-from alignheads.config import DataConfig, SourceConfig  # noqa: E402
+from alignheads.config import (  # noqa: E402
+    DataConfig,
+    SourceConfig,
+    SweepConfig,  # noqa: E402
+)
 from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
 from alignheads.models import save_head  # noqa: E402
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact  # noqa: E402
 from alignheads.storage.fingerprint import artifact_key, tokenizer_fingerprint  # noqa: E402
-from alignheads.storage.shards import read_table  # noqa: E402
-from alignheads.sweep_config import SweepConfig  # noqa: E402
+from alignheads.storage.tables import read_table  # noqa: E402
 from alignheads.tasks import data as data_stage  # noqa: E402
 from alignheads.tasks import generate as gen  # noqa: E402
 from alignheads.tasks import train as train_stage  # noqa: E402

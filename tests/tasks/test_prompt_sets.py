@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from alignheads.config import ConfigError, load_config
-from alignheads.sweep_config import SweepConfig
+from alignheads.config import ConfigError, SweepConfig, load_config
 from alignheads.tasks.generate import prompt_set
 from alignheads.tasks.ingest import DataError
 from alignheads.tasks.prompt_sets import PROMPT_SETS, load_prompt_set

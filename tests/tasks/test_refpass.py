@@ -19,14 +19,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignheads.config import DataConfig, ModelConfig, RefPassConfig, SourceConfig, TokenizeConfig
-from alignheads.losses import exact_kl, sequence_logprobs, topk_tail_kl
-from alignheads.refcache import token_matrix, token_vector
-from alignheads.reference import load_reference, pack_batch
+from alignheads.models.losses import exact_kl, sequence_logprobs, topk_tail_kl
+from alignheads.models.reference import load_reference, pack_batch
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import ArtifactError, verify_artifact
 from alignheads.storage.query import run_query
-from alignheads.storage.sharded import shard_path
-from alignheads.storage.shards import read_table
+from alignheads.storage.refcache import token_matrix, token_vector
+from alignheads.storage.sharded_artifact import shard_path
+from alignheads.storage.tables import read_table
 from alignheads.tasks.data import plan_data, run_data
 from alignheads.tasks.refpass import (
     RefPassPlan,
@@ -343,7 +343,7 @@ def test_refcache_view_answers_queries(setup, cache32):
 
 
 def test_a_model_whose_logits_are_not_its_lm_head_is_refused():
-    from alignheads.reference import ReferenceModel
+    from alignheads.models.reference import ReferenceModel
 
     cfg = LlamaConfig(
         vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2

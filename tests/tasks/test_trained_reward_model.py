@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignheads.storage.shards import read_table
+from alignheads.storage.tables import read_table
 from alignheads.tasks.evaluate import load_reward_model, model_rewards, plan_evaluate, run_evaluate
 from alignheads.world.corpus import preference_pairs, pretraining_texts
 from alignheads.world.tokenizer import build_tokenizer

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from alignheads.losses import CALMWeights
 from alignheads.models.calm import CALMOutput
-from alignheads.training.objective import PairBatch, calm_objective, chosen_nll, response_logps
+from alignheads.models.losses import CALMWeights
+from alignheads.models.objectives import PairBatch, calm_objective, chosen_nll, response_logps
 
 
 def _batch() -> PairBatch:
@@ -50,9 +50,9 @@ def test_iav_preference_and_anchor_train_the_alignment_head_only():
     """The IAV policy is sg(W_b h) + W_a h: with λ_kl = 0 the base logits get no gradient from the
     preference loss or the NLL anchor, the alignment logits do; the KL term alone reaches the
     base logits, and the loss value is the same as without the stop-gradient."""
-    from alignheads.losses import IAVWeights
     from alignheads.models.iav import IAVOutput
-    from alignheads.training.objective import iav_objective
+    from alignheads.models.losses import IAVWeights
+    from alignheads.models.objectives import iav_objective
 
     torch.manual_seed(0)
     base = torch.randn(2, 2, 2, requires_grad=True)
@@ -71,7 +71,7 @@ def test_iav_preference_and_anchor_train_the_alignment_head_only():
     assert torch.count_nonzero(base.grad) > 0
 
     # values are those of the plain policy W_b h + W_a h
-    from alignheads.training.objective import preference_logps
+    from alignheads.models.objectives import preference_logps
 
     p = preference_logps((base + align).detach(), _batch())
     margin = (p.policy_chosen - p.ref_chosen) - (p.policy_rejected - p.ref_rejected)

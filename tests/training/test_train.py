@@ -20,15 +20,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 from headtest_utils import tiny_llama, tiny_tokenizer  # noqa: E402
 
-from alignheads.config import DataConfig, ModelConfig, RefPassConfig, SourceConfig, TokenizeConfig  # noqa: E402
+from alignheads.config import (  # noqa: E402  # noqa: E402
+    CALMTrainConfig,
+    DataConfig,
+    IAVTrainConfig,
+    ModelConfig,
+    RefPassConfig,
+    SourceConfig,
+    TokenizeConfig,
+)
 from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
 from alignheads.storage.fingerprint import tokenizer_fingerprint  # noqa: E402
 from alignheads.tasks import data as data_stage  # noqa: E402
 from alignheads.tasks import refpass as refpass_stage  # noqa: E402
 from alignheads.tasks import tokenize as tokenize_stage  # noqa: E402
-from alignheads.training.batches import PairStream  # noqa: E402
-from alignheads.training.config import CALMTrainConfig, IAVTrainConfig  # noqa: E402
-from alignheads.training.loop import NonFiniteError, TrainJob, batch_needs, train_head  # noqa: E402
+from alignheads.tasks.training.batches import PairStream  # noqa: E402
+from alignheads.tasks.training.loop import NonFiniteError, TrainJob, batch_needs, train_head  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

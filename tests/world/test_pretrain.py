@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from alignheads.config import WorldConfig
 from alignheads.world import corpus as C
-from alignheads.world.config import WorldConfig
 from alignheads.world.pretrain import batches, collate, encode_corpus, lr_lambda, make_model, pretrain
 from alignheads.world.tokenizer import build_tokenizer
 

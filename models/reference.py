@@ -105,9 +105,9 @@ def topk_reference(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Ten
 
     logits: ``(N, V)``; targets: ``(N,)``. Returns ``(target_logprobs (N,) float32,
     topk_ids (N, K) int32, topk_logprobs (N, K) float32)``: the log-prob of the actual token
-    (``z[y] − logsumexp z``, as :func:`alignheads.losses.token_logprobs` computes it), and the K
+    (``z[y] − logsumexp z``, as :func:`alignheads.models.losses.token_logprobs` computes it), and the K
     most likely ids with their log-probs normalised over the full vocabulary, most likely
-    first (the inputs of :func:`alignheads.losses.topk_tail_kl`).
+    first (the inputs of :func:`alignheads.models.losses.topk_tail_kl`).
     """
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k = {k} must be between 1 and the vocabulary size {logits.shape[-1]}")

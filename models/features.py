@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from alignheads.models.context import TokenContext, token_context
-from alignheads.training.objective import PairBatch
+from alignheads.models.objectives import PairBatch
 
 
 def _gather_time(values: Tensor, index: Tensor) -> Tensor:

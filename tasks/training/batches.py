@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from alignheads.refcache import token_matrix
+from alignheads.models.objectives import PairBatch
 from alignheads.storage.manifest import ArtifactError, ShardInfo, read_manifest, verify_shard
-from alignheads.training.objective import PairBatch
+from alignheads.storage.refcache import token_matrix
 
 SIDES = ("chosen", "rejected")
 

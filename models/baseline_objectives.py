@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from alignheads.losses import DPOOutput, dpo_loss
-from alignheads.training.objective import PairBatch, chosen_nll, response_logps
+from alignheads.models.losses import DPOOutput, dpo_loss
+from alignheads.models.objectives import PairBatch, chosen_nll, response_logps
 
 __all__ = ["BaselineLoss", "dpo_objective", "reward_lm_loss", "reward_lm_objective"]
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from alignheads.losses import (
+from alignheads.models.calm import CALMOutput
+from alignheads.models.iav import IAVOutput
+from alignheads.models.losses import (
     CALMLoss,
     CALMWeights,
     IAVLoss,
@@ -28,8 +30,6 @@ from alignheads.losses import (
     token_logprobs,
     topk_tail_kl,
 )
-from alignheads.models.calm import CALMOutput
-from alignheads.models.iav import IAVOutput
 
 
 @dataclass

@@ -63,8 +63,8 @@ from alignheads.storage.manifest import (
     verify_shard,
     write_manifest,
 )
-from alignheads.storage.shards import write_shard
 from alignheads.storage.store_errors import writing
+from alignheads.storage.tables import write_shard
 
 __all__ = [
     "SHARD_INFO_KEY",

@@ -19,26 +19,26 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from alignheads.losses import CALMWeights, IAVWeights, dpo_loss, preference_accuracy
+from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
+from alignheads.models.features import backbone_features, cached_features
 from alignheads.models.head_base import LogitHead, SteeringOutput, lm_output_layer
-from alignheads.models.registry import new_head
-from alignheads.training.batches import BatchNeeds, PairStream, collate
-from alignheads.training.checkpoint import (
-    DataPosition,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from alignheads.training.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
-from alignheads.training.features import backbone_features, cached_features
-from alignheads.training.objective import (
+from alignheads.models.losses import CALMWeights, IAVWeights, dpo_loss, preference_accuracy
+from alignheads.models.objectives import (
     PairBatch,
     calm_objective,
     exact_kl_per_token,
     iav_objective,
     response_logps,
     topk_kl_per_token,
+)
+from alignheads.models.registry import new_head
+from alignheads.tasks.training.batches import BatchNeeds, PairStream, collate
+from alignheads.tasks.training.checkpoint import (
+    DataPosition,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
 )
 
 MetricsSink = Callable[[dict[str, float], int], None]

@@ -1,4 +1,4 @@
-"""Entry point for multi-process training: `accelerate launch -m alignheads.training.launch PLAN OUT`.
+"""Entry point for multi-process training: `accelerate launch -m alignheads.tasks.training.launch PLAN OUT`.
 
 PLAN is a train plan as JSON (what `tasks.train.plan_train` returns); every process builds
 the same head and stream, takes its share of each step's micro-batches, and process 0 writes
@@ -18,7 +18,7 @@ from pathlib import Path
 def train_from_plan(plan_file: Path, out_dir: Path, checkpoint_dir: Path, progress: bool = True) -> None:
     from alignheads.models.head_io import save_head
     from alignheads.tasks.train import TrainPlan, make_job, result_summary
-    from alignheads.training.loop import new_accelerator, train_head
+    from alignheads.tasks.training.loop import new_accelerator, train_head
 
     plan = TrainPlan(**json.loads(plan_file.read_text()))
     accelerator = new_accelerator(plan.head_config.mixed_precision)
@@ -34,7 +34,7 @@ def train_from_plan(plan_file: Path, out_dir: Path, checkpoint_dir: Path, progre
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignheads.training.launch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="alignheads.tasks.training.launch", description=__doc__)
     parser.add_argument("plan", type=Path, help="train plan JSON")
     parser.add_argument("out", type=Path, help="output directory (head/ and result.json)")
     parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint directory (resume)")

@@ -16,12 +16,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from alignheads.training.baseline_objective import BaselineLoss
-from alignheads.training.batches import PairStream, collate
-from alignheads.training.config import BaselineTrainConfig
-from alignheads.training.features import _gather_time
-from alignheads.training.loop import NonFiniteError, eval_metrics_of, lr_lambda, mean_metrics, trl_metrics
-from alignheads.training.objective import PairBatch
+from alignheads.config import BaselineTrainConfig
+from alignheads.models.baseline_objectives import BaselineLoss
+from alignheads.models.features import _gather_time
+from alignheads.models.objectives import PairBatch
+from alignheads.tasks.training.batches import PairStream, collate
+from alignheads.tasks.training.loop import (
+    NonFiniteError,
+    eval_metrics_of,
+    lr_lambda,
+    mean_metrics,
+    trl_metrics,
+)
 
 Objective = Callable[[Tensor, PairBatch], BaselineLoss]
 MetricsSink = Callable[[dict[str, float], int], None]
@@ -75,7 +81,7 @@ def finetune_lm(
     desc: str = "fine-tuning",
 ) -> FinetuneResult:
     """Train the weights of ``model`` that require a gradient (float32, already on its device;
-    see `alignheads.training.lora.trainable_lm`) with ``objective``."""
+    see `alignheads.tasks.training.lora.trainable_lm`) with ``objective``."""
     log = log or (lambda metrics, step: None)
     micro = cfg.batch_size // cfg.grad_accum
     if micro * cfg.grad_accum != cfg.batch_size:

@@ -186,7 +186,7 @@ def summary_markdown(summary_rows: Any) -> str:
 
 def print_matched_kl(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     """Each method's reward at matched KL to the base (interpolated along its α sweep, with the
-    α it takes) and its decoding cost (see `alignheads.matched_kl`)."""
+    α it takes) and its decoding cost (see `alignheads.tasks.reporting.matched_kl`)."""
     console = console or Console()
     levels = sorted({r["kl"] for r in rows})
     table = Table(title="reward at matched KL to the base (interpolated along α)")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from alignheads.reference import BatchScores
+from alignheads.models.reference import BatchScores
 
 __all__ = [
     "SIDES",

@@ -1,0 +1,1 @@
+"""The shipped YAML run configs (package data): tiny.yaml is the embedded default."""
