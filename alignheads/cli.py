@@ -233,7 +233,8 @@ def _responses(aligned, tokenizer, texts: list[str], alpha: float, seed: int, st
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from alignheads import inference
-    from alignheads.tasks.generate import batch_seed, load_prompts_file
+    from alignheads.tasks.generate import batch_seed
+    from alignheads.tasks.prompts import load_prompts_file
 
     cfg = _config(args)
     if args.prompt is None and not args.interactive and args.prompts_file is None:

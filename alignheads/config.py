@@ -171,8 +171,16 @@ class PreferenceTrainConfig(_Section):
         0.0,
         ge=0,
         description="Weight of the chosen responses' per-token NLL (an RPO-style anchor against DPO "
-        "lowering the chosen likelihood too); 0 is the plain objective of DESIGN.md",
+        "lowering the chosen likelihood too); 0 is the plain objective of docs/architecture.md",
     )
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU)")
+    num_processes: int = Field(
+        1,
+        gt=0,
+        description="Processes for `accelerate launch` (GPUs, or CPU processes with gloo); 1 trains in-process",
+    )
+    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps")
+    resume: bool = Field(True, description="Continue from the latest checkpoint of the same run key")
 
 
 class HeadTrainConfig(PreferenceTrainConfig):
@@ -184,14 +192,6 @@ class HeadTrainConfig(PreferenceTrainConfig):
         description="'backbone' runs the frozen LM each step; 'cached' reads the reference pass's "
         "hidden states (needs refpass.store_hidden) and never runs the LM",
     )
-    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (CPU or GPU)")
-    num_processes: int = Field(
-        1,
-        gt=0,
-        description="Processes for `accelerate launch` (GPUs, or CPU processes with gloo); 1 trains in-process",
-    )
-    checkpoint_every: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps")
-    resume: bool = Field(True, description="Continue from the latest checkpoint of the same run key")
 
 
 class IAVTrainConfig(HeadTrainConfig):

@@ -25,7 +25,7 @@ of the batch / wall time of the call (the prompt's prefill included). The varian
 in every repeat, so a slow spell of a shared machine hits all of them; the ratio to the base is
 given as the median of the per-repeat ratios (the best tokens/s are printed beside it).
 
-α-sweep: 5 values of α decoded in one batched call (`models.alpha_batch.alpha_sweep_generate`: the
+α-sweep: 5 values of α decoded in one batched call (`AlignedLM.alpha_sweep_generate`: the
 prompts replicated per α, one α per row) against 5 separate `AlignedLM.generate(alpha=...)` calls.
 
 Profile: forward hooks time the output layer inside one `generate()` call of the base (its
@@ -55,7 +55,6 @@ from common import (
 from torch import Tensor, nn
 
 from alignheads.models import AlignedLM, LogitHead, new_head
-from alignheads.models.alpha_batch import alpha_sweep_generate
 from alignheads.models.merge import merged_lm_head
 
 VARIANTS = ("base", "iav", "iav-merged", "calm", "genarm", "iav@0", "calm@0")
@@ -189,7 +188,11 @@ def sweep_decoders(
         return torch.stack(outs)
 
     def batched(ids: Tensor, mask: Tensor) -> Tensor:
-        return alpha_sweep_generate(model, head, ids, mask, alphas, **kw)
+        aligned = AlignedLM(model, head)
+        try:
+            return aligned.alpha_sweep_generate(ids, mask, alphas, **kw)
+        finally:
+            aligned.remove()
 
     return {"separate": separate, "batched": batched}
 

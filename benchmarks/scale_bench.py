@@ -10,7 +10,7 @@ the held-out pairs once), and the real reference pass writes a refcache for each
 `--pairs-per-shard` pairs per shard, the same at both sizes, since streaming holds one shard at a
 time). Each head (IAV with `kl: topk`, CALM; configs/tiny.yaml's settings, one epoch, no
 evaluation) is then trained by the project's training loop (`tasks.train.make_job` +
-`training.loop.train_head`, which reads the cache with `PairStream`) in a fresh subprocess per
+`tasks.training.loop.train`, which reads the cache with `PairStream`) in a fresh subprocess per
 (head, size), the sizes interleaved over `--repeats` rounds.
 
 Peak memory: the resident-set high-water mark (VmHWM) of that subprocess *during training*:
@@ -18,7 +18,7 @@ the child loads the model and opens the streams, resets its high-water mark
 (`/proc/self/clear_refs`), records its resident set, trains, and reads VmHWM again. Reported:
 the resident set at the start, the peak during training, and the growth (peak − start). RSS
 counts everything the process touches (Python objects, Arrow buffers, torch's allocator), not
-only torch tensors. Wall time: `train_head` alone (the loop, its data reading, the final
+only torch tensors. Wall time: `train` alone (the loop, its data reading, the final
 checkpoint), best of the repeats, and per optimizer step.
 """
 
@@ -155,7 +155,7 @@ def child(plan_file: Path, checkpoints: Path) -> None:
     import torch
 
     from alignheads.tasks.train import TrainPlan, make_job
-    from alignheads.tasks.training.loop import train_head
+    from alignheads.tasks.training.loop import train
 
     torch.set_num_threads(1)
     plan = TrainPlan(**json.loads(plan_file.read_text()))
@@ -165,7 +165,7 @@ def child(plan_file: Path, checkpoints: Path) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
     start = _status_kib("VmRSS")
     t = time.perf_counter()
-    result = train_head(job)
+    result = train(job)
     seconds = time.perf_counter() - t
     peak = _status_kib("VmHWM")
     print(
@@ -231,9 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "data: the test-size tiny world's training pairs replicated; refcache k = 64, "
         f"{args.pairs_per_shard} pairs per shard; one epoch, batch 16; a fresh subprocess per (head, size)"
     )
-    print(
-        "memory: resident set (VmHWM) of the training process during train_head, from a reset high-water mark"
-    )
+    print("memory: resident set (VmHWM) of the training process during train, from a reset high-water mark")
     for factor, s in sizes.items():
         print(
             f"  {factor}x: {s['pairs']} pairs (incl. held-out), {s['shards']} refcache shards, {s['bytes'] / MIB:.1f} MiB"

@@ -17,8 +17,8 @@ micro-batches, interleaved in one run so that machine noise hits all of them ali
   float16 hidden states.
 
 The step is the training loop's own (`alignheads.tasks.training.loop`): `collate`, the loop's
-`features_fn` / `objective_fn` / `build_head`, backward, gradient clipping, AdamW, and the
-per-micro-batch metrics the loop logs (`step_metrics`). The batches are read from the refcache
+`head_features` / `head_objective` / the seeded `new_head` of `models.methods`, backward, gradient clipping, AdamW, and the
+per-micro-batch metrics the loop logs (`head_step_metrics`). The batches are read from the refcache
 with `PairStream` before timing (the Parquet reads are not timed; `collate` is). The reference
 model and the backbone are one module (the reference is the frozen LM itself), so the live
 variant holds no second copy of the weights: it only pays the second forward.
@@ -58,10 +58,17 @@ from torch import nn
 
 from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
 from alignheads.models.head_base import lm_output_layer
-from alignheads.models.objectives import PairBatch
+from alignheads.models.methods import (
+    head_batches,
+    head_features,
+    head_objective,
+    head_shape,
+    head_step_metrics,
+)
+from alignheads.models.objectives import BatchNeeds, PairBatch
 from alignheads.models.reference import ReferenceModel, pack_batch
-from alignheads.tasks.training.batches import BatchNeeds, PairRecord, PairStream, collate
-from alignheads.tasks.training.loop import batch_needs, build_head, features_fn, objective_fn, step_metrics
+from alignheads.models.registry import new_head
+from alignheads.tasks.training.batches import PairRecord, PairStream, collate
 
 VARIANTS = ("live", "cached-ref", "cached-hidden")
 PHASES = ("collate", "reference", "features", "head", "metrics")
@@ -268,19 +275,17 @@ class Variant:
         features = "cached" if name == "cached-hidden" else "backbone"
         self.cfg = cfg.model_copy(update={"features": features})
         self.frozen = lm_output_layer(setup.model)
-        self.head = build_head(kind, setup.model, self.cfg).to(setup.device)
+        torch.manual_seed(self.cfg.seed)  # as the training loop builds a head: all variants start equal
+        self.head = new_head(kind, setup.model, dtype=torch.float32, **head_shape(self.cfg)).to(setup.device)
         self.live = name == "live"
-        self.live_topk = batch_needs(kind, self.cfg).topk
+        needs, self.with_sequences = head_batches(self.cfg)
+        self.live_topk = needs.topk
         # the live variant reads nothing from the cache but the targets
-        self.needs = BatchNeeds(topk=False, hidden=False) if self.live else batch_needs(kind, self.cfg)
-        self.with_sequences = self.cfg.features == "backbone"
-        self.features = features_fn(
-            self.cfg,
-            setup.model.base_model,
-            self.head.needs_token_context,
-            lm_output_layer(setup.model).weight.dtype,
+        self.needs = BatchNeeds(topk=False, hidden=False) if self.live else needs
+        self.features = head_features(
+            self.cfg, setup.model.base_model, self.head.needs_token_context, self.frozen
         )
-        self.objective = objective_fn(self.cfg, self.frozen)
+        self.objective = head_objective(self.cfg, self.frozen)
         self.optimizer = torch.optim.AdamW(
             self.head.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
         )
@@ -319,7 +324,7 @@ class Variant:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lap("head")
-        step_metrics(loss_obj, out, batch)
+        head_step_metrics(loss_obj, out, batch)
         lap("metrics")
         times["total"] = sum(times[p] for p in PHASES)
         return times

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from alignheads.config import (
     EvaluateConfig,
@@ -25,7 +25,9 @@ from alignheads.config import (
     TrackingConfig,
     TrainConfig,
 )
-from alignheads.flows.pipeline import _run_refpass, _run_sweep, _train_methods, logged, tracked
+from alignheads.flows.mapped import reference_pass
+from alignheads.flows.pipeline import sweep_and_report, train_methods
+from alignheads.flows.tracking import logged, tracked
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.artifacts import artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
@@ -33,7 +35,8 @@ from alignheads.storage.manifest import MANIFEST, Manifest, read_manifest
 from alignheads.storage.tracking import flatten
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import train as train_stage
-from alignheads.tasks import train_baseline as baseline_stage
+from alignheads.tasks.cached import RunOutcome, StageResult
+from alignheads.tasks.prompts import prompt_set
 
 # The chain of inputs a manifest may name, nearest first (to find the world behind an artifact).
 _UPSTREAM = ("train", "refpass", "tokenize", "data", "world")
@@ -94,7 +97,7 @@ def refpass_flow(
     store: Path = Path("store"),
     model: ModelConfig = ModelConfig(),  # noqa: B008 (the UI form's default)
     refpass: RefPassConfig = RefPassConfig(),  # noqa: B008
-) -> dict[str, Any]:
+) -> RunOutcome:
     """The reference pass over a tokenize artifact (mapped over shards, then finalized).
 
     Args:
@@ -116,7 +119,7 @@ def refpass_flow(
         )
     tokenize_path = artifact_dir(cfg.store, "tokenize", tokenize_key)
     plan = refpass_stage.plan_refpass(refpass, model, source["name_or_path"], tokenize_path, tok_fp)
-    return logged({"refpass": _run_refpass(cfg, cfg.store, plan)})
+    return logged(RunOutcome(refpass=reference_pass(cfg, plan)), get_run_logger().info)
 
 
 @flow(name="alignheads-train", log_prints=True)
@@ -127,89 +130,71 @@ def train_flow(
     model: ModelConfig = ModelConfig(),  # noqa: B008
     train: TrainConfig = TrainConfig(),  # noqa: B008
     tracking: TrackingConfig = TrackingConfig(),  # noqa: B008
-) -> dict[str, Any]:
-    """Train the enabled heads (and baselines) over a reference cache, each in an MLflow child run.
+) -> RunOutcome:
+    """Train the enabled methods (heads and baselines) over a reference cache, each in an MLflow
+    child run.
 
     Args:
         refpass_key: Key of the complete refpass artifact in the store (store/refpass/KEY)
         store: Directory holding every artifact, table and the MLflow DB
         name: Run name; also the MLflow experiment name
         model: The frozen model the heads steer; empty name_or_path uses the tiny world's
-        train: The heads' and baselines' training settings (enabled = false leaves one out)
-        tracking: MLflow tracking of this flow run (parent run) and each head (child runs)
+        train: Every method's training settings (enabled = false leaves one out)
+        tracking: MLflow tracking of this flow run (parent run) and each method (child runs)
     """
     cfg = RunConfig(name=name, store=store, model=model, train=train, tracking=tracking).resolved()
     refpass = complete_input(cfg.store, "refpass", refpass_key, "refpass_key")
     source = model_source(cfg.store, model, refpass)
     refpass_path = artifact_dir(cfg.store, "refpass", refpass_key)
     params = {"refpass_key": refpass_key, "model": model.model_dump(mode="json"), "train": train}
-    with tracked(cfg, flatten(params), "stage") as (tracker, parent):
-        _, _, outcomes = _train_methods(cfg.store, train, refpass_path, source, tracker, parent)
-    return logged(outcomes)
-
-
-def _rebuilt_plan(store: Path, manifest: Manifest, source: dict[str, Any], settings_class, plan_fn):
-    """The plan that built a train or baseline artifact, rebuilt from its manifest: the settings
-    class of its kind, validated from the manifest's config, re-planned (its key checked)."""
-    config = dict(manifest.config)
-    kind = config.pop("kind")
-    settings = settings_class(kind).model_validate(config)
-    plan = plan_fn(kind, settings, artifact_dir(store, "refpass", manifest.inputs["refpass"]), source)
-    if plan.key != manifest.key:
-        raise ValueError(f"{manifest.stage} artifact {manifest.key}: its manifest does not reproduce its key")
-    return plan
+    outcome = RunOutcome()
+    with tracked(cfg, flatten(params), "stage") as run:
+        train_methods(cfg.store, train, refpass_path, source, run, outcome)
+    return logged(outcome, get_run_logger().info)
 
 
 def trained_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> train_stage.TrainPlan:
     """The TrainPlan that built a train artifact, rebuilt from its manifest (key checked)."""
-    return _rebuilt_plan(
-        store, manifest, source, train_stage.CONFIG_CLASSES.__getitem__, train_stage.plan_train
-    )
-
-
-def baseline_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> baseline_stage.BaselinePlan:
-    """The BaselinePlan that built a baseline artifact, rebuilt from its manifest (key checked)."""
-    return _rebuilt_plan(
-        store, manifest, source, lambda kind: baseline_stage.SECTIONS[kind][1], baseline_stage.plan_baseline
-    )
+    entry, settings = train_stage.trained_settings(artifact_dir(store, manifest.stage, manifest.key))
+    refpass = artifact_dir(store, "refpass", manifest.inputs["refpass"])
+    plan = train_stage.plan_train(entry.name, settings, refpass, source)
+    if plan.key != manifest.key:
+        raise ValueError(f"{manifest.stage} artifact {manifest.key}: its manifest does not reproduce its key")
+    return plan
 
 
 @flow(name="alignheads-sweep", log_prints=True)
 def sweep_flow(
     train_keys: list[str],
     data_key: str,
-    baseline_keys: list[str] | None = None,
     store: Path = Path("store"),
     name: str = "tiny",
     model: ModelConfig = ModelConfig(),  # noqa: B008
     sweep: SweepConfig = SweepConfig(),  # noqa: B008
     evaluate: EvaluateConfig = EvaluateConfig(),  # noqa: B008
     tracking: TrackingConfig = TrackingConfig(),  # noqa: B008
-) -> dict[str, Any]:
-    """α-sweep generation per trained head and α, then evaluation and the report.
+) -> RunOutcome:
+    """α-sweep generation per trained method and α, then evaluation and the report.
 
     Args:
-        train_keys: Keys of complete train artifacts (store/train/KEY), at most one per head kind
+        train_keys: Keys of complete train artifacts (store/train/KEY) of any method (heads,
+            GenARM, DPO + DeRa), at most one per method
         data_key: Key of the data artifact whose test prompts are generated from (store/data/KEY)
-        baseline_keys: Keys of complete baseline artifacts (store/baseline/KEY: GenARM, DPO + DeRa)
-            swept with the heads, at most one per baseline
         store: Directory holding every artifact, table and the MLflow DB
         name: Run name; also the MLflow experiment name
         model: The frozen model the heads steer; empty name_or_path uses the tiny world's
         sweep: Which α, which prompts, how to decode
         evaluate: How the generations are scored
-        tracking: MLflow tracking of this flow run (parent run) and each (head, α) (child runs)
+        tracking: MLflow tracking of this flow run (parent run) and each (method, α) (child runs)
     """
-    baseline_keys = list(baseline_keys or [])
-    if not train_keys and not baseline_keys:
-        raise ValueError("train_keys is empty: give at least one train (or baseline) artifact key")
+    if not train_keys:
+        raise ValueError("train_keys is empty: give at least one train artifact key")
     cfg = RunConfig(
         name=name, store=store, model=model, sweep=sweep, evaluate=evaluate, tracking=tracking
     ).resolved()
     complete_input(cfg.store, "data", data_key, "data_key")
-    outcomes: dict[str, dict[str, Any]] = {
-        "data": {"key": data_key, "path": str(artifact_dir(cfg.store, "data", data_key))}
-    }
+    data_path = artifact_dir(cfg.store, "data", data_key)
+    outcome = RunOutcome()
     plans: dict[str, train_stage.TrainPlan] = {}
     for i, key in enumerate(train_keys):
         manifest = complete_input(cfg.store, "train", key, f"train_keys[{i}]")
@@ -217,26 +202,14 @@ def sweep_flow(
         plan = trained_plan(cfg.store, manifest, source)
         if plan.kind in plans:
             raise ValueError(
-                f"train_keys: two {plan.kind} heads ({plans[plan.kind].key}, {key}); give one per kind"
+                f"train_keys: two {plan.kind} artifacts ({plans[plan.kind].key}, {key}); give one per method"
             )
         plans[plan.kind] = plan
-        outcomes[f"train-{plan.kind}"] = {"key": key, "path": str(artifact_dir(cfg.store, "train", key))}
-    baselines: dict[str, baseline_stage.BaselinePlan] = {}
-    for i, key in enumerate(baseline_keys):
-        manifest = complete_input(cfg.store, baseline_stage.STAGE, key, f"baseline_keys[{i}]")
-        source = model_source(cfg.store, model, manifest)
-        bplan = baseline_plan(cfg.store, manifest, source)
-        if bplan.kind in baselines:
-            raise ValueError(f"baseline_keys: two {bplan.kind} baselines; give one per baseline")
-        baselines[bplan.kind] = bplan
-        path = artifact_dir(cfg.store, baseline_stage.STAGE, key)
-        outcomes[f"train-{bplan.kind}"] = {"key": key, "path": str(path)}
-    params = {
-        "train_keys": train_keys,
-        "baseline_keys": baseline_keys,
-        "data_key": data_key,
-        "sweep": sweep,
-        "evaluate": evaluate,
-    }
-    with tracked(cfg, flatten(params), "stage") as (tracker, parent):
-        return logged(_run_sweep(cfg, outcomes, plans, source, tracker, parent, baselines))
+        path = artifact_dir(cfg.store, "train", key)
+        outcome.train[plan.kind] = StageResult(
+            stage="train", key=key, path=str(path), computed=False, info=manifest.info, status="reused"
+        )
+    params = {"train_keys": train_keys, "data_key": data_key, "sweep": sweep, "evaluate": evaluate}
+    with tracked(cfg, flatten(params), "stage") as run:
+        sweep_and_report(cfg, plans, prompt_set(data_path, sweep), source, run, outcome)
+    return logged(outcome, get_run_logger().info)

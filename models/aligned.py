@@ -9,13 +9,18 @@ fresh head, and always for CALM, the LM's own logits exactly), negative values s
 ``alpha=`` to :meth:`AlignedLM.generate` / :meth:`AlignedLM.forward`. α and the per-call
 bookkeeping of the token context are shared by all threads: run one forward/generate at a
 time per wrapper (a streamer's generate thread is fine).
+
+α may also be a vector ``(B,)``, one α per batch row: row b gets ``z(α_b)``. Replicating the
+prompts once per α then decodes a whole α-sweep in one ``generate()`` call
+(:meth:`AlignedLM.alpha_sweep_generate`); the backbone runs once over an A× larger batch, which
+a GPU processes in about the time of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -25,34 +30,88 @@ from alignheads.models.context_hooks import ContextTracker
 from alignheads.models.head_base import LogitHead, SteeringOutput
 from alignheads.models.recording import StepRecorder
 
-__all__ = ["AlignedLM", "SteeredLMHead"]
+__all__ = ["Alpha", "AlphaLike", "AlignedLM", "SteeredLMHead", "as_alpha"]
+
+Alpha: TypeAlias = float | Tensor
+"""A stored α: one float for the whole batch, or a vector ``(B,)`` with one α per batch row."""
+
+AlphaLike: TypeAlias = float | Sequence[float] | Tensor
+"""What α may be given as: a number (0-d tensors included) or a 1-D sequence/tensor ``(B,)``."""
+
+
+def as_alpha(value: AlphaLike) -> Alpha:
+    """``value`` as a float (numbers, 0-d tensors) or as a per-row vector ``(B,)`` (1-D tensors,
+    sequences of numbers); anything else is refused (ValueError)."""
+    if isinstance(value, Tensor):
+        vector = value.detach()
+    elif (isinstance(value, Sequence) and not isinstance(value, str)) or hasattr(value, "__array__"):
+        vector = torch.as_tensor(value, dtype=torch.float32)
+    else:
+        return float(value)
+    if vector.dim() == 0:
+        return float(vector)
+    if vector.dim() != 1 or vector.numel() == 0 or vector.dtype == torch.bool or vector.is_complex():
+        raise ValueError(
+            "alpha must be a number or a non-empty vector of numbers with one α per batch row, "
+            f"got {vector.dtype} of shape {tuple(vector.shape)}"
+        )
+    return vector
 
 
 class SteeredLMHead(nn.Module):
-    """Stands in for the LM's output layer: hidden ``(B, T, H)`` → ``z(α)`` ``(B, T, V)``."""
+    """Stands in for the LM's output layer: hidden ``(B, T, H)`` → ``z(α)`` ``(B, T, V)``.
+
+    ``alpha`` is one float for the whole batch, or a vector ``(B,)`` giving row b the logits
+    ``base_b + α_b · delta_b``; with a vector the batch must have exactly B rows (beam search
+    and ``num_return_sequences > 1`` multiply the rows, and are refused).
+    """
 
     def __init__(
         self,
         head: LogitHead,
         frozen_head: nn.Module,
         context_source: Callable[[int], TokenContext] | None,
-        alpha: float = 1.0,
+        alpha: AlphaLike = 1.0,
     ) -> None:
         super().__init__()
         self.head = head
         self.frozen_head = frozen_head
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self._context_source = context_source
         self.recorder: StepRecorder | None = None
 
+    @property
+    def alpha(self) -> Alpha:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: AlphaLike) -> None:
+        self._alpha = as_alpha(value)
+
     def forward(self, hidden: Tensor) -> Tensor:
+        alpha = self._alpha
+        if isinstance(alpha, Tensor) and hidden.shape[0] != alpha.shape[0]:
+            raise ValueError(
+                f"the model was called with {hidden.shape[0]} rows but {alpha.shape[0]} per-row alphas "
+                "were given (beam search and num_return_sequences > 1 multiply the rows: replicate "
+                "the prompts instead)"
+            )
         context = self._context_source(hidden.shape[1]) if self._context_source is not None else None
-        if self.recorder is None:
-            return self.head.logits(hidden, self.alpha, frozen_head=self.frozen_head, context=context)
+        if self.recorder is None and not isinstance(alpha, Tensor):
+            return self.head.logits(hidden, alpha, frozen_head=self.frozen_head, context=context)
         output = self.head(hidden, frozen_head=self.frozen_head, context=context)
-        logits = output.logits(self.alpha)
-        self.recorder.observe(output, logits, self.frozen_head(hidden))
+        logits = _steered_logits(output, alpha)
+        if self.recorder is not None:
+            self.recorder.observe(output, logits, self.frozen_head(hidden))
         return logits
+
+
+def _steered_logits(output: SteeringOutput, alpha: Alpha) -> Tensor:
+    """``z(α)`` ``(B, T, V)`` from a head's output; a vector α ``(B,)`` is broadcast over rows."""
+    if not isinstance(alpha, Tensor):
+        return output.logits(alpha)
+    base = output.base_logits
+    return base + alpha.to(device=base.device, dtype=base.dtype).view(-1, 1, 1) * output.delta
 
 
 def _sizes(module: nn.Module) -> tuple[int, int]:
@@ -69,7 +128,7 @@ class AlignedLM(nn.Module):
     :meth:`generate` here to choose α per call.
     """
 
-    def __init__(self, model: nn.Module, head: LogitHead, *, alpha: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, head: LogitHead, *, alpha: AlphaLike = 1.0) -> None:
         super().__init__()
         original = model.get_output_embeddings()
         if isinstance(original, SteeredLMHead):
@@ -106,16 +165,20 @@ class AlignedLM(nn.Module):
 
     # ------------------------------------------------------------------ α
     @property
-    def alpha(self) -> float:
+    def alpha(self) -> Alpha:
+        """One float for the whole batch, or a vector ``(B,)`` with one α per batch row."""
         return self.steered.alpha
 
     @alpha.setter
-    def alpha(self, value: float) -> None:
-        self.steered.alpha = float(value)
+    def alpha(self, value: AlphaLike) -> None:
+        self.steered.alpha = value
 
     @contextmanager
-    def use_alpha(self, alpha: float | None) -> Iterator[AlignedLM]:
-        """Set α inside the block (``None`` keeps the current one) and restore it after."""
+    def use_alpha(self, alpha: AlphaLike | None) -> Iterator[AlignedLM]:
+        """Set α inside the block (``None`` keeps the current one) and restore it after.
+
+        ``alpha``: a float, or one α per batch row ``(B,)`` (see :class:`SteeredLMHead`).
+        """
         previous = self.alpha
         if alpha is not None:
             self.alpha = alpha
@@ -134,15 +197,52 @@ class AlignedLM(nn.Module):
             self.model.set_output_embeddings(self.steered)
 
     # ------------------------------------------------------------------ running
-    def forward(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
-        """``self.model(*args, **kwargs)`` at ``alpha`` (default: the current α)."""
+    def forward(self, *args: Any, alpha: AlphaLike | None = None, **kwargs: Any) -> Any:
+        """``self.model(*args, **kwargs)`` at ``alpha`` (default: the current α; float or ``(B,)``)."""
         with self.use_alpha(alpha):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, alpha: float | None = None, **kwargs: Any) -> Any:
-        """``self.model.generate(*args, **kwargs)`` at ``alpha`` (default: the current α)."""
+    def generate(self, *args: Any, alpha: AlphaLike | None = None, **kwargs: Any) -> Any:
+        """``self.model.generate(*args, **kwargs)`` at ``alpha`` (default: the current α).
+
+        A per-row ``alpha (B,)`` needs a batch of B rows throughout: beam search and
+        ``num_return_sequences > 1`` are refused (ValueError).
+        """
         with self.use_alpha(alpha):
             return self.model.generate(*args, **kwargs)
+
+    def alpha_sweep_generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        alphas: Sequence[float] | Tensor,
+        **generate_kwargs: Any,
+    ) -> Tensor:
+        """Decode the prompts ``input_ids (B, P)`` (left-padded, ``attention_mask (B, P)``) once per α,
+        all in one ``generate()`` call; returns ids ``(A, B, P + N)``, ``[i]`` for ``alphas[i]`` ``(A,)``.
+
+        The prompts are replicated A times (α-major: rows ``i·B … i·B + B - 1`` carry ``alphas[i]``)
+        and decoded with a per-row α ``(A·B,)``; the current α is restored afterwards.
+        ``generate_kwargs`` go to ``generate()`` (greedy or sampling; ``max_new_tokens`` etc.); it must
+        return plain sequences. With sampling, each row draws from the one global RNG stream, so rows
+        do not reproduce separate per-α calls draw for draw; greedy decoding does (up to float noise).
+        """
+        sweep = torch.as_tensor(alphas, dtype=torch.float32)
+        if sweep.dim() != 1 or sweep.numel() == 0:
+            raise ValueError(f"alphas must be a non-empty list of α values, got shape {tuple(sweep.shape)}")
+        n_alpha, rows = sweep.shape[0], input_ids.shape[0]
+        out = self.generate(
+            input_ids=input_ids.repeat(n_alpha, 1),
+            attention_mask=attention_mask.repeat(n_alpha, 1),
+            alpha=sweep.repeat_interleave(rows),
+            **generate_kwargs,
+        )
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"generate() returned a {type(out).__name__}; alpha_sweep_generate needs plain "
+                "sequences (leave return_dict_in_generate unset)"
+            )
+        return out.view(n_alpha, rows, -1)
 
     @contextmanager
     def recording(self) -> Iterator[StepRecorder]:

@@ -14,7 +14,7 @@ from alignheads.models.context import TokenContext, token_context
 from alignheads.models.objectives import PairBatch
 
 
-def _gather_time(values: Tensor, index: Tensor) -> Tensor:
+def gather_time(values: Tensor, index: Tensor) -> Tensor:
     """``values (N, T, ...)`` at time indices ``index (N, R)`` → ``(N, R, ...)``."""
     shape = index.shape + values.shape[2:]
     flat = index.reshape(index.shape[0], index.shape[1], *([1] * (values.dim() - 2))).expand(shape)
@@ -34,12 +34,12 @@ def backbone_features(
         raise ValueError("features: backbone needs input_ids and gather_index in the batch")
     out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     hidden = out.last_hidden_state.float()
-    picked = _gather_time(hidden, batch.gather_index)
+    picked = gather_time(hidden, batch.gather_index)
     if not with_context:
         return picked, None
     ctx = token_context(hidden, batch.attention_mask)
     return picked, TokenContext(
-        _gather_time(ctx.positions, batch.gather_index), _gather_time(ctx.context, batch.gather_index)
+        gather_time(ctx.positions, batch.gather_index), gather_time(ctx.context, batch.gather_index)
     )
 
 

@@ -2,7 +2,7 @@
 
 The reward LM ``π_r`` is a copy of the base LM fine-tuned on preference pairs with the
 reference-free loss ``−log σ(β(log π_r(y_w) − log π_r(y_l)))`` (response tokens only;
-`alignheads.models.baseline_objectives.reward_lm_loss`). Its per-token log-probs are a
+`alignheads.models.objectives.reward_lm_loss`). Its per-token log-probs are a
 token-level reward, and decoding samples from ``π_α ∝ π_base · π_r^α``: α = 0 is the base,
 larger α leans harder on the reward LM.
 """

@@ -6,7 +6,7 @@ token: the hidden state (and so the logits) at position ``t`` predicts the token
 ``t + 1`` (shift by one), so a response token at ``t + 1`` is scored by the logits at ``t``.
 All reductions run in float32 (or wider, if the inputs are wider).
 
-The maths (DESIGN.md):
+The maths (docs/architecture.md):
 
 * ``logp(y|x) = Σ_t log softmax(z_t)[y_t]`` over response tokens only.
 * DPO: ``L_pref = −log σ(β[(logp_π(y_w) − logp_ref(y_w)) − (logp_π(y_l) − logp_ref(y_l))])``.

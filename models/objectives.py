@@ -1,6 +1,7 @@
-"""Training objectives: a batch of preference pairs and a head's outputs -> the IAV or CALM loss.
+"""Training objectives of every method: a batch of preference pairs -> its loss.
 
-Pure functions over tensors. A batch holds B pairs as 2B sequences (chosen rows first, then
+The heads' (IAV, CALM: the head's outputs) and the baselines' (GenARM's reward LM and DPO for
+DeRa: the fine-tuned LM's logits). Pure functions over tensors. A batch holds B pairs as 2B sequences (chosen rows first, then
 rejected rows, through the backbone in one concatenated forward) in the compact layout of
 :class:`PairBatch`: the head only ever sees the hidden states that predict response tokens.
 """
@@ -17,10 +18,12 @@ from alignheads.models.iav import IAVOutput
 from alignheads.models.losses import (
     CALMLoss,
     CALMWeights,
+    DPOOutput,
     IAVLoss,
     IAVWeights,
     PreferenceLogps,
     calm_loss,
+    dpo_loss,
     exact_kl,
     iav_loss,
     masked_mean,
@@ -30,6 +33,14 @@ from alignheads.models.losses import (
     token_logprobs,
     topk_tail_kl,
 )
+
+
+@dataclass(frozen=True)
+class BatchNeeds:
+    """Which optional reference-cache columns a method's training reads (Parquet skips the others)."""
+
+    topk: bool
+    hidden: bool
 
 
 @dataclass
@@ -156,3 +167,52 @@ def calm_objective(
         weights,
     )
     return _anchored(loss, policy, batch, nll_weight)
+
+
+# --- the baselines: a whole fine-tuned LM ---------------------------------------------------------
+# GenARM's autoregressive reward LM (reference-free): L = −log σ(β(log π_r(y_w) − log π_r(y_l))),
+# i.e. DPO with a zero reference. DPO for DeRa: docs/architecture.md's DPO loss with the
+# reference's summed log-probs from the cache. Both may add λ_nll times the chosen NLL.
+
+
+def reward_lm_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float) -> DPOOutput:
+    """``−log σ(β(log π_r(y_w) − log π_r(y_l)))`` per pair; inputs ``(B,)`` summed response
+    log-probs of the reward LM; returns ``(B,)`` losses and the implicit rewards ``β log π_r``."""
+    zeros = torch.zeros_like(chosen_logps)
+    return dpo_loss(chosen_logps, rejected_logps, zeros, zeros, beta)
+
+
+@dataclass(frozen=True)
+class BaselineLoss:
+    """Scalar total, the per-pair preference output, and the policy's ``(2B,)`` summed log-probs."""
+
+    loss: Tensor
+    dpo: DPOOutput
+    logps: Tensor
+
+
+def _anchored_lm(
+    pref: DPOOutput, logits: Tensor, batch: PairBatch, logps: Tensor, nll: float
+) -> BaselineLoss:
+    loss = pref.losses.mean()
+    if nll:
+        loss = loss + nll * chosen_nll(logits, batch)
+    return BaselineLoss(loss=loss, dpo=pref, logps=logps)
+
+
+def reward_lm_objective(logits: Tensor, batch: PairBatch, beta: float, nll: float = 0.0) -> BaselineLoss:
+    """GenARM reward-LM loss of a batch. logits: ``(2B, R, V)`` at the positions predicting the
+    response tokens (chosen rows first); the batch's cached reference is not used."""
+    logps = response_logps(logits, batch)
+    b = batch.n_pairs
+    return _anchored_lm(reward_lm_loss(logps[:b], logps[b:], beta), logits, batch, logps, nll)
+
+
+def dpo_objective(logits: Tensor, batch: PairBatch, beta: float, nll: float = 0.0) -> BaselineLoss:
+    """DPO loss of a batch against the cached reference log-probs ``batch.ref_logps (2B,)``.
+    logits: ``(2B, R, V)`` of the fine-tuned LM at the positions predicting the response tokens."""
+    logps = response_logps(logits, batch)
+    b = batch.n_pairs
+    ref = batch.ref_logps
+    pref = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta)
+    return _anchored_lm(pref, logits, batch, logps, nll)

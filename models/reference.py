@@ -3,7 +3,7 @@
 Shapes: ``B`` sequences in a batch, ``T`` padded length, ``N`` scored tokens in the batch
 (all response tokens that have a predicting position), ``V`` vocabulary, ``H`` hidden size,
 ``K`` top-k. A sequence is ``prompt + response``; the hidden state at position ``t`` predicts
-the token at ``t + 1`` (DESIGN.md), so a response token at ``t`` is scored by the logits at
+the token at ``t + 1`` (docs/architecture.md), so a response token at ``t`` is scored by the logits at
 ``t − 1``, and a response token at position 0 (empty prompt) has none and is not scored.
 
 Batches are right-padded: with a causal model the real tokens never see the padding and their

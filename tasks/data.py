@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+from prefect import task
 
 from alignheads.config import DataConfig, SourceConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key, file_sha256
 from alignheads.storage.tables import write_table
+from alignheads.tasks.cached import StageResult, task_options
 
 STAGE = "data"
 DATA_VERSION = 1
@@ -88,3 +91,11 @@ def run_data(store: Path, plan: DataPlan, tokenizer) -> ArtifactResult:
         return ArtifactContent(tables=tables, info=info)
 
     return ensure_artifact(store, STAGE, plan.key, DATA_VERSION, plan.config, plan.inputs, build)
+
+
+@task(**task_options(STAGE))
+def data_task(store: str, key: str, plan: dict[str, Any], tokenizer_source: dict[str, Any]) -> StageResult:
+    """The data stage as a cached Prefect task; `tokenizer_source` names the run's tokenizer."""
+    from alignheads.loading import load_tokenizer
+
+    return StageResult.of(run_data(Path(store), DataPlan(**plan), load_tokenizer(**tokenizer_source)))

@@ -6,17 +6,16 @@ Output artifact `<store>/evaluate/<key>/` with two tables:
 - `scores` (`SCORES_SCHEMA`, one row per generation): its reward, its outcome against α = 0
   of the same head on the same prompt, sample and seed, and its text statistics;
 - `summary` (`SUMMARY_SCHEMA`, one row per (head, α)): means and rates over those rows, the
-  run id and the held-out preference accuracy the plan carries.
+  run id, and each trained method's held-out preference accuracy at that α (computed here, one
+  model load per method, all of its α at once).
 
 The metric definitions (words, distinct-n, repetition, ties) are in `alignheads.models.metrics`.
 Rewards come from the tiny world's ground truth (`reward="world"`) or a Hugging Face
-sequence-classification reward model (a Hub id or a local directory) scoring
-``prompt + response``.
+sequence-classification reward model (`alignheads.tasks.rewards`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +23,20 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from prefect import task
 
 from alignheads.models import metrics
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
-from alignheads.storage.fingerprint import artifact_key, file_sha256
+from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.tables import read_table, write_table
+from alignheads.tasks.cached import StageResult, task_options
 from alignheads.tasks.generate import GENERATIONS_SCHEMA
 from alignheads.tasks.generate import TABLE as GENERATIONS_TABLE
+from alignheads.tasks.rewards import WORLD_REWARD, compute_rewards, reward_spec
 
 STAGE = "evaluate"
 EVALUATE_VERSION = 1
-WORLD_REWARD = "world"
-# files larger than this are fingerprinted by size + first and last MiB, not read whole
-_FULL_HASH_LIMIT = 256 << 20
 
 # columns that may be null (per-head statistics); every other column must be filled
 _NULLABLE = {"kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean"}
@@ -96,7 +95,8 @@ class EvaluatePlan:
     """The evaluate stage's inputs, resolved, with the artifact key they hash to (JSON-able).
 
     `generation_paths` are sorted by artifact key, so the order they were given in does not
-    matter. `preference_accuracy` is ``{head: {alpha as str(float): accuracy}}``.
+    matter. `trained` is ``{method: (train plan as a dict, train artifact path)}`` of the methods
+    whose held-out preference accuracy the summary carries (none: the column stays empty).
     `run_id` is written into the summary but is not part of the key (see `plan_evaluate`).
     """
 
@@ -104,7 +104,7 @@ class EvaluatePlan:
     generation_paths: tuple[str, ...]
     reward: dict
     run_id: str
-    preference_accuracy: dict
+    trained: dict
     batch_size: int
     config: dict
     inputs: dict[str, str]
@@ -131,69 +131,24 @@ def normalize_preference_accuracy(pref: dict | None) -> dict[str, dict[str, floa
     return dict(sorted(out.items()))
 
 
-def _file_fingerprint(path: Path) -> str:
-    size = path.stat().st_size
-    if size <= _FULL_HASH_LIMIT:
-        return file_sha256(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as fh:
-        digest.update(fh.read(1 << 20))
-        fh.seek(-(1 << 20), 2)
-        digest.update(fh.read(1 << 20))
-    return "partial:" + digest.hexdigest()
-
-
-def reward_spec(
-    reward: str,
-    revision: str | None = None,
-    dtype: str = "float32",
-    max_length: int = 1024,
-    trust_remote_code: bool = False,
-) -> dict:
-    """What identifies a reward source, for the key.
-
-    ``"world"``: the tiny world's ground truth. A local directory: its files' checksums (files
-    over 256 MiB by size + first and last MiB), so retraining a model there changes the key. A
-    Hub id: id + revision (pin `revision` for reproducible keys); plus dtype and max_length.
-    """
-    if reward == WORLD_REWARD:
-        return {"kind": "world"}
-    spec: dict[str, Any] = {
-        "kind": "model",
-        "name_or_path": reward,
-        "dtype": dtype,
-        "max_length": int(max_length),
-        "trust_remote_code": bool(trust_remote_code),
-    }
-    path = Path(reward).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise ValueError(f"reward model directory {path} is empty")
-        spec["files"] = {p.relative_to(path).as_posix(): _file_fingerprint(p) for p in files}
-    else:
-        spec["revision"] = revision
-    return spec
-
-
 def plan_evaluate(
     generation_paths: list[str] | list[Path],
     reward: str = WORLD_REWARD,
     *,
     run_id: str = "",
-    preference_accuracy: dict | None = None,
+    trained: dict[str, tuple[dict, str]] | None = None,
     reward_revision: str | None = None,
     reward_dtype: str = "float32",
     reward_max_length: int = 1024,
     reward_batch_size: int = 16,
     trust_remote_code: bool = False,
 ) -> EvaluatePlan:
-    """Key = hash(the generation artifacts' keys, the reward spec, the preference accuracies,
-    format version).
+    """Key = hash(the generation artifacts' keys, the reward spec, the trained artifacts whose
+    held-out preference accuracy is computed, format version).
 
-    `run_id` (the pipeline's MLflow parent run id, or '') is not in the key: a rerun that finds
-    the artifact complete reuses it, and its summary keeps the run id of the run that computed
-    it. The preference accuracies are in the key (they change the summary's content).
+    `trained`: ``{method: (TrainPlan as a dict, its complete train artifact)}``. `run_id` (the
+    pipeline's MLflow parent run id, or '') is not in the key: a rerun that finds the artifact
+    complete reuses it, and its summary keeps the run id of the run that computed it.
     `reward_batch_size` is not (scores do not depend on it).
     """
     if not generation_paths:
@@ -212,15 +167,16 @@ def plan_evaluate(
         by_key[manifest.key] = str(p)
     keys = sorted(by_key)
     spec = reward_spec(reward, reward_revision, reward_dtype, reward_max_length, trust_remote_code)
-    pref = normalize_preference_accuracy(preference_accuracy)
-    config = {"reward": spec, "preference_accuracy": pref, "tie_tolerance": metrics.TIE_TOLERANCE}
+    trained = dict(sorted((trained or {}).items()))
+    config = {"reward": spec, "tie_tolerance": metrics.TIE_TOLERANCE}
     inputs = {f"generations[{i}]": k for i, k in enumerate(keys)}
+    inputs |= {f"train[{name}]": plan["key"] for name, (plan, _) in trained.items()}
     return EvaluatePlan(
         key=artifact_key(STAGE, config, inputs, EVALUATE_VERSION),
         generation_paths=tuple(by_key[k] for k in keys),
         reward={**spec, "revision": reward_revision} if spec["kind"] == "model" else spec,
         run_id=str(run_id or ""),
-        preference_accuracy=pref,
+        trained={name: [dict(plan), str(path)] for name, (plan, path) in trained.items()},
         batch_size=int(reward_batch_size),
         config=config,
         inputs=inputs,
@@ -281,114 +237,6 @@ def load_generations(paths: list[str] | tuple[str, ...]) -> pa.Table:
     return table
 
 
-# --- rewards ----------------------------------------------------------------------------------
-
-
-def world_rewards(prompts: list[str], responses: list[str]) -> list[float]:
-    """The tiny world's deterministic ground-truth reward of each (prompt, response)."""
-    from alignheads.world.reward import rewards
-
-    return rewards(prompts, responses)
-
-
-def load_reward_model(
-    name_or_path: str,
-    revision: str | None = None,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    device: str | None = None,
-):
-    """(model, tokenizer) of a sequence-classification reward model with one output (safetensors only).
-
-    The tokenizer gets a pad token (its EOS) when it has none, and the model's config the same
-    pad id, so batches pool at each row's last real token.
-    """
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        name_or_path, revision=revision, trust_remote_code=trust_remote_code
-    )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path,
-        revision=revision,
-        dtype=getattr(torch, dtype),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
-    if model.config.num_labels != 1:
-        raise ValueError(
-            f"reward model {name_or_path} has {model.config.num_labels} labels; a reward model has 1"
-        )
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer of {name_or_path} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
-
-
-def model_rewards(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    responses: list[str],
-    batch_size: int = 16,
-    max_length: int = 1024,
-) -> tuple[list[float], int]:
-    """Reward-model scores of ``prompt + response`` and how many texts were truncated.
-
-    Texts are batched by length (longest first) under `torch.inference_mode`; scores come back
-    in input order. Texts longer than `max_length` tokens are cut at the right.
-    """
-    import torch
-
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-    if not texts:
-        return [], 0
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    truncated = sum(1 for n in lengths if n > max_length)
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    device = next(model.parameters()).device
-    scores = [0.0] * len(texts)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            logits = model(**enc).logits
-            if logits.ndim != 2 or logits.shape[1] != 1:
-                raise ValueError(
-                    f"reward model returned logits of shape {tuple(logits.shape)}, expected (batch, 1)"
-                )
-            for i, value in zip(idx, logits[:, 0].float().tolist(), strict=True):
-                scores[i] = float(value)
-    return scores, truncated
-
-
-def compute_rewards(plan: EvaluatePlan, prompts: list[str], responses: list[str], device: str | None = None):
-    """(rewards, info) of every generation under the plan's reward source."""
-    spec = plan.reward
-    if spec["kind"] == "world":
-        return world_rewards(prompts, responses), {"source": WORLD_REWARD}
-    model, tokenizer = load_reward_model(
-        spec["name_or_path"], spec.get("revision"), spec["dtype"], spec["trust_remote_code"], device
-    )
-    scores, truncated = model_rewards(
-        model, tokenizer, prompts, responses, plan.batch_size, spec["max_length"]
-    )
-    return scores, {"source": spec["name_or_path"], "truncated": truncated}
-
-
 # --- scores and summary -----------------------------------------------------------------------
 
 
@@ -443,6 +291,48 @@ def summary_table(scores: pa.Table, run_id: str = "", preference_accuracy: dict 
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
+def held_out_accuracy(plan: Any, artifact: str | Path, alphas: list[float]) -> dict[str, float]:
+    """Held-out preference accuracy of a trained method's implicit reward at each α (keys
+    ``repr(float(α))``), the reference from the cache; the model (and a baseline's tuned copy)
+    is loaded once for all α. At α = 0 a method is the reference itself: its margins are
+    rounding noise, ties that count as half."""
+    import torch
+
+    from alignheads.models.losses import preference_accuracy
+    from alignheads.tasks.generate import resolve_device
+    from alignheads.tasks.train import load_run_model, pair_streams
+    from alignheads.tasks.training.batches import collate
+
+    entry, cfg = plan.method, plan.settings
+    model, _, pad_id = load_run_model(plan.model)
+    model = model.to(resolve_device("auto"))
+    loaded = entry.load(plan.saved_in(artifact), model, plan.model)
+    needs, with_sequences = entry.batches(cfg)
+    _, test = pair_streams(plan)
+    device = next(model.parameters()).device
+    margins: dict[float, list] = {float(a): [] for a in alphas}
+    for _, records in test.micro_batches(cfg.batch_size, seed=None, drop_last=False):
+        batch = collate(records, needs, with_sequences, pad_id).to(device)
+        for alpha, m in entry.score(loaded, batch, list(margins), cfg).items():
+            margins[alpha].append(m)
+    return {_alpha_key(a): preference_accuracy(torch.cat(m)) if m else math.nan for a, m in margins.items()}
+
+
+def preference_accuracies(trained: dict, generations: pa.Table) -> dict[str, dict[str, float]]:
+    """``{method: {α: accuracy}}`` at every α the generations hold for each trained method."""
+    from alignheads.tasks.train import TrainPlan
+
+    alphas: dict[str, set[float]] = {}
+    for head, alpha in zip(
+        generations.column("head").to_pylist(), generations.column("alpha").to_pylist(), strict=True
+    ):
+        alphas.setdefault(head, set()).add(float(alpha))
+    return {
+        name: held_out_accuracy(TrainPlan(**plan), path, sorted(alphas.get(name, ())))
+        for name, (plan, path) in trained.items()
+    }
+
+
 def run_evaluate(store: Path, plan: EvaluatePlan, device: str | None = None) -> ArtifactResult:
     """Build the evaluate artifact (tables `scores` and `summary`) unless a complete one exists.
 
@@ -453,13 +343,15 @@ def run_evaluate(store: Path, plan: EvaluatePlan, device: str | None = None) -> 
     def build(staging: Path) -> ArtifactContent:
         generations = load_generations(plan.generation_paths)
         rewards, reward_info = compute_rewards(
-            plan,
+            plan.reward,
+            plan.batch_size,
             generations.column("prompt").to_pylist(),
             generations.column("response").to_pylist(),
             device,
         )
         scores = score_table(generations, rewards, reward_info["source"])
-        summary = summary_table(scores, plan.run_id, plan.preference_accuracy)
+        accuracy = preference_accuracies(plan.trained, generations)
+        summary = summary_table(scores, plan.run_id, accuracy)
         info = {"rows": scores.num_rows, "reward": reward_info, "summary": summary.to_pylist()}
         tables = {
             "scores": write_table(scores, staging, "scores"),
@@ -468,3 +360,10 @@ def run_evaluate(store: Path, plan: EvaluatePlan, device: str | None = None) -> 
         return ArtifactContent(tables=tables, info=info)
 
     return ensure_artifact(store, STAGE, plan.key, EVALUATE_VERSION, plan.config, plan.inputs, build)
+
+
+@task(**task_options(STAGE))
+def evaluate_task(store: str, key: str, plan: dict[str, Any]) -> StageResult:
+    """The evaluate stage as a cached Prefect task."""
+    plan = {**plan, "generation_paths": tuple(plan["generation_paths"])}
+    return StageResult.of(run_evaluate(Path(store), EvaluatePlan(**plan)))

@@ -1,9 +1,13 @@
-"""Generate stage: the α sweep. One artifact per (trained head, α) holding the `generations` table.
+"""Generate stage: the α sweep. One artifact per (trained method, α) holding the `generations` table.
 
-Key = hash(train artifact key, head kind, α, prompt-set fingerprint, decoding settings, model
+Every method decodes through its registry entry (alignheads.models.methods): a head installed as
+the LM's output layer, or base and fine-tuned LM side by side; both go through the one
+common-random-numbers sampling loop below (`sample_batches`).
+
+Key = hash(train artifact key, method, α, prompt-set fingerprint, decoding settings, model
 dtype, format version): adding one α to the sweep builds only that α's artifact, and another
 prompt set or decoding setting builds new ones. The train key already covers the model, the
-tokenizer and the data the head was trained on.
+tokenizer and the data the method was trained on.
 
 Common random numbers. Every (prompt, sample) gets the same random draws at every α and for
 every head, so that differences between α come from α, not from sampling noise. Hugging Face
@@ -30,7 +34,6 @@ cover the same tokens (null for the other head).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -42,33 +45,22 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from prefect import task
 
 from alignheads.config import SweepConfig
+from alignheads.models.methods import METHODS
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key, fingerprint
 from alignheads.storage.manifest import read_manifest
-from alignheads.storage.tables import read_table, write_table
-
-__all__ = [
-    "GENERATE_VERSION",
-    "GENERATIONS_SCHEMA",
-    "STAGE",
-    "TABLE",
-    "GeneratePlan",
-    "batch_seed",
-    "generations_table",
-    "load_prompts_file",
-    "plan_generate",
-    "prompt_fingerprint",
-    "prompt_set",
-    "run_generate",
-    "sample_responses",
-]
+from alignheads.storage.tables import write_table
+from alignheads.tasks.cached import StageResult, task_options
+from alignheads.tasks.prompts import Prompt, prompt_fingerprint
 
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-GENERATE_VERSION = 1
+# 2: one train stage for heads and baselines (inputs name a `train` artifact for every method)
+GENERATE_VERSION = 2
 TABLE = "generations"
 
 GENERATIONS_SCHEMA = pa.schema(
@@ -92,125 +84,12 @@ GENERATIONS_SCHEMA = pa.schema(
     ]
 )
 
-Prompt = tuple[str, str]  # (prompt_id, text)
 
 # Sampling draws from torch's global RNG (transformers' generate takes no generator). Generation
 # tasks running in threads of one process (the threads runner, an in-process Dask cluster) would
 # interleave their draws and break common random numbers, so seeding and decoding a batch hold
 # this lock; separate processes (Dask workers on a cluster) still decode in parallel.
 SAMPLING_LOCK = threading.Lock()
-
-
-# --- prompts ----------------------------------------------------------------------------------
-
-
-def _distinct(items: Iterator[Prompt], limit: int) -> list[Prompt]:
-    """The first `limit` items with distinct texts (the first id of a text wins)."""
-    seen: set[str] = set()
-    out: list[Prompt] = []
-    for pid, text in items:
-        if text in seen:
-            continue
-        seen.add(text)
-        out.append((pid, text))
-        if len(out) == limit:
-            break
-    return out
-
-
-def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(place, raw row) of a prompts file; `place` names the file and line/index for errors."""
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".txt":
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                yield f"{path}, line {line_no}", line
-    elif suffix == ".jsonl":
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}, line {line_no}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {line_no}: not valid JSON: {exc}") from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
-        if isinstance(data, dict) and isinstance(data.get("prompts"), list):
-            data = data["prompts"]
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts (strings or objects with 'prompt')")
-        for index, row in enumerate(data):
-            yield f"{path}, item {index}", row
-    else:
-        raise ValueError(f"{path}: unsupported prompts file type {suffix!r} (use .txt, .jsonl or .json)")
-
-
-def _prompt_text(place: str, row: Any) -> str:
-    if isinstance(row, str):
-        text = row
-    elif isinstance(row, dict):
-        if "prompt" not in row:
-            raise ValueError(f"{place}: field 'prompt' is missing (fields: {sorted(row)})")
-        text = row["prompt"]
-        if not isinstance(text, str):
-            raise ValueError(f"{place}: field 'prompt' must be a string, got {type(text).__name__}")
-    else:
-        raise ValueError(f"{place}: expected a string or an object with a 'prompt' field")
-    if not text.strip():
-        raise ValueError(f"{place}: field 'prompt' is empty")
-    return text
-
-
-def load_prompts_file(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    """Prompts of a .txt (one per line, blank lines skipped), .jsonl ('prompt' field per line) or
-    .json file (a list of strings or of objects with 'prompt', or {"prompts": [...]}).
-
-    Returns the first `limit` distinct prompts as (f"p{i:05d}", text), `i` = the prompt's index
-    in the file. Raises FileNotFoundError / ValueError naming the file (and line) when the file
-    is missing, holds no prompt, or a row is malformed.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} not found")
-    rows = ((f"p{i:05d}", _prompt_text(place, row)) for i, (place, row) in enumerate(_file_rows(path)))
-    prompts = _distinct(rows, limit if limit is not None else -1)
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompts")
-    return prompts
-
-
-def prompt_set(data_path: str | Path | None, sweep: SweepConfig) -> list[Prompt]:
-    """The sweep's prompts: the first `n_prompts` distinct prompts of `prompts_file` or of the named
-    `prompt_set` when set, else of the data artifact's test split (in table order, id = the first pair's id)."""
-    if sweep.prompts_file:
-        return load_prompts_file(sweep.prompts_file, sweep.n_prompts)
-    if sweep.prompt_set:
-        from alignheads.tasks.prompt_sets import load_prompt_set
-
-        return load_prompt_set(
-            sweep.prompt_set, sweep.n_prompts, sweep.prompt_set_source, sweep.prompt_set_revision
-        )
-    if data_path is None:
-        raise ValueError(
-            "sweep.prompts_file is empty and no data artifact was given to take test prompts from"
-        )
-    pairs = read_table(Path(data_path), "pairs").select(["id", "split", "prompt"])
-    test = pairs.filter(pc.equal(pairs.column("split"), "test"))
-    prompts = _distinct(
-        zip(test.column("id").to_pylist(), test.column("prompt").to_pylist(), strict=True), sweep.n_prompts
-    )
-    if not prompts:
-        raise ValueError(f"{data_path}: the pairs table has no test prompts to generate from")
-    return prompts
-
-
-def prompt_fingerprint(prompts: Sequence[Prompt]) -> str:
-    """SHA-256 of the ordered (id, text) list: order matters (it fixes the batches)."""
-    return fingerprint([[pid, text] for pid, text in prompts])
 
 
 def batch_seed(seed: int, sample_index: int, batch_index: int) -> int:
@@ -223,12 +102,12 @@ def batch_seed(seed: int, sample_index: int, batch_index: int) -> int:
 
 @dataclass(frozen=True)
 class GeneratePlan:
-    """One (head, α) generation job, resolved, with its artifact key (JSON-able: `GeneratePlan(**d)`
+    """One (method, α) generation job, resolved, with its artifact key (JSON-able: `GeneratePlan(**d)`
     rebuilds it from its `__dict__`)."""
 
     key: str
-    head: str
-    head_key: str
+    head: str  # the method's name (the generations table's `head` column)
+    head_key: str  # its train artifact's key
     train_path: str
     alpha: float
     prompts: list[list[str]]
@@ -241,12 +120,6 @@ class GeneratePlan:
     def sweep_config(self) -> SweepConfig:
         return SweepConfig.model_validate(self.sweep)
 
-    @property
-    def head_path(self) -> Path:
-        from alignheads.tasks.train import HEAD_SUBDIR
-
-        return Path(self.train_path) / HEAD_SUBDIR
-
 
 def plan_generate(
     train_path: str | Path,
@@ -255,7 +128,7 @@ def plan_generate(
     sweep: SweepConfig,
     model_source: dict[str, Any],
 ) -> GeneratePlan:
-    """Key = hash(train artifact key, head kind, α, prompt-set fingerprint, decoding settings,
+    """Key = hash(train artifact key, method, α, prompt-set fingerprint, decoding settings,
     model dtype, version). `model_source`: name_or_path, revision, trust_remote_code, dtype of
     the run's model (the train stage's `model` dict)."""
     from alignheads.tasks.train import STAGE as TRAIN_STAGE
@@ -264,23 +137,10 @@ def plan_generate(
         raise ValueError("the prompt set is empty")
     manifest = read_manifest(Path(train_path), TRAIN_STAGE)
     kind = manifest.info.get("kind")
-    if kind not in ("iav", "calm"):
-        raise ValueError(f"{train_path}: train manifest info 'kind' is {kind!r}, expected 'iav' or 'calm'")
-    return generation_plan(kind, "train", manifest.key, train_path, alpha, prompts, sweep, model_source)
-
-
-def generation_plan(
-    kind: str,
-    input_stage: str,
-    input_key: str,
-    input_path: str | Path,
-    alpha: float,
-    prompts: Sequence[Prompt],
-    sweep: SweepConfig,
-    model_source: dict[str, Any],
-) -> GeneratePlan:
-    """The plan of one (method, α) generation from a trained artifact (a head's `train`, or a
-    baseline's): key = hash(method, α, prompt set, decoding settings, dtype, the input's key)."""
+    if kind not in METHODS:
+        raise ValueError(
+            f"{train_path}: train manifest info 'kind' is {kind!r}, expected one of {', '.join(METHODS)}"
+        )
     alpha = float(alpha) + 0.0
     config = {
         "head": kind,
@@ -289,12 +149,12 @@ def generation_plan(
         "decoding": sweep.decoding(),
         "dtype": model_source.get("dtype", "float32"),
     }
-    inputs = {input_stage: input_key}
+    inputs = {TRAIN_STAGE: manifest.key}
     return GeneratePlan(
         key=artifact_key(STAGE, config, inputs, GENERATE_VERSION),
         head=kind,
-        head_key=input_key,
-        train_path=str(input_path),
+        head_key=manifest.key,
+        train_path=str(train_path),
         alpha=alpha,
         prompts=[[pid, text] for pid, text in prompts],
         sweep=sweep.model_dump(mode="json"),
@@ -494,7 +354,8 @@ def generations_table(rows: list[dict[str, Any]], head: str, head_key: str, alph
     return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """`auto`: CUDA when visible, else the CPU; any other name as given."""
     import torch
 
     if device == "auto":
@@ -518,6 +379,18 @@ def _summary(table: pa.Table) -> dict[str, Any]:
     }
 
 
+def decoding_settings(sweep: SweepConfig, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
+    """What every method's decoder takes: length, sampling, and where to stop and pad."""
+    return {
+        "max_new_tokens": sweep.max_new_tokens,
+        "do_sample": sweep.do_sample,
+        "temperature": sweep.temperature,
+        "top_p": sweep.top_p,
+        "eos_token_id": eos_ids,
+        "pad_token_id": pad_id,
+    }
+
+
 def run_generate(
     store: Path,
     plan: GeneratePlan,
@@ -527,50 +400,51 @@ def run_generate(
     device: str = "auto",
     progress: bool = True,
 ) -> ArtifactResult:
-    """Generate the plan's (head, α) responses unless the artifact is already complete.
+    """Generate the plan's (method, α) responses unless the artifact is already complete.
 
-    `model`/`tokenizer`: an already loaded base model and tokenizer to reuse across α (the head
-    is installed for this call and removed after; the model stays where it is); by default both
+    `model`/`tokenizer`: an already loaded base model and tokenizer to reuse across α (a head is
+    installed for this call and removed after; the model stays where it is); by default both
     are loaded from `plan.model` and the model is put on `device` ('auto': CUDA when visible).
     """
-    from alignheads.models import load_aligned
+    from alignheads.models.methods import method
+    from alignheads.tasks.train import load_run_model
+
+    entry = method(plan.head)
 
     def build(staging: Path) -> ArtifactContent:
         nonlocal model, tokenizer
-        src = plan.model
-        source = (src["name_or_path"], src.get("revision"))
-        trust = src.get("trust_remote_code", False)
-        if tokenizer is None:
-            from alignheads.loading import load_tokenizer
-
-            tokenizer = load_tokenizer(*source, trust)
-        if model is None:
-            from alignheads.loading import load_causal_lm
-
-            model = load_causal_lm(*source, src.get("dtype", "float32"), trust).to(_resolve_device(device))
-        aligned = load_aligned(plan.head_path, model, alpha=plan.alpha)
+        if model is None or tokenizer is None:
+            loaded_model, loaded_tokenizer, _ = load_run_model(plan.model)
+            model = model if model is not None else loaded_model.to(resolve_device(device))
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        loaded = entry.load(Path(plan.train_path) / entry.saved_as, model, plan.model)
+        eos_ids = _eos_ids(tokenizer, model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        sweep = plan.sweep_config
+        decode, done = entry.decoder(loaded, plan.alpha, decoding_settings(sweep, eos_ids, pad_id))
         started = time.perf_counter()
         try:
-            rows = sample_responses(
-                aligned,
-                tokenizer,
-                [(pid, text) for pid, text in plan.prompts],
-                plan.sweep_config,
-                alpha=plan.alpha,
-                progress=progress,
-                desc=f"generate {plan.head} α={plan.alpha:g}",
-            )
+            rows = sample_batches(
+                decode, tokenizer, [(pid, text) for pid, text in plan.prompts], sweep, eos_ids, pad_id,
+                model, progress, f"generate {plan.head} α={plan.alpha:g}",
+            )  # fmt: skip
         finally:
-            aligned.remove()
+            done()
         seconds = time.perf_counter() - started
         table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
         info = {"head": plan.head, "alpha": plan.alpha, "prompts": len(plan.prompts), **_summary(table)}
-        # decoding cost, for the comparison with the two-model baselines (alignheads.tasks.reporting.matched_kl)
+        # decoding cost, for the comparison of methods at matched KL (tasks.reporting.matched_kl)
         info |= {
-            "lm_forwards_per_token": 1,
+            "lm_forwards_per_token": entry.lm_forwards_per_token,
             "decode_seconds": seconds,
             "generated_tokens": sum(r["n_tokens"] for r in rows),
         }
         return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
 
     return ensure_artifact(store, STAGE, plan.key, GENERATE_VERSION, plan.config, plan.inputs, build)
+
+
+@task(**task_options(STAGE))
+def generate_task(store: str, key: str, plan: dict[str, Any]) -> StageResult:
+    """The generate stage of one (method, α) as a cached Prefect task."""
+    return StageResult.of(run_generate(Path(store), GeneratePlan(**plan)))

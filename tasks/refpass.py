@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+
 from alignheads.config import ModelConfig, RefPassConfig
 from alignheads.models.reference import ReferenceModel, load_reference, score_sequences
 from alignheads.storage.artifacts import ArtifactResult
@@ -44,6 +46,7 @@ from alignheads.storage.sharded_artifact import (
     build_sharded,
 )
 from alignheads.storage.tables import read_table_rows
+from alignheads.tasks.cached import StageResult, task_options
 
 __all__ = [
     "REFPASS_VERSION",
@@ -328,3 +331,22 @@ def check_refcache(path: str | Path, plan: RefPassPlan | None = None, verify: bo
                 "it cannot serve this run"
             )
     return manifest
+
+
+def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key of a refpass shard task: the artifact key and the shard index."""
+    return f"refpass-{parameters['key']}-shard-{parameters['index']:05d}"
+
+
+@task(name="refpass-shard", cache_key_fn=shard_cache_key, persist_result=True, result_serializer="json")
+def refpass_shard_task(store: str, key: str, plan: dict[str, Any], index: int) -> dict[str, Any]:
+    """One shard of the reference pass as a cached Prefect task (mapped over the task runner)."""
+    outcome = run_refpass_shard(Path(store), RefPassPlan(**plan), index)
+    return {"index": index, "computed": outcome.computed, "info": outcome.record.info}
+
+
+@task(**task_options(STAGE))
+def refpass_task(store: str, key: str, plan: dict[str, Any]) -> StageResult:
+    """The reference pass's finalisation as a cached Prefect task: every shard is normally done
+    by now; any that is not (or fails its checksum) is computed here."""
+    return StageResult.of(run_refpass(Path(store), RefPassPlan(**plan)))

@@ -17,11 +17,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from prefect import task
 
 from alignheads.config import TokenizeConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.tables import read_table, write_table
+from alignheads.tasks.cached import StageResult, task_options
 
 __all__ = [
     "TOKENIZED_SCHEMA",
@@ -211,3 +213,13 @@ def run_tokenize(store: Path, plan: TokenizePlan, tokenizer: Any) -> ArtifactRes
         return ArtifactContent(tables={"tokenized": write_table(table, staging, "tokenized")}, info=info)
 
     return ensure_artifact(store, STAGE, plan.key, TOKENIZE_VERSION, plan.config, plan.inputs, build)
+
+
+@task(**task_options(STAGE))
+def tokenize_task(
+    store: str, key: str, plan: dict[str, Any], tokenizer_source: dict[str, Any]
+) -> StageResult:
+    """The tokenize stage as a cached Prefect task; `tokenizer_source` names the run's tokenizer."""
+    from alignheads.loading import load_tokenizer
+
+    return StageResult.of(run_tokenize(Path(store), TokenizePlan(**plan), load_tokenizer(**tokenizer_source)))

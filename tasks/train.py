@@ -1,9 +1,14 @@
-"""Train stage: one head (IAV or CALM) trained over the reference cache, saved as a head directory.
+"""Train stage: one method (any entry of alignheads.models.methods) trained over the reference cache.
 
-The artifact `<store>/train/<key>/` holds `head/` (head_config.json + head_model.safetensors)
-and the `train_metrics` table (one row per optimizer step and evaluation). Resumable
-checkpoints live outside it, in `<store>/checkpoints/train/<key>/`, so a killed run continues
-from its last checkpoint (the artifact itself only appears once training has finished).
+The artifact `<store>/train/<key>/` holds the trained result under the method's `saved_as`
+subdirectory — `head/` (head_config.json + head_model.safetensors) for IAV and CALM, `model/`
+(a plain transformers checkpoint, safetensors) for GenARM and DPO — and the `train_metrics`
+table (one row per optimizer step and evaluation). Resumable checkpoints live outside it, in
+`<store>/checkpoints/train/<key>/`, so a killed run continues from its last checkpoint (the
+artifact itself only appears once training has finished).
+
+Key = hash(method name + training settings, the reference cache's key (which covers the model,
+tokenizer and data), format version).
 """
 
 from __future__ import annotations
@@ -18,27 +23,27 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from prefect import task
 
-from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
+from alignheads.config import PreferenceTrainConfig
+from alignheads.models.methods import Method, method
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.tables import write_table
+from alignheads.tasks.cached import StageResult, task_options
 
 STAGE = "train"
-TRAIN_VERSION = 1
-HEAD_SUBDIR = "head"
-# settings that change how a run is watched, not what it computes
-_NOT_IN_KEY = {"enabled", "resume", "eval_every", "checkpoint_every", "num_processes"}
-CONFIG_CLASSES: dict[str, type[HeadTrainConfig]] = {"iav": IAVTrainConfig, "calm": CALMTrainConfig}
+# 2: one train stage for every method (the baselines' artifacts were a stage of their own)
+TRAIN_VERSION = 2
 
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """One head's training inputs, resolved, with the artifact key they hash to (JSON-able)."""
+    """One method's training inputs, resolved, with the artifact key they hash to (JSON-able)."""
 
     key: str
-    kind: str
+    kind: str  # the method's name
     train: dict
     refpass_path: str
     tokenize_path: str
@@ -47,21 +52,31 @@ class TrainPlan:
     inputs: dict[str, str]
 
     @property
-    def head_config(self) -> HeadTrainConfig:
-        return CONFIG_CLASSES[self.kind].model_validate(self.train)
+    def method(self) -> Method:
+        return method(self.kind)
+
+    @property
+    def settings(self) -> PreferenceTrainConfig:
+        return self.method.settings.model_validate(self.train)
+
+    def saved_in(self, artifact: str | Path) -> Path:
+        """Where a complete artifact of this plan holds the trained result."""
+        return Path(artifact) / self.method.saved_as
 
 
-def plan_train(kind: str, cfg: HeadTrainConfig, refpass_path: str | Path, model: dict[str, Any]) -> TrainPlan:
-    """Key = hash(head kind + training settings, the reference cache's key (which covers the
-    model, tokenizer and data), format version). `model`: name_or_path, revision, dtype,
-    trust_remote_code of the run's model."""
+def plan_train(
+    kind: str, cfg: PreferenceTrainConfig, refpass_path: str | Path, model: dict[str, Any]
+) -> TrainPlan:
+    """The plan of training method `kind` with settings `cfg` over the reference cache at
+    `refpass_path`. `model`: name_or_path, revision, dtype, trust_remote_code of the run's model."""
+    entry = method(kind)
     refpass = read_manifest(Path(refpass_path), "refpass")
-    if cfg.features == "cached" and not refpass.config.get("store_hidden"):
+    if getattr(cfg, "features", None) == "cached" and not refpass.config.get("store_hidden"):
         raise ValueError(
-            f"train.{kind}.features is 'cached' but the reference cache {refpass_path} holds no hidden "
-            "states: set refpass.store_hidden: true"
+            f"train.{entry.section}.features is 'cached' but the reference cache {refpass_path} holds no "
+            "hidden states: set refpass.store_hidden: true"
         )
-    config = {"kind": kind, **cfg.model_dump(mode="json", exclude=_NOT_IN_KEY)}
+    config = {"kind": kind, **cfg.model_dump(mode="json", exclude=entry.key_excludes(cfg))}
     inputs = {"refpass": refpass.key}
     tokenize_path = Path(refpass_path).parent.parent / "tokenize" / refpass.inputs["tokenize"]
     return TrainPlan(
@@ -74,6 +89,14 @@ def plan_train(kind: str, cfg: HeadTrainConfig, refpass_path: str | Path, model:
         config=config,
         inputs=inputs,
     )
+
+
+def trained_settings(artifact: str | Path) -> tuple[Method, PreferenceTrainConfig]:
+    """The method and settings a complete train artifact was trained with, from its manifest
+    (settings that do not change the result are back at their defaults)."""
+    config = dict(read_manifest(Path(artifact), STAGE).config)
+    entry = method(config.pop("kind"))
+    return entry, entry.settings.model_validate(config)
 
 
 def checkpoint_dir(store: Path, key: str) -> Path:
@@ -111,26 +134,41 @@ def launch_command(plan_file: Path, out_dir: Path, checkpoints: Path, processes:
     ]  # fmt: skip
 
 
-def make_job(plan: TrainPlan, checkpoints: Path, log=None, progress: bool = True):
-    """The TrainJob of a plan: the frozen model loaded, train/test streams over the cache."""
+def load_run_model(source: dict[str, Any]):
+    """(model, tokenizer, pad id) of the run's model as `source` names it (not moved to a device)."""
     from alignheads.loading import load_causal_lm, load_tokenizer
-    from alignheads.tasks.training.batches import PairStream
-    from alignheads.tasks.training.loop import TrainJob, batch_needs
 
-    cfg, m = plan.head_config, plan.model
-    source = (m["name_or_path"], m.get("revision"))
-    model = load_causal_lm(*source, m.get("dtype", "float32"), m.get("trust_remote_code", False))
-    tokenizer = load_tokenizer(*source, m.get("trust_remote_code", False))
-    needs = batch_needs(plan.kind, cfg)
+    where = (source["name_or_path"], source.get("revision"))
+    trust = source.get("trust_remote_code", False)
+    model = load_causal_lm(*where, source.get("dtype", "float32"), trust)
+    tokenizer = load_tokenizer(*where, trust)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, tokenizer, pad_id
+
+
+def pair_streams(plan: TrainPlan):
+    """(train, test) PairStreams over the plan's reference cache, reading what its method needs."""
+    from alignheads.tasks.training.batches import PairStream
+
+    needs, _ = plan.method.batches(plan.settings)
     refpass, tokenized = Path(plan.refpass_path), Path(plan.tokenize_path)
+    return PairStream(refpass, tokenized, "train", needs), PairStream(refpass, tokenized, "test", needs)
+
+
+def make_job(plan: TrainPlan, checkpoints: Path, log=None, progress: bool = True):
+    """The TrainJob of a plan: the run's model loaded, train/test streams over the cache."""
+    from alignheads.tasks.training.loop import TrainJob
+
+    model, _, pad_id = load_run_model(plan.model)
+    train, test = pair_streams(plan)
     return TrainJob(
-        kind=plan.kind,
-        cfg=cfg,
+        method=plan.method,
+        cfg=plan.settings,
         model=model,
-        train=PairStream(refpass, tokenized, "train", needs),
-        eval=PairStream(refpass, tokenized, "test", needs),
+        train=train,
+        eval=test,
         checkpoint_dir=checkpoints,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_id=pad_id,
         log=log or (lambda metrics, step: None),
         progress=progress,
     )
@@ -147,18 +185,18 @@ def result_summary(result) -> dict[str, Any]:
     }
 
 
+def save_trained(plan: TrainPlan, job, result, out: Path) -> None:
+    """Write the trained result where the artifact holds it (`out/<saved_as>`)."""
+    training = {"config": plan.train, "steps": result.steps}
+    plan.method.save(result.trainee, out / plan.method.saved_as, job.model, training)
+
+
 def _train_in_process(store: Path, plan: TrainPlan, out: Path, log, progress: bool) -> dict[str, Any]:
-    from alignheads.models.head_io import save_head
-    from alignheads.tasks.training.loop import train_head
+    from alignheads.tasks.training.loop import train
 
     job = make_job(plan, checkpoint_dir(store, plan.key), log, progress)
-    result = train_head(job)
-    save_head(
-        result.head,
-        out / HEAD_SUBDIR,
-        base_model=job.model,
-        training={"config": plan.train, "steps": result.steps},
-    )
+    result = train(job)
+    save_trained(plan, job, result, out)
     return result_summary(result)
 
 
@@ -168,12 +206,12 @@ def _train_launched(store: Path, plan: TrainPlan, out: Path, log) -> dict[str, A
     work.mkdir()
     plan_file = work / "plan.json"
     plan_file.write_text(json.dumps(asdict(plan)))
-    cmd = launch_command(plan_file, work, checkpoint_dir(store, plan.key), plan.head_config.num_processes)
+    cmd = launch_command(plan_file, work, checkpoint_dir(store, plan.key), plan.settings.num_processes)
     subprocess.run(
         cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     )
     result = json.loads((work / "result.json").read_text())
-    shutil.move(str(work / "head"), str(out / HEAD_SUBDIR))
+    shutil.move(str(work / plan.method.saved_as), str(out / plan.method.saved_as))
     shutil.rmtree(work)
     if log is not None:
         for row in result["history"]:
@@ -182,8 +220,8 @@ def _train_launched(store: Path, plan: TrainPlan, out: Path, log) -> dict[str, A
 
 
 def run_train(store: Path, plan: TrainPlan, log=None, progress: bool = True) -> ArtifactResult:
-    """Train the head (resuming from a checkpoint when one exists) unless the artifact is complete."""
-    processes = plan.head_config.num_processes
+    """Train the method (resuming from a checkpoint when one exists) unless the artifact is complete."""
+    processes = plan.settings.num_processes
 
     def build(staging: Path) -> ArtifactContent:
         if processes > 1:
@@ -207,30 +245,21 @@ def run_train(store: Path, plan: TrainPlan, log=None, progress: bool = True) -> 
     return ensure_artifact(store, STAGE, plan.key, TRAIN_VERSION, plan.config, plan.inputs, build)
 
 
-def preference_accuracy_by_alpha(plan: TrainPlan, head_dir: Path, alphas: list[float]) -> dict[str, float]:
-    """Held-out preference accuracy of the implicit reward of a trained head at each α
-    (keys are `str(float(α))`); at α = 0 CALM is the reference itself, so its margins are 0."""
-    from alignheads.models.head_base import lm_output_layer
-    from alignheads.models.head_io import load_head
-    from alignheads.tasks.training.loop import evaluate, features_fn
+def metric_logger(tracking: dict[str, str] | None):
+    """A training loop's `log(metrics, step)` into the MLflow run `tracking` names, or None."""
+    if tracking is None:
+        return None
+    from alignheads.storage.tracking import Tracker
 
-    cfg = plan.head_config
-    job = make_job(plan, Path(head_dir), progress=False)
-    head = load_head(head_dir, job.model).eval()
-    frozen = lm_output_layer(job.model)
-    features = features_fn(cfg, job.model.base_model, head.needs_token_context, frozen.weight.dtype)
-    out = {}
-    for alpha in alphas:
-        metrics = evaluate(
-            head,
-            frozen,
-            job.eval,
-            features,
-            cfg.features == "backbone",
-            job.pad_id,
-            cfg.beta,
-            cfg.batch_size,
-            alpha,
-        )
-        out[str(float(alpha))] = metrics.get("eval/rewards/accuracies", float("nan"))
-    return out
+    tracker, run_id = Tracker(tracking["uri"], tracking["experiment_id"]), tracking["run_id"]
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        tracker.log_metrics(run_id, metrics, step)
+
+    return log
+
+
+@task(**task_options(STAGE))
+def train_task(store: str, key: str, plan: dict[str, Any], tracking: dict[str, str] | None) -> StageResult:
+    """The train stage as a cached Prefect task; metrics go to the MLflow run `tracking` names."""
+    return StageResult.of(run_train(Path(store), TrainPlan(**plan), log=metric_logger(tracking)))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import task
+
 from alignheads.config import WorldConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
+from alignheads.tasks.cached import StageResult, task_options
 
 STAGE = "world"
 WORLD_VERSION = 1
@@ -29,3 +32,9 @@ def run_world(store: Path, cfg: WorldConfig, progress: bool = True) -> ArtifactR
         return ArtifactContent(info=build_world(staging, cfg, progress=progress))
 
     return ensure_artifact(store, STAGE, world_key(cfg), WORLD_VERSION, world_config_slice(cfg), {}, build)
+
+
+@task(**task_options(STAGE))
+def world_task(store: str, key: str, world: WorldConfig) -> StageResult:
+    """The world stage as a cached Prefect task (`key` = `world_key(world)`)."""
+    return StageResult.of(run_world(Path(store), world))

@@ -6,14 +6,10 @@ import re
 import sys
 from pathlib import Path
 
+import decode_bench  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import pipeline_bench
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import decode_bench  # noqa: E402
-import pipeline_bench  # noqa: E402
-import scale_bench  # noqa: E402
+import scale_bench
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:

@@ -20,7 +20,7 @@ from alignheads.inference import (
 )
 from alignheads.models import BaseModelInfo, save_head
 from alignheads.models.modstats import strength_stats
-from tests.models.headtest_utils import make_head, randomise, tiny_llama, tiny_tokenizer
+from tests.helpers.tiny_models import make_head, randomise, tiny_llama, tiny_tokenizer
 
 PROMPTS = ["w3 w4 w5", "w10 w11", "w20 w21 w22 w23", "w40"]
 GREEDY = {"do_sample": False, "max_new_tokens": 8}

@@ -9,56 +9,55 @@ from rich.console import Console
 from rich.table import Table
 
 from alignheads.config import RunConfig
+from alignheads.tasks.cached import RunOutcome
 
 
-def print_run_summary(
-    cfg: RunConfig, outcomes: dict[str, dict[str, Any]], console: Console | None = None
-) -> None:
-    """One row per stage: status, artifact key, tables with row counts, path; then the store."""
+def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | None = None) -> None:
+    """One row per stage: status, artifact key, tables with row counts, path; then the trained
+    methods, the sweep's summary, the matched-KL table, the report's files and the store."""
     console = console or Console()
     table = Table(title=f"alignheads run '{cfg.name}'")
     for col in ("stage", "status", "key", "tables (rows)", "path"):
         table.add_column(col, overflow="fold")
-    for stage, out in outcomes.items():
-        tables = ", ".join(f"{n} ({r})" for n, r in out["tables"].items()) or "-"
-        table.add_row(stage, out["status"], out["key"], tables, out["path"])
+    stages = outcome.stages()
+    for stage, result in stages:
+        tables = ", ".join(f"{n} ({r})" for n, r in result.tables.items()) or "-"
+        table.add_row(stage, result.status, result.key, tables, result.path)
     console.print(table)
-    print_head_summary(outcomes, console)
-    evaluation = outcomes.get("evaluate", {})
-    if evaluation.get("summary"):
-        print_sweep_summary(evaluation["summary"], console)
-        if evaluation.get("matched_kl"):
-            print_matched_kl(evaluation["matched_kl"], console)
-        for name, path in evaluation.get("plots", {}).items():
-            console.print(f"plot {name}: {path}")
-    rejected = sum(outcomes.get("data", {}).get("info", {}).get("rejects", {}).values())
+    print_head_summary(outcome, console)
+    if outcome.report is not None:
+        print_sweep_summary(outcome.report.info["summary"], console)
+        if outcome.report.info.get("matched_kl"):
+            print_matched_kl(outcome.report.info["matched_kl"], console)
+        for name, file in outcome.report.info.get("files", {}).items():
+            console.print(f"{name}: {outcome.report.directory / file}")
+    rejected = sum(outcome.data.info.get("rejects", {}).values()) if outcome.data is not None else 0
     if rejected:
         console.print(
             f'[yellow]{rejected} bad rows skipped[/] (see: alignheads query "SELECT * FROM rejects")'
         )
-    if all(out["status"] != "computed" for out in outcomes.values()):
+    if all(result.status != "computed" for _, result in stages):
         console.print("Nothing recomputed: every stage was already complete in the store.")
     else:
-        done = [s for s, out in outcomes.items() if out["status"] == "computed"]
-        reused = [s for s, out in outcomes.items() if out["status"] != "computed"]
+        done = [s for s, result in stages if result.status == "computed"]
+        reused = [s for s, result in stages if result.status != "computed"]
         tail = f"; reused from the store: {', '.join(reused)}" if reused else ""
         console.print(f"Computed: {', '.join(done)}{tail}.")
     console.print(f"Store: {cfg.store}")
 
 
-def print_head_summary(outcomes: dict[str, dict[str, Any]], console: Console) -> None:
-    """Trained heads: steps, final training loss, held-out preference accuracy and margin at α = 1."""
-    heads = {name.removeprefix("train-"): out for name, out in outcomes.items() if name.startswith("train-")}
-    if not heads:
+def print_head_summary(outcome: RunOutcome, console: Console) -> None:
+    """Trained methods: steps, final training loss, held-out preference accuracy and margin at α = 1."""
+    if not outcome.train:
         return
-    table = Table(title="trained heads (held-out pairs, alpha = 1)")
-    for col in ("head", "steps", "train loss", "preference accuracy", "reward margin"):
+    table = Table(title="trained methods (held-out pairs, alpha = 1)")
+    for col in ("method", "steps", "train loss", "preference accuracy", "reward margin"):
         table.add_column(col, justify="right")
-    for kind, out in heads.items():
-        info = out["info"]
+    for name, result in outcome.train.items():
+        info = result.info
         ev, final = info.get("eval", {}), info.get("final", {})
         table.add_row(
-            kind,
+            name,
             str(info.get("steps", "-")),
             _fmt(final.get("loss")),
             _fmt(ev.get("eval/rewards/accuracies")),

@@ -19,19 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from alignheads.models.objectives import PairBatch
+from alignheads.models.objectives import BatchNeeds, PairBatch
 from alignheads.storage.manifest import ArtifactError, ShardInfo, read_manifest, verify_shard
 from alignheads.storage.refcache import token_matrix
 
 SIDES = ("chosen", "rejected")
-
-
-@dataclass(frozen=True)
-class BatchNeeds:
-    """Which optional cache columns a training run reads (Parquet skips the others)."""
-
-    topk: bool
-    hidden: bool
 
 
 class TokenizedRows:

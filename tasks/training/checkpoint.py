@@ -70,7 +70,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    tensors = {f"head.{k}": v.detach().contiguous() for k, v in _unique_state(head).items()}
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / TENSORS))
@@ -91,6 +91,19 @@ def save_checkpoint(
     os.rename(tmp, final)
     fsync_dir(directory)
     return final
+
+
+def _unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with tied tensors (an LM's input embedding and output layer) kept
+    once, under their first name: safetensors refuses two names for one storage."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, value in module.state_dict().items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ident not in seen:
+            seen.add(ident)
+            out[name] = value
+    return out
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -114,7 +127,13 @@ def load_checkpoint(
     """Restore head, optimizer, scheduler and RNG states in place; returns (step, position, extra)."""
     tensors = load_file(str(path / TENSORS))
     meta = json.loads((path / META).read_text())
-    head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")})
+    state = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    aliases = set(head.state_dict()) - set(_unique_state(head))
+    if unexpected or set(missing) - aliases:
+        raise ValueError(
+            f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})"
+        )
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])

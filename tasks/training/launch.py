@@ -2,7 +2,7 @@
 
 PLAN is a train plan as JSON (what `tasks.train.plan_train` returns); every process builds
 the same head and stream, takes its share of each step's micro-batches, and process 0 writes
-OUT/head (the trained head) and OUT/result.json (steps, metrics history). The train stage
+OUT/<saved_as> (the trained head or model) and OUT/result.json (steps, metrics history). The train stage
 runs this through `accelerate launch` when `train.<head>.num_processes` is above 1; it also
 works by hand on GPUs (`--multi_gpu`) or CPUs (gloo).
 """
@@ -16,18 +16,16 @@ from pathlib import Path
 
 
 def train_from_plan(plan_file: Path, out_dir: Path, checkpoint_dir: Path, progress: bool = True) -> None:
-    from alignheads.models.head_io import save_head
-    from alignheads.tasks.train import TrainPlan, make_job, result_summary
-    from alignheads.tasks.training.loop import new_accelerator, train_head
+    from alignheads.tasks.train import TrainPlan, make_job, result_summary, save_trained
+    from alignheads.tasks.training.loop import new_accelerator, train
 
     plan = TrainPlan(**json.loads(plan_file.read_text()))
-    accelerator = new_accelerator(plan.head_config.mixed_precision)
+    accelerator = new_accelerator(plan.settings.mixed_precision)
     job = make_job(plan, checkpoint_dir, progress=progress)
-    result = train_head(job, accelerator)
+    result = train(job, accelerator)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        training = {"config": plan.train, "steps": result.steps}
-        save_head(result.head, out_dir / "head", base_model=job.model, training=training)
+        save_trained(plan, job, result, out_dir)
         summary = result_summary(result) | {"processes": accelerator.num_processes}
         (out_dir / "result.json").write_text(json.dumps(summary))
     accelerator.wait_for_everyone()

@@ -1,8 +1,10 @@
-"""One readable training loop for both heads: AdamW, warm-up + decay, accumulation, clipping,
-evaluation, resumable checkpoints, a non-finite guard, and multi-process training via accelerate.
+"""The one training loop of every method (heads and fine-tuned baselines alike): AdamW, warm-up
++ decay, accumulation, clipping, evaluation, resumable checkpoints, a non-finite guard, and
+multi-process training via accelerate.
 
-The frozen backbone is moved to the device by hand and never given to `accelerate.prepare`,
-so checkpoints and gradients only ever hold the head.
+What trains is the method's `Trainee` (alignheads.models.methods): a head over the frozen LM, or
+the LM itself. A head's frozen backbone is moved to the device by hand and never given to
+`accelerate.prepare`, so its checkpoints and gradients only ever hold the head.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
-from alignheads.models.features import backbone_features, cached_features
-from alignheads.models.head_base import LogitHead, SteeringOutput, lm_output_layer
-from alignheads.models.losses import CALMWeights, IAVWeights, dpo_loss, preference_accuracy
-from alignheads.models.objectives import (
-    PairBatch,
-    calm_objective,
-    exact_kl_per_token,
-    iav_objective,
-    response_logps,
-    topk_kl_per_token,
-)
-from alignheads.models.registry import new_head
-from alignheads.tasks.training.batches import BatchNeeds, PairStream, collate
+from alignheads.config import PreferenceTrainConfig
+from alignheads.models.losses import preference_accuracy
+from alignheads.models.methods import Method, Trainee
+from alignheads.tasks.training.batches import PairStream, collate
 from alignheads.tasks.training.checkpoint import (
     DataPosition,
     latest_checkpoint,
@@ -50,10 +41,10 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainJob:
-    """Everything one head's training needs; `model` is the frozen LM (already on its device)."""
+    """Everything one method's training needs; `model` is the run's LM as loaded."""
 
-    kind: str
-    cfg: HeadTrainConfig
+    method: Method
+    cfg: PreferenceTrainConfig
     model: nn.Module
     train: PairStream
     eval: PairStream | None
@@ -65,31 +56,17 @@ class TrainJob:
 
 @dataclass
 class TrainResult:
-    head: LogitHead
+    trainee: Trainee
     steps: int
     resumed_from: int
     final_metrics: dict[str, float]
     eval_metrics: dict[str, float]
     history: list[dict[str, float]]
 
-
-def batch_needs(kind: str, cfg: HeadTrainConfig) -> BatchNeeds:
-    """IAV with `kl: topk` reads the cache's top-k; `features: cached` reads its hidden states."""
-    topk = isinstance(cfg, IAVTrainConfig) and cfg.kl == "topk"
-    return BatchNeeds(topk=topk, hidden=cfg.features == "cached")
-
-
-def build_head(kind: str, model: nn.Module, cfg: HeadTrainConfig) -> LogitHead:
-    """A fresh head from the LM (seeded, so every process starts from the same weights).
-
-    Heads train in float32 whatever the LM's dtype: they are the master weights AdamW
-    updates (bf16 would lose small updates); `mixed_precision: bf16` autocasts the compute."""
-    torch.manual_seed(cfg.seed)
-    if isinstance(cfg, CALMTrainConfig):
-        return new_head(
-            kind, model, rank=cfg.rank, s_max=cfg.s_max, max_positions=cfg.max_positions, dtype=torch.float32
-        )
-    return new_head(kind, model, dtype=torch.float32)
+    @property
+    def trained(self) -> nn.Module:
+        """The trained module (the head, or the fine-tuned LM before LoRA merging)."""
+        return self.trainee.module
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -106,65 +83,6 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def features_fn(cfg: HeadTrainConfig, backbone: nn.Module, with_context: bool, dtype: torch.dtype):
-    """batch -> (hidden ``(2B, R, H)`` in the LM output layer's dtype, token context or None)."""
-    source = cached_features if cfg.features == "cached" else partial(backbone_features, backbone)
-
-    def features(batch: PairBatch):
-        hidden, ctx = source(batch, with_context)
-        return hidden.to(dtype), ctx  # the frozen lm_head (CALM's base, exact KL) takes its own dtype
-
-    return features
-
-
-def objective_fn(cfg: HeadTrainConfig, frozen: nn.Module):
-    """(head output, batch, hidden) -> loss object, chosen once per run (no per-step flags)."""
-    if isinstance(cfg, IAVTrainConfig):
-        weights = IAVWeights(beta=cfg.beta, kl=cfg.lambda_kl, l2=cfg.lambda_l2)
-        if cfg.kl == "exact":
-
-            def iav_exact(out, batch, hidden):
-                with torch.no_grad():
-                    ref_logits = frozen(hidden)
-                kl = exact_kl_per_token(out.base_logits, ref_logits)
-                return iav_objective(out, batch, kl, weights, cfg.lambda_nll)
-
-            return iav_exact
-        return lambda out, batch, hidden: iav_objective(
-            out, batch, topk_kl_per_token(out.base_logits, batch), weights, cfg.lambda_nll
-        )
-    assert isinstance(cfg, CALMTrainConfig)
-    weights = CALMWeights(beta=cfg.beta, l2=cfg.lambda_l2, var=cfg.lambda_var, ent=cfg.lambda_ent)
-    return lambda out, batch, hidden: calm_objective(out, batch, weights, cfg.lambda_nll)
-
-
-def trl_metrics(loss: Tensor, dpo: Any, logps: Tensor, n_pairs: int) -> dict[str, float]:
-    """TRL-named metrics of one micro-batch: the loss, the DPO output's implicit rewards, and the
-    policy's summed response log-probs ``(2B,)`` (chosen rows first)."""
-    return {
-        "loss": loss.item(),
-        "rewards/chosen": dpo.chosen_rewards.mean().item(),
-        "rewards/rejected": dpo.rejected_rewards.mean().item(),
-        "rewards/accuracies": (dpo.margins > 0).float().mean().item(),
-        "rewards/margins": dpo.margins.mean().item(),
-        "logps/chosen": logps[:n_pairs].mean().item(),
-        "logps/rejected": logps[n_pairs:].mean().item(),
-    }
-
-
-def step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:
-    """TRL-named metrics of one micro-batch, plus the head's own (l2, IAV's kl, CALM's strength)."""
-    logps = response_logps(out.logits(1.0).detach(), batch)
-    metrics = trl_metrics(loss_obj.loss, loss_obj.dpo, logps, batch.n_pairs) | {"l2": loss_obj.l2.item()}
-    if hasattr(loss_obj, "kl"):
-        metrics["kl"] = loss_obj.kl.item()
-    if hasattr(out, "strength"):
-        s = out.strength.detach()[batch.mask].float()
-        metrics["strength/mean"] = s.mean().item()
-        metrics["strength/std"] = s.std(unbiased=False).item()
-    return metrics
-
-
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
     keys = items[0].keys()
     return {k: sum(m[k] for m in items) / len(items) for k in keys}
@@ -172,25 +90,14 @@ def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(
-    head: nn.Module,
-    frozen: nn.Module,
-    stream: PairStream,
-    features,
-    with_sequences: bool,
-    pad_id: int,
-    beta: float,
-    micro: int,
-    alpha: float = 1.0,
+    trainee: Trainee, module: nn.Module, stream: PairStream, pad_id: int, micro: int
 ) -> dict[str, float]:
-    """Held-out preference accuracy of the implicit reward at α, and reward margins."""
+    """Held-out preference accuracy of the implicit reward at α = 1, and reward margins."""
     margins, chosen, rejected = [], [], []
+    device = next(module.parameters()).device
     for _, records in stream.micro_batches(micro, seed=None, drop_last=False):
-        batch = collate(records, stream.needs, with_sequences, pad_id).to(_device_of(head))
-        hidden, ctx = features(batch)
-        out = head(hidden, frozen_head=frozen, context=ctx)
-        logps = response_logps(out.logits(alpha), batch)
-        b = batch.n_pairs
-        dpo = dpo_loss(logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:], beta)
+        batch = collate(records, trainee.needs, trainee.with_sequences, pad_id).to(device)
+        dpo = trainee.eval_dpo(module, batch)
         margins.append(dpo.margins)
         chosen.append(dpo.chosen_rewards)
         rejected.append(dpo.rejected_rewards)
@@ -211,10 +118,6 @@ def eval_metrics_of(margins: list[Tensor], chosen: list[Tensor], rejected: list[
     }
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def new_accelerator(mixed_precision: str) -> Any:
     """An Accelerator for one head's training. accelerate keeps one process-wide state and
     refuses a second mixed-precision setting, but a pipeline trains several heads (each with
@@ -227,8 +130,8 @@ def new_accelerator(mixed_precision: str) -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
-    """Train one head to completion (resuming from the latest checkpoint when allowed)."""
+def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
+    """Train one method to completion (resuming from the latest checkpoint when allowed)."""
     cfg = job.cfg
     accelerator = accelerator or new_accelerator(cfg.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -237,10 +140,8 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
             f"train batch_size {cfg.batch_size} must be a multiple of processes ({world}) x grad_accum ({cfg.grad_accum})"
         )
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    job.model.requires_grad_(False)
-    job.model.to(accelerator.device)
-    frozen = lm_output_layer(job.model)
-    head = build_head(job.kind, job.model, cfg).to(accelerator.device)
+    trainee = job.method.trainee(job.model, cfg, accelerator.device)
+    module = trainee.module
     steps_per_epoch = job.train.count_pairs() // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -251,21 +152,17 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
         if cfg.max_steps is None
         else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     )
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(round(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
 
     step, position, resumed = 0, DataPosition(0, 0), {}
     latest = latest_checkpoint(job.checkpoint_dir) if cfg.resume else None
     if latest is not None:
-        step, position, resumed = load_checkpoint(latest, head, optimizer, scheduler)
+        step, position, resumed = load_checkpoint(latest, module, optimizer, scheduler)
     resumed_from = step
-    model_head, optimizer = accelerator.prepare(head, optimizer)
-
-    with_context = head.needs_token_context
-    features = features_fn(cfg, job.model.base_model, with_context, frozen.weight.dtype)
-    objective = objective_fn(cfg, frozen)
-    with_sequences = cfg.features == "backbone"
+    prepared, optimizer = accelerator.prepare(module, optimizer)
     # a resumed run carries the metrics of the steps before its checkpoint: its history (and the
     # train_metrics table) equals an uninterrupted run's
     history: list[dict[str, float]] = list(resumed.get("history", []))
@@ -273,7 +170,7 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     bar = tqdm(
         total=total,
         initial=step,
-        desc=f"training {job.kind}",
+        desc=f"training {job.method.name}",
         disable=not (job.progress and accelerator.is_main_process),
     )
 
@@ -282,7 +179,7 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
             path = save_checkpoint(
                 job.checkpoint_dir,
                 at,
-                accelerator.unwrap_model(model_head),
+                accelerator.unwrap_model(prepared),
                 optimizer.optimizer,
                 scheduler,
                 pos,
@@ -299,22 +196,20 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
         pending: list[dict[str, float]] = []
         steps_this_epoch = 0
         for _index, records in stream:
-            batch = collate(records, job.train.needs, with_sequences, job.pad_id).to(accelerator.device)
+            batch = collate(records, trainee.needs, trainee.with_sequences, job.pad_id).to(accelerator.device)
             last_of_step = len(pending) + 1 == cfg.grad_accum
             # gradients are all-reduced only on the last micro-batch of a step
-            sync = contextlib.nullcontext() if last_of_step else accelerator.no_sync(model_head)
+            sync = contextlib.nullcontext() if last_of_step else accelerator.no_sync(prepared)
             with sync:
                 with accelerator.autocast():
-                    hidden, ctx = features(batch)
-                    out = model_head(hidden, frozen_head=frozen, context=ctx)
-                    loss_obj = objective(out, batch, hidden)
-                if not torch.isfinite(loss_obj.loss):
+                    step_loss = trainee.loss(prepared, batch)
+                if not torch.isfinite(step_loss.loss):
                     raise NonFiniteError(_non_finite_message(step + 1, "loss", job.checkpoint_dir))
-                accelerator.backward(loss_obj.loss / cfg.grad_accum)
-            pending.append(step_metrics(loss_obj, out, batch))
+                accelerator.backward(step_loss.loss / cfg.grad_accum)
+            pending.append(step_loss.metrics())
             if not last_of_step:
                 continue
-            grad_norm = accelerator.clip_grad_norm_(model_head.parameters(), cfg.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             if not torch.isfinite(torch.as_tensor(grad_norm)):
                 raise NonFiniteError(_non_finite_message(step + 1, "gradient", job.checkpoint_dir))
             optimizer.step()
@@ -335,16 +230,11 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             if job.eval is not None and (step % cfg.eval_every == 0 or step == total):
+                module.eval()
                 eval_metrics = evaluate(
-                    accelerator.unwrap_model(model_head),
-                    frozen,
-                    job.eval,
-                    features,
-                    with_sequences,
-                    job.pad_id,
-                    cfg.beta,
-                    micro,
+                    trainee, accelerator.unwrap_model(prepared), job.eval, job.pad_id, micro
                 )
+                module.train()
                 if accelerator.is_main_process and eval_metrics:
                     job.log(eval_metrics, step)
             if step % cfg.checkpoint_every == 0 or step == total:
@@ -356,7 +246,8 @@ def train_head(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     bar.close()
     accelerator.wait_for_everyone()
     final = history[-1] if history else {}
-    return TrainResult(accelerator.unwrap_model(model_head), step, resumed_from, final, eval_metrics, history)
+    trainee.module = accelerator.unwrap_model(prepared)
+    return TrainResult(trainee, step, resumed_from, final, eval_metrics, history)
 
 
 def _non_finite_message(step: int, what: str, checkpoint_dir: Path) -> str:

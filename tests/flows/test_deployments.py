@@ -130,15 +130,17 @@ def test_every_deployment_is_registered_with_a_typed_form(server, deployed):
     # the form the UI draws: GET /api/deployments/{id} -> parameter_openapi_schema
     tiny = httpx.get(f"{server['api']}/deployments/{deployed['tiny']['id']}").json()
     schema = tiny["parameter_openapi_schema"]
-    assert schema["properties"]["config"]["$ref"] == "#/definitions/RunConfig"
+    # the config is a typed RunConfig (empty: the embedded default, read when the run starts)
+    assert {"$ref": "#/definitions/RunConfig"} in schema["properties"]["config"]["anyOf"]
     run_cfg = schema["definitions"]["RunConfig"]
     assert run_cfg["properties"]["name"]["description"] == "Run name; also the MLflow experiment name"
     refpass = schema["definitions"]["RefPassConfig"]["properties"]
     assert refpass["k"]["type"] == "integer" and refpass["k"]["default"] == 64 and refpass["k"]["description"]
     assert schema["definitions"]["RunnerConfig"]["properties"]["kind"]["enum"] == ["threads", "dask"]
     assert schema["definitions"]["SweepConfig"]["properties"]["alphas"]["items"]["type"] == "number"
-    # the form's defaults are the embedded default, configs/tiny.yaml (not RunConfig's seed defaults)
-    default = schema["properties"]["config"]["default"]
+    # the form starts from the deployment's parameters: the embedded default, configs/tiny.yaml
+    # (not RunConfig's seed defaults), as the server stores it
+    default = tiny["parameters"]["config"]
     assert RunConfig.model_validate(default) == read_config()
     assert default["train"]["iav"]["lr"] == read_config().train.iav.lr != RunConfig().train.iav.lr
     assert schema["properties"]["overrides"]["anyOf"][0]["items"]["type"] == "string"
@@ -210,7 +212,7 @@ def test_tiny_run_from_the_ui_endpoint(server, deployed, tmp_path):
     worker_log = _tail(server["root"] / "worker.log", 6000)
     assert state["type"] == "COMPLETED", f"{state}\n{worker_log}"
 
-    stages = ("world", "data", "tokenize", "refpass", "train", "generate", "evaluate")
+    stages = ("world", "data", "tokenize", "refpass", "train", "generate", "evaluate", "report")
     found = {s: sorted(p for p in (store / s).iterdir() if (p / MANIFEST).is_file()) for s in stages}
     assert {s: len(paths) for s, paths in found.items()} == {
         "world": 1,
@@ -220,8 +222,9 @@ def test_tiny_run_from_the_ui_endpoint(server, deployed, tmp_path):
         "train": 2,
         "generate": 4,
         "evaluate": 1,
+        "report": 1,
     }
-    for stage in ("data", "tokenize", "refpass", "evaluate"):
+    for stage in ("data", "tokenize", "refpass", "evaluate", "report"):
         verify_artifact(found[stage][0], stage)
     summary = run_query(store, "SELECT head, alpha, n FROM summary ORDER BY head, alpha").to_pylist()
     assert summary == [{"head": h, "alpha": a, "n": 4} for h in ("calm", "iav") for a in (0.0, 1.0)]

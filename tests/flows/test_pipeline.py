@@ -1,4 +1,5 @@
-"""The pipeline flow end to end on the test-size tiny world: world -> data -> tokenize -> refpass.
+"""The pipeline flow end to end on the test-size tiny world: world -> data -> tokenize -> refpass
+-> train -> generate -> evaluate -> report.
 
 One Prefect test harness for the session (starting one costs ~20 s); one first run shared by
 the module; later runs show what is cached and what is recomputed.
@@ -23,6 +24,7 @@ from alignheads.storage.query import run_query
 from alignheads.storage.sharded_artifact import shard_path
 from alignheads.storage.tables import read_table
 from alignheads.tasks.ingest import BadRowError
+from alignheads.tasks.report import report_files
 from alignheads.world.build import tiny_test_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,24 +63,29 @@ STAGES = (
     "data",
     "tokenize",
     "refpass",
-    "train-iav",
-    "train-calm",
-    "generate-iav-0",
-    "generate-iav-1",
-    "generate-calm-0",
-    "generate-calm-1",
+    "train iav",
+    "train calm",
+    "generate iav α=0",
+    "generate iav α=1",
+    "generate calm α=0",
+    "generate calm α=1",
     "evaluate",
+    "report",
 )
-SWEEP = ("generate_calm_0", "generate_calm_1", "evaluate")
+SWEEP = ("generate calm α=0", "generate calm α=1", "evaluate", "report")
 NO_TRAINING = {"iav": {"enabled": False}, "calm": {"enabled": False}}
 
 
-def _statuses(outcomes):
-    return {stage: out["status"] for stage, out in outcomes.items()}
+def _statuses(outcome) -> dict[str, str]:
+    return {name: result.status for name, result in outcome.stages()}
 
 
-def _all(status: str, **others: str) -> dict[str, str]:
-    return {stage: others.get(stage.replace("-", "_"), status) for stage in STAGES}
+def _all(status: str, changes: dict[str, str] | None = None) -> dict[str, str]:
+    return {stage: (changes or {}).get(stage, status) for stage in STAGES}
+
+
+def _generations(outcome) -> dict[str, object]:
+    return {name: result for name, result in outcome.stages() if name.startswith("generate ")}
 
 
 def test_first_run_builds_every_stage(first_run):
@@ -86,19 +93,16 @@ def test_first_run_builds_every_stage(first_run):
     assert _statuses(outcomes) == _all("computed")
     world = tiny_test_config()
     n_pairs = world.n_train_pairs + world.n_test_pairs
-    assert outcomes["data"]["tables"] == {"pairs": n_pairs, "rejects": 0}
-    assert outcomes["tokenize"]["tables"] == {"tokenized": n_pairs}
-    assert outcomes["refpass"]["tables"] == {"refcache": 2 * n_pairs}
-    assert outcomes["refpass"]["info"]["shards"] == 3
-    for name, out in outcomes.items():
-        stage = name.split("-")[0]
-        if stage == "generate" or stage == "evaluate":
-            continue  # checked in test_sweep_is_evaluated_and_reported
-        path = Path(out["path"])
-        assert path == cfg.store / stage / out["key"]
-        verify_artifact(path, stage)  # every shard and file matches its checksum
+    assert outcomes.data.tables == {"pairs": n_pairs, "rejects": 0}
+    assert outcomes.tokenize.tables == {"tokenized": n_pairs}
+    assert outcomes.refpass.tables == {"refcache": 2 * n_pairs}
+    assert outcomes.refpass.info["shards"] == 3
+    for _, out in outcomes.stages():
+        path = Path(out.path)
+        assert path == cfg.store / out.stage / out.key
+        verify_artifact(path, out.stage)  # every shard and file matches its checksum
     # the world's build report travels in the manifest (its properties are tested in tests/world)
-    assert outcomes["world"]["info"]["pair_accuracy"] == 1.0
+    assert outcomes.world.info["pair_accuracy"] == 1.0
 
 
 def _search_runs(uri: str, experiment: str, filter_string: str) -> list:
@@ -119,14 +123,14 @@ def test_heads_are_trained_and_tracked_in_mlflow(first_run):
 
     cfg, outcomes = first_run
     for kind in ("iav", "calm"):
-        info = outcomes[f"train-{kind}"]["info"]
+        info = outcomes.train[kind].info
         assert info["steps"] == 2 * (tiny_test_config().n_train_pairs // 16)
         assert info["eval"]["eval/rewards/accuracies"] >= 0.8, (kind, info["eval"])
-        head = read_head_file(Path(outcomes[f"train-{kind}"]["path"]) / "head")
+        head = read_head_file(Path(outcomes.train[kind].path) / "head")
         assert head.head_type == kind
     uri = f"sqlite:///{cfg.store / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    parent_id = outcomes["world"]["mlflow_run"]
+    parent_id = outcomes.mlflow_run
     parent = client.get_run(parent_id)
     assert parent.data.params["train.iav.lr"] == "0.01" and parent.data.params["name"] == "tiny-test"
     assert parent.data.metrics["iav/eval_accuracy"] >= 0.8
@@ -172,9 +176,13 @@ def test_sweep_is_evaluated_and_reported(first_run):
         cfg.store, "SELECT count(DISTINCT seed) AS n FROM generations GROUP BY prompt_id, sample_index"
     ).column("n")
     assert set(seeds.to_pylist()) == {1}  # the same seed at every α and for both heads
-    for path in outcomes["evaluate"]["plots"].values():
+    plots = {n: p for n, p in report_files(outcomes.report).items() if p.suffix == ".png"}
+    assert set(plots) == {"reward_vs_alpha", "reward_vs_kl", "win_rate_vs_alpha"}
+    for path in plots.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    parent = outcomes["world"]["mlflow_run"]
+    verify_artifact(outcomes.report.directory, "report")  # the report is an artifact like the others
+    assert outcomes.report.info["summary"] == read_table(outcomes.evaluate.directory, "summary").to_pylist()
+    parent = outcomes.mlflow_run
     evals = _search_runs(
         f"sqlite:///{cfg.store / 'mlflow.db'}",
         "tiny-test",
@@ -194,13 +202,13 @@ def test_sweep_is_evaluated_and_reported(first_run):
     client = MlflowClient(tracking_uri=f"sqlite:///{cfg.store / 'mlflow.db'}")
     inputs = client.get_run(parent).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [
-        ("tiny-test-pairs", outcomes["data"]["key"][:36])
+        ("tiny-test-pairs", outcomes.data.key[:36])
     ]
-    assert json.loads(inputs[0].dataset.profile)["num_rows"] == sum(outcomes["data"]["tables"].values())
+    assert json.loads(inputs[0].dataset.profile)["num_rows"] == sum(outcomes.data.tables.values())
     logged = {a.path for a in client.list_artifacts(parent, "evaluate")}
     assert "evaluate/manifest.json" in logged
     assert {a.path for a in client.list_artifacts(parent, "plots")} >= {
-        f"plots/{Path(p).name}" for p in outcomes["evaluate"]["plots"].values()
+        f"plots/{Path(p).name}" for p in plots.values()
     }
 
 
@@ -208,16 +216,16 @@ def test_adding_an_alpha_generates_only_that_alpha(first_run):
     cfg, _ = first_run
     more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"alphas": [0, 1, 0.5]})})
     out = pipeline(config=more)
-    new = {"generate-iav-0.5": "computed", "generate-calm-0.5": "computed"}
-    assert _statuses(out) == _all("cached", evaluate="computed") | new
+    new = {"generate iav α=0.5": "computed", "generate calm α=0.5": "computed"}
+    assert _statuses(out) == _all("cached", {"evaluate": "computed", "report": "computed"}) | new
 
 
 def test_changing_a_training_setting_reruns_only_that_head(first_run):
     cfg, outcomes = first_run
     calm = cfg.train.calm.model_copy(update={"lr": 1e-3})
     out = pipeline(config=cfg.model_copy(update={"train": cfg.train.model_copy(update={"calm": calm})}))
-    assert _statuses(out) == _all("cached", train_calm="computed", **dict.fromkeys(SWEEP, "computed"))
-    assert out["train-calm"]["key"] != outcomes["train-calm"]["key"]
+    assert _statuses(out) == _all("cached", {"train calm": "computed", **dict.fromkeys(SWEEP, "computed")})
+    assert out.train["calm"].key != outcomes.train["calm"].key
 
 
 def test_tables_are_queryable(first_run):
@@ -241,7 +249,7 @@ def test_second_run_recomputes_nothing(first_run, capsys):
     cfg, outcomes = first_run
     again = pipeline(config=cfg)
     assert _statuses(again) == _all("cached")
-    assert {s: o["key"] for s, o in again.items()} == {s: o["key"] for s, o in outcomes.items()}
+    assert {s: o.key for s, o in again.stages()} == {s: o.key for s, o in outcomes.stages()}
     from alignheads.tasks.reporting.printing import print_run_summary
 
     print_run_summary(cfg, again)
@@ -256,12 +264,12 @@ def test_refcache_sums_match_the_model(first_run):
     from alignheads.models.reference import load_reference, pack_batch
 
     cfg, outcomes = first_run
-    key = outcomes["refpass"]["key"]
+    key = outcomes.refpass.key
     rows = run_query(
         cfg.store,
         "SELECT r.side, r.seq_logprob, t.prompt_ids, t.chosen_ids, t.rejected_ids FROM refcache r "
         f"JOIN tokenized t USING (id) WHERE r.artifact = '{key}' "
-        f"AND t.artifact = '{outcomes['tokenize']['key']}' ORDER BY r.pair_index, r.side LIMIT 6",
+        f"AND t.artifact = '{outcomes.tokenize.key}' ORDER BY r.pair_index, r.side LIMIT 6",
     ).to_pylist()
     prompts = [r["prompt_ids"] for r in rows]
     responses = [r[f"{r['side']}_ids"] for r in rows]
@@ -269,7 +277,7 @@ def test_refcache_sums_match_the_model(first_run):
     mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         mask[b, len(p) : len(p) + len(r)] = True
-    model = load_reference(str(Path(outcomes["world"]["path"]) / "model"), device="cpu").model
+    model = load_reference(str(Path(outcomes.world.path) / "model"), device="cpu").model
     with torch.inference_mode():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     want = sequence_logprobs(logits, batch.input_ids, mask).tolist()
@@ -288,20 +296,21 @@ def test_refpass_and_sweep_identical_on_a_two_worker_dask_cluster_and_resumes_on
     """`runner.kind: dask` (a local cluster of 2 workers) maps the reference-pass shards and the
     sweep's generations and produces the same tables as the thread runner did."""
     cfg, outcomes = first_run
-    path = Path(outcomes["refpass"]["path"])
+    path = Path(outcomes.refpass.path)
     threads_table = read_table(path, "refcache")
-    gens = {name: Path(outcomes[name]["path"]) for name in STAGES if name.startswith("generate-")}
+    gens = {name: Path(result.path) for name, result in _generations(outcomes).items()}
     threads_gens = {name: read_table(p, "generations") for name, p in gens.items()}
     shutil.rmtree(path)
     for p in gens.values():
         shutil.rmtree(p)
     runner = cfg.runner.model_copy(update={"kind": "dask", "max_workers": 2})
     out = pipeline(config=cfg.model_copy(update={"runner": runner}))
-    assert out["refpass"]["status"] == "computed" and out["refpass"]["key"] == outcomes["refpass"]["key"]
+    assert out.refpass.status == "computed" and out.refpass.key == outcomes.refpass.key
     assert read_table(path, "refcache").equals(threads_table)
     stats = ["kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean"]
+    before_gens, after_gens = _generations(outcomes), _generations(out)
     for name, p in gens.items():
-        assert out[name]["status"] == "computed" and out[name]["key"] == outcomes[name]["key"]
+        assert after_gens[name].status == "computed" and after_gens[name].key == before_gens[name].key
         again, before = read_table(p, "generations"), threads_gens[name]
         assert again.drop_columns(stats).equals(before.drop_columns(stats))  # same tokens, same text
         for col in stats:  # float statistics: equal up to rounding
@@ -314,7 +323,7 @@ def test_refpass_and_sweep_identical_on_a_two_worker_dask_cluster_and_resumes_on
     with open(shards[1], "r+b") as fh:
         fh.truncate(shards[1].stat().st_size // 2)
     again = pipeline(config=cfg)
-    assert again["refpass"]["status"] == "computed"
+    assert again.refpass.status == "computed"
     assert [p.stat().st_mtime_ns == s for p, s in zip(shards, stamps, strict=True)] == [True, False, True]
     verify_artifact(path, "refpass")
     assert read_table(path, "refcache").equals(threads_table)
@@ -324,25 +333,25 @@ def test_changing_token_limits_reruns_tokenize_and_refpass(first_run):
     cfg, outcomes = first_run
     shorter = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"max_prompt_length": 8})})
     out = pipeline(config=shorter)
-    assert _statuses(out) == _all("computed", world="cached", data="cached")
-    assert out["refpass"]["key"] != outcomes["refpass"]["key"]
-    assert out["tokenize"]["key"] != outcomes["tokenize"]["key"]
-    assert out["tokenize"]["info"]["truncated"]["prompt"] > 0
+    assert _statuses(out) == _all("computed", {"world": "cached", "data": "cached"})
+    assert out.refpass.key != outcomes.refpass.key
+    assert out.tokenize.key != outcomes.tokenize.key
+    assert out.tokenize.info["truncated"]["prompt"] > 0
     rows = run_query(
         cfg.store,
         f"SELECT max(prompt_len) AS m, bool_or(prompt_truncated) AS cut FROM tokenized "
-        f"WHERE artifact = '{out['tokenize']['key']}'",
+        f"WHERE artifact = '{out.tokenize.key}'",
     ).to_pylist()
     assert rows == [{"m": 8, "cut": True}]
 
 
 def test_artifact_removed_from_store_is_rebuilt(first_run):
     cfg, outcomes = first_run
-    shutil.rmtree(outcomes["tokenize"]["path"])
+    shutil.rmtree(outcomes.tokenize.path)
     out = pipeline(config=cfg)
     # same tokenize key, so the reference cache (still complete on disk) stays valid
-    assert _statuses(out) == _all("cached", tokenize="computed")
-    verify_artifact(Path(out["tokenize"]["path"]), "tokenize")
+    assert _statuses(out) == _all("cached", {"tokenize": "computed"})
+    verify_artifact(Path(out.tokenize.path), "tokenize")
 
 
 def _bad_data(tmp_path: Path) -> Path:
@@ -381,15 +390,15 @@ def test_bad_rows_skipped_are_counted_and_queryable(first_run, tmp_path, capsys)
         }
     )
     out = pipeline(config=skip)
-    assert out["data"]["info"]["rejects"] == {"train": 2, "test": 0}
-    assert out["data"]["info"]["pairs"]["train"] == 1
+    assert out.data.info["rejects"] == {"train": 2, "test": 0}
+    assert out.data.info["pairs"]["train"] == 1
     from alignheads.tasks.reporting.printing import print_run_summary
 
     print_run_summary(skip, out)
     assert "2 bad rows skipped" in capsys.readouterr().out
     rejects = run_query(
         cfg.store,
-        f"SELECT row, field, reason FROM rejects WHERE artifact = '{out['data']['key']}' ORDER BY row",
+        f"SELECT row, field, reason FROM rejects WHERE artifact = '{out.data.key}' ORDER BY row",
     ).to_pylist()
     assert rejects == [
         {"row": 1, "field": "chosen", "reason": "empty string"},
@@ -451,7 +460,7 @@ def test_world_verb_reuses_the_pipeline_world(first_run, config_file, capsys):
     assert main(["world", "--config", str(config_file)]) == 0
     out = capsys.readouterr().out
     assert "already in the store, reused" in out
-    assert first_run[1]["world"]["key"] in out
+    assert first_run[1].world.key in out
 
 
 @pytest.mark.parametrize("kind", ["iav", "calm"])
@@ -463,7 +472,7 @@ def test_heads_generate_on_the_world_model(first_run, kind):
 
     from alignheads.models import AlignedLM, new_head
 
-    model_dir = Path(first_run[1]["world"]["path"]) / "model"
+    model_dir = Path(first_run[1].world.path) / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = ["\n\nHuman: What is 2 + 3?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]

@@ -55,21 +55,19 @@ def filled(prefect_harness, tmp_path_factory):
 def test_refpass_flow_reuses_the_pipelines_cache(filled):
     cfg, outcomes = filled
     out = refpass_flow(
-        tokenize_key=outcomes["tokenize"]["key"], store=cfg.store, model=cfg.model, refpass=cfg.refpass
+        tokenize_key=outcomes.tokenize.key, store=cfg.store, model=cfg.model, refpass=cfg.refpass
     )
-    assert out["refpass"]["key"] == outcomes["refpass"]["key"]
-    assert out["refpass"]["status"] == "cached"
+    assert out.refpass.key == outcomes.refpass.key
+    assert out.refpass.status == "cached"
 
 
 def test_refpass_flow_builds_a_new_cache_from_the_tokenize_key(filled):
     cfg, outcomes = filled
     other = cfg.refpass.model_copy(update={"k": 8})
-    out = refpass_flow(
-        tokenize_key=outcomes["tokenize"]["key"], store=cfg.store, model=cfg.model, refpass=other
-    )
-    assert out["refpass"]["status"] == "computed" and out["refpass"]["key"] != outcomes["refpass"]["key"]
-    manifest = verify_artifact(Path(out["refpass"]["path"]), "refpass")
-    assert manifest.config["k"] == 8 and manifest.inputs["tokenize"] == outcomes["tokenize"]["key"]
+    out = refpass_flow(tokenize_key=outcomes.tokenize.key, store=cfg.store, model=cfg.model, refpass=other)
+    assert out.refpass.status == "computed" and out.refpass.key != outcomes.refpass.key
+    manifest = verify_artifact(Path(out.refpass.path), "refpass")
+    assert manifest.config["k"] == 8 and manifest.inputs["tokenize"] == outcomes.tokenize.key
 
 
 def test_train_flow_reuses_heads_and_tracks_a_parent_run(filled):
@@ -77,21 +75,21 @@ def test_train_flow_reuses_heads_and_tracks_a_parent_run(filled):
 
     cfg, outcomes = filled
     out = train_flow(
-        refpass_key=outcomes["refpass"]["key"],
+        refpass_key=outcomes.refpass.key,
         store=cfg.store,
         name=cfg.name,
         model=cfg.model,
         train=cfg.train,
         tracking=cfg.tracking,
     )
-    assert {k: (v["key"], v["status"]) for k, v in out.items()} == {
-        "train-iav": (outcomes["train-iav"]["key"], "cached"),
-        "train-calm": (outcomes["train-calm"]["key"], "cached"),
+    assert {k: (v.key, v.status) for k, v in out.stages()} == {
+        "train iav": (outcomes.train["iav"].key, "cached"),
+        "train calm": (outcomes.train["calm"].key, "cached"),
     }
     client = MlflowClient(tracking_uri=f"sqlite:///{cfg.store / 'mlflow.db'}")
     runs = client.search_runs(
         [client.get_experiment_by_name(cfg.name).experiment_id],
-        filter_string=f"params.refpass_key = '{outcomes['refpass']['key']}'",
+        filter_string=f"params.refpass_key = '{outcomes.refpass.key}'",
     )
     assert len(runs) == 1  # this flow run's parent run
     children = client.search_runs(
@@ -101,35 +99,38 @@ def test_train_flow_reuses_heads_and_tracks_a_parent_run(filled):
 
 
 def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
-    """train_flow trains an enabled baseline (DPO + DeRa) over the cache; sweep_flow sweeps it
-    from its baseline key alone, with the heads' prompts, seeds and evaluation."""
+    """train_flow trains an enabled baseline (DPO + DeRa) over the cache as a train artifact like
+    the heads'; sweep_flow sweeps it from its train key alone, with the heads' prompts, seeds and
+    evaluation."""
     cfg, outcomes = filled
     dpo = cfg.train.dpo.model_copy(update={"enabled": True, "batch_size": 16, "lr": 1e-3})
     off = {kind: getattr(cfg.train, kind).model_copy(update={"enabled": False}) for kind in ("iav", "calm")}
     train = cfg.train.model_copy(update={"dpo": dpo, **off})
     trained = train_flow(
-        refpass_key=outcomes["refpass"]["key"], store=cfg.store, name=cfg.name, model=cfg.model, train=train
+        refpass_key=outcomes.refpass.key, store=cfg.store, name=cfg.name, model=cfg.model, train=train
     )
-    assert list(trained) == ["train-dpo-dera"] and trained["train-dpo-dera"]["status"] == "computed"
-    key = trained["train-dpo-dera"]["key"]
-    assert Path(trained["train-dpo-dera"]["path"]) == cfg.store / "baseline" / key
+    assert list(trained.train) == ["dpo-dera"] and trained.train["dpo-dera"].status == "computed"
+    key = trained.train["dpo-dera"].key
+    assert Path(trained.train["dpo-dera"].path) == cfg.store / "train" / key
+    assert (Path(trained.train["dpo-dera"].path) / "model" / "model.safetensors").is_file()
     out = sweep_flow(
-        train_keys=[],
-        baseline_keys=[key],
-        data_key=outcomes["data"]["key"],
+        train_keys=[key],
+        data_key=outcomes.data.key,
         store=cfg.store,
         name=cfg.name,
         model=cfg.model,
         sweep=cfg.sweep,
     )
-    assert {k: v["status"] for k, v in out.items()} == {
-        "generate-dpo-dera-0": "computed",
-        "generate-dpo-dera-1": "computed",
+    assert {k: v.status for k, v in out.stages()} == {
+        "train dpo-dera": "reused",
+        "generate dpo-dera α=0": "computed",
+        "generate dpo-dera α=1": "computed",
         "evaluate": "computed",
+        "report": "computed",
     }
     rows = run_query(
         cfg.store,
-        f"SELECT head, alpha, kl FROM summary WHERE artifact = '{out['evaluate']['key']}' ORDER BY alpha",
+        f"SELECT head, alpha, kl FROM summary WHERE artifact = '{out.evaluate.key}' ORDER BY alpha",
     ).to_pylist()
     assert [(r["head"], r["alpha"]) for r in rows] == [("dpo-dera", 0.0), ("dpo-dera", 1.0)]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # DeRa at α = 0 is the reference
@@ -139,16 +140,16 @@ def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
         "SELECT count(DISTINCT seed) AS n FROM generations WHERE alpha = 0 GROUP BY prompt_id, sample_index",
     ).column("n")
     assert set(seeds.to_pylist()) == {1}
-    with pytest.raises(MissingArtifactError, match=r"baseline_keys\[0\]='nope'"):
-        sweep_flow(train_keys=[], baseline_keys=["nope"], data_key=outcomes["data"]["key"], store=cfg.store)
+    with pytest.raises(MissingArtifactError, match=r"train_keys\[1\]='nope'"):
+        sweep_flow(train_keys=[key, "nope"], data_key=outcomes.data.key, store=cfg.store)
 
 
 def test_sweep_flow_generates_only_new_alphas(filled):
     cfg, outcomes = filled
     sweep = cfg.sweep.model_copy(update={"alphas": [0.0, 0.5]})
     out = sweep_flow(
-        train_keys=[outcomes["train-iav"]["key"], outcomes["train-calm"]["key"]],
-        data_key=outcomes["data"]["key"],
+        train_keys=[outcomes.train["iav"].key, outcomes.train["calm"].key],
+        data_key=outcomes.data.key,
         store=cfg.store,
         name=cfg.name,
         model=cfg.model,
@@ -156,17 +157,20 @@ def test_sweep_flow_generates_only_new_alphas(filled):
         evaluate=cfg.evaluate,
         tracking=cfg.tracking,
     )
-    assert {k: v["status"] for k, v in out.items()} == {
-        "generate-iav-0": "cached",
-        "generate-iav-0.5": "computed",
-        "generate-calm-0": "cached",
-        "generate-calm-0.5": "computed",
+    assert {k: v.status for k, v in out.stages()} == {
+        "train iav": "reused",
+        "train calm": "reused",
+        "generate iav α=0": "cached",
+        "generate iav α=0.5": "computed",
+        "generate calm α=0": "cached",
+        "generate calm α=0.5": "computed",
         "evaluate": "computed",
+        "report": "computed",
     }
-    assert out["generate-iav-0"]["key"] == outcomes["generate-iav-0"]["key"]
+    assert out.generate[0].key == outcomes.generate[0].key and out.generate[0].info["alpha"] == 0.0
     rows = run_query(
         cfg.store,
-        f"SELECT head, alpha FROM summary WHERE artifact = '{out['evaluate']['key']}' ORDER BY head, alpha",
+        f"SELECT head, alpha FROM summary WHERE artifact = '{out.evaluate.key}' ORDER BY head, alpha",
     ).to_pylist()
     assert [(r["head"], r["alpha"]) for r in rows] == [
         ("calm", 0.0),
@@ -184,12 +188,12 @@ def test_stage_flows_name_the_missing_key(filled):
         )
     with pytest.raises(MissingArtifactError, match=r"train_keys\[1\]='nope': no complete train artifact"):
         sweep_flow(
-            train_keys=[outcomes["train-iav"]["key"], "nope"],
-            data_key=outcomes["data"]["key"],
+            train_keys=[outcomes.train["iav"].key, "nope"],
+            data_key=outcomes.data.key,
             store=cfg.store,
             model=cfg.model,
             sweep=cfg.sweep,
         )
     # a key of another stage is not accepted in its place
     with pytest.raises(MissingArtifactError, match="tokenize_key="):
-        refpass_flow(tokenize_key=outcomes["data"]["key"], store=cfg.store, model=cfg.model)
+        refpass_flow(tokenize_key=outcomes.data.key, store=cfg.store, model=cfg.model)

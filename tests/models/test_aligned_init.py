@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from headtest_utils import left_padded_batch, make_head, randomise, tiny_llama
 
 from alignheads.models import AlignedLM, SteeredLMHead
 from alignheads.models.losses import (
@@ -18,6 +17,7 @@ from alignheads.models.losses import (
     prediction_mask,
     sequence_logprobs,
 )
+from tests.helpers.tiny_models import left_padded_batch, make_head, randomise, tiny_llama
 
 LN2 = torch.tensor(math.log(2.0), dtype=torch.float32)
 

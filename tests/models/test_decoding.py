@@ -6,11 +6,11 @@ from threading import Thread
 
 import pytest
 import torch
-from headtest_utils import PAD, left_padded_batch, make_head, randomise, tiny_llama, tiny_tokenizer
 from transformers import TextIteratorStreamer
 
 from alignheads.models import AlignedLM, token_context
 from alignheads.models.losses import exact_kl
+from tests.helpers.tiny_models import PAD, left_padded_batch, make_head, randomise, tiny_llama, tiny_tokenizer
 
 TOL = 1e-5
 KINDS = ["iav", "calm"]

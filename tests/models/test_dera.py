@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from headtest_utils import EOS, PAD, left_padded_batch, tiny_llama  # noqa: E402
-
-from alignheads.models.dera import dera_generate, dera_logits  # noqa: E402
-from alignheads.models.guided import guided_decode  # noqa: E402
+from alignheads.models.dera import dera_generate, dera_logits
+from alignheads.models.guided import guided_decode
+from tests.helpers.tiny_models import EOS, PAD, left_padded_batch, tiny_llama
 
 
 def test_dera_rule_on_hand_computed_logits():

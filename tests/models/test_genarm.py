@@ -4,25 +4,21 @@ the two-model decoder (KV caches vs a full recomputation, sampling parity with `
 from __future__ import annotations
 
 import math
-import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from headtest_utils import EOS, PAD, left_padded_batch, tiny_llama  # noqa: E402
-
-from alignheads.models.baseline_objectives import (  # noqa: E402
+from alignheads.models.genarm import genarm_generate, genarm_logits
+from alignheads.models.guided import guided_decode
+from alignheads.models.losses import exact_kl
+from alignheads.models.objectives import (
+    PairBatch,
     dpo_objective,
     reward_lm_loss,
     reward_lm_objective,
 )
-from alignheads.models.genarm import genarm_generate, genarm_logits  # noqa: E402
-from alignheads.models.guided import guided_decode  # noqa: E402
-from alignheads.models.losses import exact_kl  # noqa: E402
-from alignheads.models.objectives import PairBatch  # noqa: E402
+from tests.helpers.tiny_models import EOS, PAD, left_padded_batch, tiny_llama
 
 
 def test_genarm_rule_on_hand_computed_logits():

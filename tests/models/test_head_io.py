@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from headtest_utils import left_padded_batch, make_head, randomise, tiny_llama
 from safetensors import safe_open
 
 import alignheads
@@ -21,6 +20,7 @@ from alignheads.models import (
     save_head,
 )
 from alignheads.models.head_io import CONFIG_FILE, WEIGHTS_FILE
+from tests.helpers.tiny_models import left_padded_batch, make_head, randomise, tiny_llama
 
 KINDS = ["iav", "calm"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from headtest_utils import PAD, left_padded_batch, make_head, randomise, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignheads.models import AlignedLM, merge_iav, save_head
 from alignheads.models.merge import MERGE_RECORD
+from tests.helpers.tiny_models import PAD, left_padded_batch, make_head, randomise, tiny_llama, tiny_tokenizer
 
 
 def base_checkpoint(tmp_path: Path, *, tied: bool) -> Path:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from headtest_utils import left_padded_batch, make_head, tiny_llama
 
 from alignheads.models import AlignedLM, CALMOutput, IAVOutput
 from alignheads.models.losses import (
@@ -21,6 +20,7 @@ from alignheads.models.losses import (
     prediction_mask,
     sequence_logprobs,
 )
+from tests.helpers.tiny_models import left_padded_batch, make_head, tiny_llama
 
 
 def preference_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,13 +3,9 @@ uninterrupted reference run of the small config that the kill and concurrency te
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reliability_utils import small_run, write_config  # noqa: E402
+from tests.helpers.small_runs import small_run, write_config
 
 
 @pytest.fixture(scope="session")

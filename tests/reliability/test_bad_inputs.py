@@ -11,7 +11,6 @@ import contextlib
 import json
 import re
 import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -21,24 +20,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from headtest_utils import tiny_llama  # noqa: E402
-
-from alignheads.config import ConfigError, SourceConfig, load_config  # noqa: E402
-from alignheads.models import new_head  # noqa: E402
-from alignheads.models.head_io import (  # noqa: E402
+from alignheads.config import ConfigError, SourceConfig, load_config
+from alignheads.models import new_head
+from alignheads.models.head_io import (
     WEIGHTS_FILE,
     HeadFormatError,
     HeadMismatchError,
     load_head,
     save_head,
 )
-from alignheads.storage.artifacts import ArtifactContent, ensure_artifact  # noqa: E402
-from alignheads.storage.manifest import ArtifactError, read_manifest, write_manifest  # noqa: E402
-from alignheads.storage.store_errors import StoreWriteError  # noqa: E402
-from alignheads.storage.tables import read_table, write_table  # noqa: E402
-from alignheads.tasks.ingest import BadRowError, DataError, EmptyDatasetError, load_pairs  # noqa: E402
-from alignheads.tasks.refpass import REFPASS_VERSION, check_refcache  # noqa: E402
+from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
+from alignheads.storage.manifest import ArtifactError, read_manifest, write_manifest
+from alignheads.storage.store_errors import StoreWriteError
+from alignheads.storage.tables import read_table, write_table
+from alignheads.tasks.ingest import BadRowError, DataError, EmptyDatasetError, load_pairs
+from alignheads.tasks.refpass import REFPASS_VERSION, check_refcache
+from tests.helpers.tiny_models import tiny_llama
 
 GOOD = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from reliability_utils import (
+
+from alignheads.storage.query import run_query
+from tests.helpers.small_runs import (
     assert_nothing_partial_is_final,
     cli_command,
     cli_env,
@@ -21,8 +23,6 @@ from reliability_utils import (
     small_run,
     write_config,
 )
-
-from alignheads.storage.query import run_query
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,4 +66,4 @@ def test_two_processes_on_one_store_share_stages_and_never_collide(reference_run
     experiment = client.get_experiment_by_name("reliability").experiment_id
     parents = client.search_runs([experiment], filter_string="tags.`alignheads.store` != ''")
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"]
-    assert outcomes["world"]["key"] in {a.split("/")[1] for a in got if a.startswith("world/")}
+    assert outcomes.world.key in {a.split("/")[1] for a in got if a.startswith("world/")}

@@ -13,7 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_utils import (
+
+from alignheads.storage.manifest import read_manifest
+from alignheads.storage.query import run_query
+from tests.helpers.small_runs import (
     appeared,
     assert_nothing_partial_is_final,
     cli_env,
@@ -24,17 +27,14 @@ from reliability_utils import (
     write_config,
 )
 
-from alignheads.storage.manifest import read_manifest
-from alignheads.storage.query import run_query
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def kill_points(outcomes: dict) -> list[tuple[str, object, str | None]]:
+def kill_points(outcomes) -> list[tuple[str, object, str | None]]:
     """(name, trigger, artifact that must still be incomplete when the kill lands)."""
-    refpass, iav, calm = (outcomes[s]["key"] for s in ("refpass", "train-iav", "train-calm"))
-    first_generation = outcomes["generate-iav-0"]["key"]
-    evaluate = outcomes["evaluate"]["key"]
+    refpass, iav, calm = outcomes.refpass.key, outcomes.train["iav"].key, outcomes.train["calm"].key
+    first_generation = outcomes.generate[0].key  # iav at α = 0
+    evaluate, report = outcomes.evaluate.key, outcomes.report.key
     return [
         ("refpass: 2 of 4 shards recorded", appeared("refpass/.*.shards/00001.json"), f"refpass/{refpass}"),
         ("train iav: checkpoint at step 8 of 16", appeared(f"checkpoints/train/{iav}/step-000008"), f"train/{iav}"),
@@ -45,7 +45,7 @@ def kill_points(outcomes: dict) -> list[tuple[str, object, str | None]]:
             f"evaluate/{evaluate}",
         ),
         ("sweep: evaluation under way", appeared("evaluate/.*.tmp-*"), None),
-        ("sweep: report plots being drawn", appeared(f"reports/{evaluate}/reward_vs_alpha.png"), None),
+        ("sweep: report plots being drawn", appeared("report/.*.tmp-*/reward_vs_alpha.png"), f"report/{report}"),
     ]  # fmt: skip
 
 
@@ -54,7 +54,7 @@ def test_killed_six_times_then_resumed_equals_the_uninterrupted_run(reference_ru
     store = tmp_path / "store"
     config = write_config(tmp_path / "run.yaml", small_run(store))
     # the world is copied (its build is tested elsewhere); data onwards is computed here
-    world = Path(outcomes["world"]["path"])
+    world = Path(outcomes.world.path)
     shutil.copytree(world, store / "world" / world.name)
     env = cli_env(api_url, tmp_path / "prefect-home")
 
@@ -85,7 +85,7 @@ def test_killed_six_times_then_resumed_equals_the_uninterrupted_run(reference_ru
     # killed processes' staging dirs, temp files and shard records are all gone
     assert leftovers(store) == []
     # training resumed from its checkpoint instead of starting over
-    iav = read_manifest(store / "train" / outcomes["train-iav"]["key"])
+    iav = read_manifest(store / "train" / outcomes.train["iav"].key)
     assert iav.info["resumed_from"] == 8
     # nothing duplicated: each view holds each artifact's rows once
     counts = run_query(store, "SELECT count(*) AS n, count(DISTINCT (pair_index, side)) AS d FROM refcache")

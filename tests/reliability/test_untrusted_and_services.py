@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from headtest_utils import tiny_llama  # noqa: E402
-
-from alignheads.config import ModelConfig, load_config  # noqa: E402
-from alignheads.models.head_io import HeadFormatError, load_head  # noqa: E402
-from alignheads.storage.query import QueryError, run_query  # noqa: E402
+from alignheads.config import ModelConfig, load_config
+from alignheads.models.head_io import HeadFormatError, load_head
+from alignheads.storage.query import QueryError, run_query
+from tests.helpers.tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,7 +156,7 @@ def test_no_secret_or_token_in_prefect_yaml_or_configs():
 def test_servers_the_project_starts_bind_localhost():
     """The in-process Dask cluster's scheduler and dashboards, and the test harness's Prefect API."""
     from alignheads.config import RunnerConfig
-    from alignheads.flows.pipeline import task_runner
+    from alignheads.flows.mapped import task_runner
 
     runner = task_runner(RunnerConfig(kind="dask", max_workers=2))
     kwargs = runner.cluster_kwargs

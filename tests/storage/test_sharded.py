@@ -23,33 +23,13 @@ from alignheads.storage.query import run_query
 from alignheads.storage.sharded_artifact import (
     SHARD_INFO_KEY,
     ShardData,
-    ShardedArtifact,
     build_sharded,
     shard_path,
 )
 from alignheads.storage.tables import read_table
+from tests.helpers.toy_shards import CONFIG, N_SHARDS, artifact, make_shard, summarize
 
-N_SHARDS = 5
-CONFIG = {"rows": 3}
-
-
-def make_shard(index: int) -> ShardData:
-    """Deterministic content of shard `index` (two tables)."""
-    return ShardData(
-        tables={
-            "t": pa.table({"shard": [index] * 3, "v": [index * 10 + j for j in range(3)]}),
-            "u": pa.table({"shard": [index]}),
-        },
-        info={"index": index, "rows": 3},
-    )
-
-
-def artifact(store: Path, config: dict | None = None, n_shards: int = N_SHARDS) -> ShardedArtifact:
-    return ShardedArtifact(store, "stage", "k1", 1, config or CONFIG, {"up": "x"}, n_shards, ("t", "u"))
-
-
-def summarize(records):
-    return {"rows": sum(r.info["rows"] for r in records)}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def reference_table(tmp_path: Path) -> pa.Table:
@@ -106,9 +86,8 @@ def _views(store: Path) -> set[str]:
 
 CHILD = textwrap.dedent(
     """
-    import os, signal, sys
-    sys.path.insert(0, {tests!r})
-    from test_sharded import artifact, make_shard, summarize
+    import os, signal
+    from tests.helpers.toy_shards import artifact, make_shard, summarize
     from pathlib import Path
     import alignheads.storage.atomic as atomic
     from alignheads.storage.sharded_artifact import build_sharded
@@ -127,8 +106,14 @@ CHILD = textwrap.dedent(
 
 def test_sigkill_during_a_shard_then_resume(tmp_path):
     store = tmp_path / "store"
-    script = CHILD.format(tests=str(Path(__file__).parent), store=str(store))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    script = CHILD.format(store=str(store))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     art = artifact(store)
     leftovers = [p.name for p in art.work_dir.rglob(".*tmp-*")]

@@ -1,4 +1,5 @@
-"""The baselines (GenARM reward LM, DPO + DeRa) as stages, over a real reference cache.
+"""The baselines (GenARM reward LM, DPO + DeRa) through the train and generate stages every
+method shares, over a real reference cache.
 
 The store is built once per module as in tests/training/test_train.py: a tiny Llama + word-level
 tokenizer, pairs whose chosen responses use one block of words and rejected another, then the
@@ -9,38 +10,35 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from headtest_utils import tiny_llama, tiny_tokenizer  # noqa: E402
-
-from alignheads.config import (  # noqa: E402  # noqa: E402
+from alignheads.config import (
     DataConfig,
     DPOTrainConfig,
     GenARMTrainConfig,
     ModelConfig,
     RefPassConfig,
     SourceConfig,
-    SweepConfig,  # noqa: E402
+    SweepConfig,
     TokenizeConfig,
 )
-from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
-from alignheads.storage.fingerprint import tokenizer_fingerprint  # noqa: E402
-from alignheads.storage.tables import read_table  # noqa: E402
-from alignheads.tasks import data as data_stage  # noqa: E402
-from alignheads.tasks import evaluate as evaluate_stage  # noqa: E402
-from alignheads.tasks import generate as gen  # noqa: E402
-from alignheads.tasks import generate_baseline as gen_baseline  # noqa: E402
-from alignheads.tasks import refpass as refpass_stage  # noqa: E402
-from alignheads.tasks import tokenize as tokenize_stage  # noqa: E402
-from alignheads.tasks import train_baseline as baseline  # noqa: E402
-from alignheads.tasks.reporting.matched_kl import kl_levels, matched_kl_rows, reward_at_kl, save_matched_kl  # noqa: E402
-from alignheads.tasks.reporting.printing import print_matched_kl  # noqa: E402
+from alignheads.loading import load_causal_lm, load_tokenizer
+from alignheads.storage.fingerprint import tokenizer_fingerprint
+from alignheads.storage.tables import read_table
+from alignheads.tasks import data as data_stage
+from alignheads.tasks import evaluate as evaluate_stage
+from alignheads.tasks import generate as gen
+from alignheads.tasks import refpass as refpass_stage
+from alignheads.tasks import tokenize as tokenize_stage
+from alignheads.tasks import train as train_stage
+from alignheads.tasks.prompts import prompt_set
+from alignheads.tasks.reporting.matched_kl import kl_levels, matched_kl_rows, reward_at_kl, save_matched_kl
+from alignheads.tasks.reporting.printing import print_matched_kl
+from tests.helpers.tiny_models import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -96,24 +94,24 @@ def trained(world):
     """Both baselines trained once: {name: (plan, first ArtifactResult)}."""
     out = {}
     for kind, cfg in (("genarm", GenARMTrainConfig(**SETTINGS)), ("dpo-dera", DPOTrainConfig(**SETTINGS))):
-        plan = baseline.plan_baseline(kind, cfg, world["refpass"], world["source"])
-        out[kind] = (plan, baseline.run_baseline(world["store"], plan, progress=False))
+        plan = train_stage.plan_train(kind, cfg, world["refpass"], world["source"])
+        out[kind] = (plan, train_stage.run_train(world["store"], plan, progress=False))
     return out
 
 
 def test_keys_follow_the_settings_like_the_heads(world):
-    plan = baseline.plan_baseline("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
-    again = baseline.plan_baseline("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    plan = train_stage.plan_train("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    again = train_stage.plan_train("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
     assert again.key == plan.key
     other_beta = DPOTrainConfig(**(SETTINGS | {"beta": 0.2}))
-    assert baseline.plan_baseline("dpo-dera", other_beta, world["refpass"], world["source"]).key != plan.key
+    assert train_stage.plan_train("dpo-dera", other_beta, world["refpass"], world["source"]).key != plan.key
     watched = DPOTrainConfig(**(SETTINGS | {"eval_every": 1, "enabled": False}))  # not what it computes
-    assert baseline.plan_baseline("dpo-dera", watched, world["refpass"], world["source"]).key == plan.key
-    arm = baseline.plan_baseline("genarm", GenARMTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    assert train_stage.plan_train("dpo-dera", watched, world["refpass"], world["source"]).key == plan.key
+    arm = train_stage.plan_train("genarm", GenARMTrainConfig(**SETTINGS), world["refpass"], world["source"])
     assert arm.key != plan.key
     assert plan.inputs == {"refpass": world["refpass"].name}
-    with pytest.raises(ValueError, match="unknown baseline"):
-        baseline.plan_baseline("rlhf", DPOTrainConfig(), world["refpass"], world["source"])
+    with pytest.raises(ValueError, match="unknown method 'rlhf'"):
+        train_stage.plan_train("rlhf", DPOTrainConfig(), world["refpass"], world["source"])
 
 
 def test_lora_trains_only_the_adapted_projections_and_saves_a_plain_checkpoint(world):
@@ -124,11 +122,11 @@ def test_lora_trains_only_the_adapted_projections_and_saves_a_plain_checkpoint(w
     cfg = DPOTrainConfig(
         **(SETTINGS | {"lora_rank": 4, "lora_alpha": 8, "lora_targets": ["q_proj", "v_proj"]})
     )
-    plan = baseline.plan_baseline("dpo-dera", cfg, world["refpass"], world["source"])
-    full = baseline.plan_baseline("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
+    plan = train_stage.plan_train("dpo-dera", cfg, world["refpass"], world["source"])
+    full = train_stage.plan_train("dpo-dera", DPOTrainConfig(**SETTINGS), world["refpass"], world["source"])
     assert plan.key != full.key and plan.config["lora_rank"] == 4 and "lora_rank" not in full.config
-    result = baseline.run_baseline(world["store"], plan, progress=False)
-    tuned = load_file(result.path / baseline.MODEL_SUBDIR / "model.safetensors")
+    result = train_stage.run_train(world["store"], plan, progress=False)
+    tuned = load_file(result.path / "model" / "model.safetensors")
     base = {k: v.detach() for k, v in load_causal_lm(world["source"]["name_or_path"]).state_dict().items()}
     assert not any("lora" in name for name in tuned)  # merged: no adapter tensors left
     changed = {name for name, value in tuned.items() if not torch.equal(value, base[name])}
@@ -142,9 +140,9 @@ def test_baselines_learn_the_preference_and_are_cached(world, trained):
         info = first.manifest.info
         assert info["kind"] == kind and info["steps"] == 2 * 64 // 8
         assert info["eval"]["eval/rewards/accuracies"] >= 0.9, (kind, info["eval"])
-        assert (first.path / baseline.MODEL_SUBDIR / "model.safetensors").is_file()
+        assert (first.path / "model" / "model.safetensors").is_file()
         assert not list(first.path.rglob("*.bin")) and not list(first.path.rglob("*.pt"))
-        again = baseline.run_baseline(world["store"], plan, progress=False)
+        again = train_stage.run_train(world["store"], plan, progress=False)
         assert not again.computed and again.path == first.path
         names = set(read_table(first.path, "train_metrics").column("name").to_pylist())
         assert {"loss", "rewards/accuracies", "eval/rewards/accuracies"} <= names
@@ -152,23 +150,23 @@ def test_baselines_learn_the_preference_and_are_cached(world, trained):
 
 def test_dpo_preference_accuracy_at_alpha_one_is_the_trained_models(trained):
     plan, result = trained["dpo-dera"]
-    acc = baseline.preference_accuracy_by_alpha(plan, result.path / baseline.MODEL_SUBDIR, [0.0, 1.0, 2.0])
+    acc = evaluate_stage.held_out_accuracy(plan, result.path, [0.0, 1.0, 2.0])
     assert acc["1.0"] == pytest.approx(result.manifest.info["eval"]["eval/rewards/accuracies"])
     assert acc["2.0"] >= 0.9 and set(acc) == {"0.0", "1.0", "2.0"}
 
 
 def test_sweep_generations_share_schema_seeds_and_cache_with_the_heads(world, trained):
     sweep = SweepConfig(alphas=[0, 1], n_prompts=6, max_new_tokens=6, batch_size=4, do_sample=True, top_p=0.9)
-    prompts = gen.prompt_set(world["data"], sweep)
+    prompts = prompt_set(world["data"], sweep)
     paths = []
     for kind, (_, result) in trained.items():
         for alpha in (0.0, 1.0):
-            plan = gen_baseline.plan_baseline_generate(result.path, alpha, prompts, sweep, world["source"])
-            assert plan.inputs == {"baseline": result.key} and plan.head == kind
-            first = gen_baseline.run_baseline_generate(world["store"], plan, progress=False)
+            plan = gen.plan_generate(result.path, alpha, prompts, sweep, world["source"])
+            assert plan.inputs == {"train": result.key} and plan.head == kind
+            first = gen.run_generate(world["store"], plan, progress=False)
             assert first.computed and first.path.parent.name == gen.STAGE
             assert first.manifest.info["lm_forwards_per_token"] == 2
-            assert not gen_baseline.run_baseline_generate(world["store"], plan, progress=False).computed
+            assert not gen.run_generate(world["store"], plan, progress=False).computed
             paths.append(str(first.path))
     table = evaluate_stage.load_generations(paths)  # the evaluate stage reads them unchanged
     assert read_table(Path(paths[0]), gen.TABLE).schema == gen.GENERATIONS_SCHEMA

@@ -17,10 +17,11 @@ from alignheads.tasks.evaluate import (
     SCORES_SCHEMA,
     SUMMARY_SCHEMA,
     load_generations,
-    model_rewards,
     plan_evaluate,
     run_evaluate,
+    summary_table,
 )
+from alignheads.tasks.rewards import model_rewards
 
 ARITH = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"
 CAPITAL = "\n\nHuman: What is the capital of France?\n\nAssistant:"
@@ -136,10 +137,16 @@ def test_scores_rewards_outcomes_and_text_stats(sweep):
 
 def test_summary_one_row_per_head_alpha_with_hand_computed_numbers(sweep):
     store, paths = sweep
+    result = run_evaluate(store, plan_evaluate(paths, run_id="run-1"))
+    stored = read_table(result.path, "summary")
+    assert stored.schema.equals(SUMMARY_SCHEMA)
+    # no trained artifact was named: the stage leaves the preference accuracy empty
+    assert stored.column("preference_accuracy").null_count == stored.num_rows
+    # the summary of the stored scores with each method's held-out accuracy by α (as the stage
+    # computes it from the trained artifacts) is the stored summary plus that column
     pref = {"iav": {"1.0": 0.93, 0: 0.5}, "calm": {"2": 0.8}}
-    result = run_evaluate(store, plan_evaluate(paths, run_id="run-1", preference_accuracy=pref))
-    summary = read_table(result.path, "summary")
-    assert summary.schema.equals(SUMMARY_SCHEMA)
+    summary = summary_table(read_table(result.path, "scores"), "run-1", pref)
+    assert summary.drop_columns(["preference_accuracy"]) == stored.drop_columns(["preference_accuracy"])
     for col in ("run_id", "head", "alpha", "reward", "win_rate", "kl", "n"):
         assert col in summary.column_names
     keys = [(r["head"], r["alpha"]) for r in summary.to_pylist()]
@@ -212,15 +219,18 @@ def test_views_answer_and_rerun_is_cached(sweep):
                       {"reward": 0.5, "response": " Paris paris paris paris."}]  # fmt: skip
 
 
-def test_key_depends_on_inputs_reward_and_preference_accuracy_not_run_id(sweep, tmp_path):
+def test_key_depends_on_inputs_reward_and_trained_artifacts_not_run_id(sweep, tmp_path):
     store, paths = sweep
     base = plan_evaluate(paths, run_id="a")
     assert plan_evaluate(paths, run_id="b").key == base.key
     assert plan_evaluate(paths[:-1]).key != base.key
-    assert plan_evaluate(paths, preference_accuracy={"iav": {"1": 0.9}}).key != base.key
-    assert plan_evaluate(paths, preference_accuracy={"iav": {"1": 0.9}}).key == (
-        plan_evaluate(paths, preference_accuracy={"iav": {1.0: 0.9}}).key
-    )
+    # the trained artifacts whose held-out accuracy the summary carries are inputs, by key
+    scored = plan_evaluate(paths, trained={"iav": ({"key": "train-1"}, "/somewhere/train-1")})
+    assert scored.key != base.key and scored.inputs["train[iav]"] == "train-1"
+    moved = plan_evaluate(paths, trained={"iav": ({"key": "train-1"}, "/elsewhere/train-1")})
+    assert moved.key == scored.key
+    other = plan_evaluate(paths, trained={"iav": ({"key": "train-2"}, "/somewhere/train-2")})
+    assert other.key != scored.key
     model_dir = tmp_path / "rm"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,22 +16,22 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from headtest_utils import EOS, make_head, randomise, tiny_llama, tiny_tokenizer  # noqa: E402
-
-from alignheads.config import (  # noqa: E402
+from alignheads.config import (
     DataConfig,
     SourceConfig,
-    SweepConfig,  # noqa: E402
+    SweepConfig,
 )
-from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
-from alignheads.models import save_head  # noqa: E402
-from alignheads.storage.artifacts import ArtifactContent, ensure_artifact  # noqa: E402
-from alignheads.storage.fingerprint import artifact_key, tokenizer_fingerprint  # noqa: E402
-from alignheads.storage.tables import read_table  # noqa: E402
-from alignheads.tasks import data as data_stage  # noqa: E402
-from alignheads.tasks import generate as gen  # noqa: E402
-from alignheads.tasks import train as train_stage  # noqa: E402
+from alignheads.loading import load_causal_lm, load_tokenizer
+from alignheads.models import save_head
+from alignheads.models.methods import method
+from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
+from alignheads.storage.fingerprint import artifact_key, tokenizer_fingerprint
+from alignheads.storage.tables import read_table
+from alignheads.tasks import data as data_stage
+from alignheads.tasks import generate as gen
+from alignheads.tasks import prompts as sweep_prompts
+from alignheads.tasks import train as train_stage
+from tests.helpers.tiny_models import EOS, make_head, randomise, tiny_llama, tiny_tokenizer
 
 MAX_NEW = 10
 
@@ -53,7 +52,7 @@ def _train_artifact(store: Path, kind: str, head, model, tag: str) -> Path:
     key = artifact_key(train_stage.STAGE, {"kind": kind, "tag": tag}, {}, train_stage.TRAIN_VERSION)
 
     def build(staging: Path) -> ArtifactContent:
-        save_head(head, staging / train_stage.HEAD_SUBDIR, base_model=model)
+        save_head(head, staging / method(kind).saved_as, base_model=model)
         return ArtifactContent(info={"kind": kind})
 
     return ensure_artifact(store, train_stage.STAGE, key, train_stage.TRAIN_VERSION, {}, {}, build).path
@@ -102,7 +101,7 @@ def _sweep(**kw) -> SweepConfig:
 
 
 def _run(world, train: str, alpha: float, sweep: SweepConfig):
-    prompts = gen.prompt_set(world["data"], sweep)
+    prompts = sweep_prompts.prompt_set(world["data"], sweep)
     plan = gen.plan_generate(world["trains"][train], alpha, prompts, sweep, world["source"])
     result = gen.run_generate(world["store"], plan, progress=False)
     return plan, result, read_table(result.path, gen.TABLE)
@@ -140,50 +139,55 @@ def test_sweep_config_defaults_and_validation():
 def test_prompts_file_txt_jsonl_json(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("hello there\n\n  \nsecond prompt\nhello there\nthird\n")
-    assert gen.load_prompts_file(txt) == [
+    assert sweep_prompts.load_prompts_file(txt) == [
         ("p00000", "hello there"),
         ("p00001", "second prompt"),
         ("p00003", "third"),
     ]
-    assert gen.load_prompts_file(txt, limit=2) == [("p00000", "hello there"), ("p00001", "second prompt")]
+    assert sweep_prompts.load_prompts_file(txt, limit=2) == [
+        ("p00000", "hello there"),
+        ("p00001", "second prompt"),
+    ]
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a b", "id": 7}\n\n{"prompt": "c"}\n')
-    assert gen.load_prompts_file(jsonl) == [("p00000", "a b"), ("p00001", "c")]
+    assert sweep_prompts.load_prompts_file(jsonl) == [("p00000", "a b"), ("p00001", "c")]
     js = tmp_path / "p.json"
     js.write_text(json.dumps(["x", {"prompt": "y"}]))
-    assert gen.load_prompts_file(js) == [("p00000", "x"), ("p00001", "y")]
+    assert sweep_prompts.load_prompts_file(js) == [("p00000", "x"), ("p00001", "y")]
     # through the sweep config: n_prompts is the limit
-    assert gen.prompt_set(None, SweepConfig(prompts_file=str(jsonl), n_prompts=1)) == [("p00000", "a b")]
+    assert sweep_prompts.prompt_set(None, SweepConfig(prompts_file=str(jsonl), n_prompts=1)) == [
+        ("p00000", "a b")
+    ]
 
 
 def test_prompts_file_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        gen.load_prompts_file(missing)
+        sweep_prompts.load_prompts_file(missing)
     for name, text in (("empty.txt", "\n \n"), ("empty.jsonl", ""), ("empty.json", "[]")):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=rf"{tmp_path / name} holds no prompts"):
-            gen.load_prompts_file(tmp_path / name)
+            sweep_prompts.load_prompts_file(tmp_path / name)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(ValueError, match=rf"{bad}, line 2: field 'prompt' is missing"):
-        gen.load_prompts_file(bad)
+        sweep_prompts.load_prompts_file(bad)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "ok"}\n{not json\n')
     with pytest.raises(ValueError, match=rf"{broken}, line 2: not valid JSON"):
-        gen.load_prompts_file(broken)
+        sweep_prompts.load_prompts_file(broken)
     with pytest.raises(ValueError, match="unsupported"):
         (tmp_path / "p.csv").write_text("a\n")
-        gen.load_prompts_file(tmp_path / "p.csv")
+        sweep_prompts.load_prompts_file(tmp_path / "p.csv")
 
 
 def test_prompt_set_takes_distinct_test_prompts_in_order(world):
     pairs = read_table(world["data"], "pairs").to_pylist()
     test = [p for p in pairs if p["split"] == "test"]
-    prompts = gen.prompt_set(world["data"], SweepConfig(n_prompts=6))
+    prompts = sweep_prompts.prompt_set(world["data"], SweepConfig(n_prompts=6))
     assert [p for _, p in prompts] == [t["prompt"] for t in test[:5]] + [test[6]["prompt"]]
     assert prompts[0][0] == test[0]["id"] and prompts[5][0] == test[6]["id"]
-    assert len(gen.prompt_set(world["data"], SweepConfig(n_prompts=100))) == 13
+    assert len(sweep_prompts.prompt_set(world["data"], SweepConfig(n_prompts=100))) == 13
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def test_common_random_numbers_across_alpha_and_heads(world):
     }
     model = load_causal_lm(str(world["model_dir"]))
     tok = load_tokenizer(str(world["model_dir"]))
-    base = gen.sample_responses(model, tok, gen.prompt_set(world["data"], sweep), sweep)
+    base = gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], sweep), sweep)
     base_text = [r["response"] for r in base]
     base_seeds = [r["seed"] for r in base]
     for table in tables.values():
@@ -248,7 +252,7 @@ def test_common_random_numbers_across_alpha_and_heads(world):
     # the draws are random: the two samples of a prompt, and other seeds, give other text
     assert sum(a["response"] != b["response"] for a, b in zip(calm0[::2], calm0[1::2], strict=True)) >= 6
     other = gen.sample_responses(
-        model, tok, gen.prompt_set(world["data"], sweep), _sweep(n_samples=2, seed=1)
+        model, tok, sweep_prompts.prompt_set(world["data"], sweep), _sweep(n_samples=2, seed=1)
     )
     assert sum(a["response"] != b for a, b in zip(other, base_text, strict=True)) >= 12
     # seeds depend on (sample, batch) only: prompts 0-4 share batch 0, prompt 5 starts batch 1
@@ -261,7 +265,7 @@ def test_finish_reason_and_token_counts(world):
     sweep = _sweep(n_samples=2)
     model = load_causal_lm(str(world["model_dir"]))
     tok = load_tokenizer(str(world["model_dir"]))
-    rows = gen.sample_responses(model, tok, gen.prompt_set(world["data"], sweep), sweep)
+    rows = gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], sweep), sweep)
     reasons = {r["finish_reason"] for r in rows}
     assert reasons == {"eos", "length"}
     for r in rows:
@@ -279,9 +283,9 @@ def test_finish_reason_and_token_counts(world):
     assert table.column("finish_reason").to_pylist() == [r["finish_reason"] for r in rows]
     # greedy decoding: deterministic, also stops at EOS or max_new_tokens
     greedy = _sweep(do_sample=False, max_new_tokens=4)
-    g1 = gen.sample_responses(model, tok, gen.prompt_set(world["data"], greedy), greedy)
+    g1 = gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], greedy), greedy)
     assert all(r["n_tokens"] <= 4 for r in g1)
-    assert g1 == gen.sample_responses(model, tok, gen.prompt_set(world["data"], greedy), greedy)
+    assert g1 == gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], greedy), greedy)
 
 
 def test_kl_and_head_statistics(world):
@@ -336,7 +340,7 @@ def test_run_generate_reuses_a_loaded_model_and_removes_the_head(world):
     model = load_causal_lm(str(world["model_dir"]))
     tok = load_tokenizer(str(world["model_dir"]))
     original = model.get_output_embeddings()
-    prompts = gen.prompt_set(world["data"], sweep)
+    prompts = sweep_prompts.prompt_set(world["data"], sweep)
     texts = []
     for alpha in (0.0, 2.0):
         plan = gen.plan_generate(world["trains"]["iav-random"], alpha, prompts, sweep, world["source"])

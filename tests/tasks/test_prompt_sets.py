@@ -8,9 +8,9 @@ import json
 import pytest
 
 from alignheads.config import ConfigError, SweepConfig, load_config
-from alignheads.tasks.generate import prompt_set
 from alignheads.tasks.ingest import DataError
 from alignheads.tasks.prompt_sets import PROMPT_SETS, load_prompt_set
+from alignheads.tasks.prompts import prompt_set
 
 HH_ROWS = [
     {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."},

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from alignheads.storage.tables import read_table
-from alignheads.tasks.evaluate import load_reward_model, model_rewards, plan_evaluate, run_evaluate
+from alignheads.tasks.evaluate import plan_evaluate, run_evaluate
+from alignheads.tasks.rewards import load_reward_model, model_rewards
 from alignheads.world.corpus import preference_pairs, pretraining_texts
 from alignheads.world.tokenizer import build_tokenizer
 from tests.tasks.test_evaluate import make_generation_artifact

@@ -2,8 +2,8 @@
 
 The store is made once per module: a tiny Llama + word-level tokenizer saved to disk, JSONL
 pairs in which chosen responses use one block of words and rejected responses another,
-then the data, tokenize and reference-pass stages. Training runs through `train_head` on
-streams of that cache, as the train stage does.
+then the data, tokenize and reference-pass stages. Training runs through the one training
+loop (`train`) on streams of that cache, as the train stage does, for heads and baselines.
 """
 
 from __future__ import annotations
@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from headtest_utils import tiny_llama, tiny_tokenizer  # noqa: E402
-
-from alignheads.config import (  # noqa: E402  # noqa: E402
+from alignheads.config import (
     CALMTrainConfig,
     DataConfig,
     IAVTrainConfig,
@@ -29,13 +24,15 @@ from alignheads.config import (  # noqa: E402  # noqa: E402
     SourceConfig,
     TokenizeConfig,
 )
-from alignheads.loading import load_causal_lm, load_tokenizer  # noqa: E402
-from alignheads.storage.fingerprint import tokenizer_fingerprint  # noqa: E402
-from alignheads.tasks import data as data_stage  # noqa: E402
-from alignheads.tasks import refpass as refpass_stage  # noqa: E402
-from alignheads.tasks import tokenize as tokenize_stage  # noqa: E402
-from alignheads.tasks.training.batches import PairStream  # noqa: E402
-from alignheads.tasks.training.loop import NonFiniteError, TrainJob, batch_needs, train_head  # noqa: E402
+from alignheads.loading import load_causal_lm, load_tokenizer
+from alignheads.models.methods import method
+from alignheads.storage.fingerprint import tokenizer_fingerprint
+from alignheads.tasks import data as data_stage
+from alignheads.tasks import refpass as refpass_stage
+from alignheads.tasks import tokenize as tokenize_stage
+from alignheads.tasks.training.batches import PairStream
+from alignheads.tasks.training.loop import NonFiniteError, TrainJob, train
+from tests.helpers.tiny_models import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -80,9 +77,10 @@ def store(tmp_path_factory):
 
 def _job(store, cfg, tmp_path, kind="iav", model=None, log=None) -> TrainJob:
     _, model_dir, tok_dir, ref_dir = store
-    needs = batch_needs(kind, cfg)
+    entry = method(kind)
+    needs, _ = entry.batches(cfg)
     return TrainJob(
-        kind=kind,
+        method=entry,
         cfg=cfg,
         model=model if model is not None else load_causal_lm(str(model_dir)),
         train=PairStream(ref_dir, tok_dir, "train", needs),
@@ -104,7 +102,7 @@ def test_iav_learns_the_preference_and_leaves_the_backbone_alone(store, tmp_path
     before = {k: v.clone() for k, v in job.model.state_dict().items()}
     logged: list[tuple[int, dict]] = []
     job.log = lambda m, s: logged.append((s, m))
-    result = train_head(job)
+    result = train(job)
     assert result.steps == 4 * (64 // 8)
     after = job.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # frozen LM untouched
@@ -120,14 +118,14 @@ def test_iav_learns_the_preference_and_leaves_the_backbone_alone(store, tmp_path
 
 def test_calm_learns_the_preference(store, tmp_path):
     cfg = CALMTrainConfig(batch_size=8, epochs=4, lr=3e-2, rank=8, eval_every=100, warmup_ratio=0.0)
-    result = train_head(_job(store, cfg, tmp_path, kind="calm"))
+    result = train(_job(store, cfg, tmp_path, kind="calm"))
     assert result.eval_metrics["eval/rewards/accuracies"] >= 0.9
     assert {"strength/mean", "strength/std"} <= result.final_metrics.keys()
 
 
 def test_resume_after_a_stop_equals_the_uninterrupted_run(store, tmp_path):
     cfg = IAVTrainConfig(batch_size=8, epochs=2, lr=1e-2, checkpoint_every=3, eval_every=100)
-    full = train_head(_job(store, cfg, tmp_path / "full"))
+    full = train(_job(store, cfg, tmp_path / "full"))
 
     class Stop(Exception):
         pass
@@ -137,10 +135,10 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(store, tmp_path):
             raise Stop  # a kill after step 5; the last checkpoint is step 3
 
     with pytest.raises(Stop):
-        train_head(_job(store, cfg, tmp_path / "cut", log=stop_at_5))
-    resumed = train_head(_job(store, cfg, tmp_path / "cut"))
+        train(_job(store, cfg, tmp_path / "cut", log=stop_at_5))
+    resumed = train(_job(store, cfg, tmp_path / "cut"))
     assert resumed.resumed_from == 3 and resumed.steps == full.steps == 16
-    a, b = _params(full.head), _params(resumed.head)
+    a, b = _params(full.trained), _params(resumed.trained)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -151,8 +149,8 @@ def test_gradient_accumulation_matches_one_big_batch(store, tmp_path):
         batch_size=8, grad_accum=1, max_steps=4, lr=1e-2, eval_every=100, lambda_kl=0, lambda_l2=0
     )
     acc = big.model_copy(update={"grad_accum": 4})
-    a = _params(train_head(_job(store, big, tmp_path / "big")).head)
-    b = _params(train_head(_job(store, acc, tmp_path / "acc")).head)
+    a = _params(train(_job(store, big, tmp_path / "big")).trained)
+    b = _params(train(_job(store, acc, tmp_path / "acc")).trained)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
 
@@ -160,8 +158,8 @@ def test_gradient_accumulation_matches_one_big_batch(store, tmp_path):
 def test_cached_features_give_the_backbone_mode_losses(store, tmp_path):
     backbone = IAVTrainConfig(batch_size=8, max_steps=3, lr=1e-2, eval_every=100, warmup_ratio=0.0)
     cached = backbone.model_copy(update={"features": "cached"})
-    a = train_head(_job(store, backbone, tmp_path / "b")).history
-    b = train_head(_job(store, cached, tmp_path / "c")).history
+    a = train(_job(store, backbone, tmp_path / "b")).history
+    b = train(_job(store, cached, tmp_path / "c")).history
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=2e-3)  # float16 hidden states
 
@@ -172,8 +170,8 @@ def test_calm_cached_features_give_the_backbone_mode_losses(store, tmp_path):
     on the backbone's own float32 states."""
     backbone = CALMTrainConfig(batch_size=8, max_steps=3, lr=1e-2, rank=8, eval_every=100, warmup_ratio=0.0)
     cached = backbone.model_copy(update={"features": "cached"})
-    a = train_head(_job(store, backbone, tmp_path / "b", kind="calm")).history
-    b = train_head(_job(store, cached, tmp_path / "c", kind="calm")).history
+    a = train(_job(store, backbone, tmp_path / "b", kind="calm")).history
+    b = train(_job(store, cached, tmp_path / "c", kind="calm")).history
     assert len(a) == len(b) == 3
     # The two runs differ only in the response-position hidden states being rounded to float16
     # (relative error <= 2^-11 ~ 4.9e-4 per element; the prefix sums are float32). Through the
@@ -191,12 +189,12 @@ def test_calm_cached_features_give_the_backbone_mode_losses(store, tmp_path):
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(store, tmp_path):
     cfg = IAVTrainConfig(batch_size=8, max_steps=4, lr=1e-2, checkpoint_every=2, eval_every=100)
     job = _job(store, cfg.model_copy(update={"max_steps": 2}), tmp_path)
-    train_head(job)
+    train(job)
     poisoned = job.model
     with torch.no_grad():
         poisoned.model.norm.weight.fill_(float("nan"))  # the backbone now produces NaN
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 3; .*step-000002"):
-        train_head(_job(store, cfg, tmp_path, model=poisoned))
+        train(_job(store, cfg, tmp_path, model=poisoned))
     assert (tmp_path / "ckpt" / "step-000002").is_dir()
 
 
@@ -212,7 +210,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(store, tmp_path):
     cfg = IAVTrainConfig(
         batch_size=8, max_steps=3, lr=1e-2, eval_every=100, lambda_kl=0, lambda_l2=0, warmup_ratio=0.0
     )
-    single = _params(train_head(_job(store, cfg, tmp_path / "one")).head)
+    single = _params(train(_job(store, cfg, tmp_path / "one")).trained)
     _, model_dir, _, ref_dir = store
     plan = plan_train("iav", cfg, ref_dir, {"name_or_path": str(model_dir)})
     plan_file = tmp_path / "plan.json"
@@ -240,7 +238,36 @@ def test_bf16_model_trains_float32_heads(store, tmp_path, kind):
     cfg = cls(batch_size=8, max_steps=2, lr=1e-2, eval_every=2, mixed_precision="bf16")
     if kind == "iav":
         cfg = cfg.model_copy(update={"kl": "exact"})
-    result = train_head(_job(store, cfg, tmp_path, kind=kind, model=model))
+    result = train(_job(store, cfg, tmp_path, kind=kind, model=model))
     assert result.steps == 2 and math.isfinite(result.final_metrics["loss"])
-    assert all(p.dtype == torch.float32 for p in result.head.parameters())
+    assert all(p.dtype == torch.float32 for p in result.trained.parameters())
     assert 0.0 <= result.eval_metrics["eval/rewards/accuracies"] <= 1.0
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_a_baseline_resumes_through_the_same_loop(store, tmp_path, tied):
+    """The fine-tuned baselines train in the heads' loop: a DPO run stopped after step 5 resumes
+    from its step-3 checkpoint (the whole LM, tied input/output embeddings saved once) and ends
+    with the weights of the uninterrupted run."""
+    from alignheads.config import DPOTrainConfig
+
+    cfg = DPOTrainConfig(batch_size=8, epochs=1, lr=1e-3, checkpoint_every=3, eval_every=100)
+    full = train(_job(store, cfg, tmp_path / "full", kind="dpo-dera", model=tiny_llama(tied=tied)))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(metrics, step):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_job(store, cfg, tmp_path / "cut", kind="dpo-dera", model=tiny_llama(tied=tied), log=stop_at_5))
+    resumed = train(_job(store, cfg, tmp_path / "cut", kind="dpo-dera", model=tiny_llama(tied=tied)))
+    assert resumed.resumed_from == 3 and resumed.steps == full.steps == 8
+    a, b = _params(full.trained), _params(resumed.trained)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == full.history
+    if tied:
+        lm = resumed.trained
+        assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight

@@ -1,6 +1,6 @@
 """Which weights a baseline fine-tunes: all of them, or LoRA adapters (peft) for large models.
 
-The baselines' training loop (`alignheads.tasks.training.finetune.finetune_lm`) trains the parameters
+The baselines' training loop (`alignheads.tasks.training.loop.train`, through `LMTrainee` in `alignheads.models.methods`) trains the parameters
 that require a gradient. With ``lora_rank`` set, peft injects rank-r adapters into the listed
 projections of the model in place and freezes everything else; after training the adapters are
 merged into the weights, so the saved baseline is a plain transformers checkpoint that decodes

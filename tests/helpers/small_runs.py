@@ -162,7 +162,7 @@ def final_artifacts(store: Path) -> dict[str, list[Path]]:
     """{stage: [artifact dirs at their final (non-hidden) path]} of a store."""
     out: dict[str, list[Path]] = {}
     for stage_dir in sorted(p for p in store.iterdir() if p.is_dir()):
-        if stage_dir.name.startswith(".") or stage_dir.name in {"mlruns", "reports", "checkpoints"}:
+        if stage_dir.name.startswith(".") or stage_dir.name in {"mlruns", "checkpoints"}:
             continue
         found = sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if found:
@@ -205,7 +205,7 @@ def _normalise(value: Any, store: Path) -> Any:
         return {
             k: _normalise(v, store)
             for k, v in value.items()
-            if k not in VOLATILE_INFO and k != "run_id" and not k.endswith("_seconds")
+            if k not in VOLATILE_INFO and k != "run_id" and not k.endswith(("_seconds", "ms_per_token"))
         }
     if isinstance(value, list):
         return [_normalise(v, store) for v in value]
@@ -216,11 +216,18 @@ def _normalise(value: Any, store: Path) -> Any:
     return value
 
 
+# the report's matched-KL files carry measured decoding times (ms per token): compared through the
+# report manifest's `matched_kl` rows, which `_normalise` strips of those times
+MEASURED_FILES = {"matched_kl.parquet", "matched_kl.md"}
+
+
 def _file_content(path: Path, sha256: str, store: Path) -> Any:
     """A JSON file's content with the store path taken out (a head records its base model's
-    absolute path); any other file's SHA-256."""
+    absolute path); a file of measured times: only its presence; any other file's SHA-256."""
     if path.suffix == ".json":
         return _normalise(json.loads(path.read_text()), store)
+    if path.name in MEASURED_FILES:
+        return "measured"
     return sha256
 
 

@@ -1,0 +1,94 @@
+"""The mapped parts of the DAG: the reference pass's shards and the sweep's (method, α) generations,
+each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
+via prefect-dask). Items already complete on disk are not recomputed, whichever process made them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from alignheads.config import RunConfig, RunnerConfig
+from alignheads.tasks.cached import RESULTS_DIR, StageResult, is_complete, run_stage, with_status
+from alignheads.tasks.generate import STAGE as GENERATE_STAGE
+from alignheads.tasks.generate import GeneratePlan, generate_task
+from alignheads.tasks.refpass import RefPassPlan, refpass_artifact, refpass_shard_task, refpass_task
+
+
+def task_runner(cfg: RunnerConfig):
+    """The task runner mapped work is submitted to: threads, or Dask (an existing cluster at
+    `dask_address`, else a local one in this process with `max_workers` workers of one thread
+    each; its scheduler talks in-process, and its HTTP servers bind to 127.0.0.1 on free ports)."""
+    if cfg.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": cfg.max_workers,
+                "threads_per_worker": 1,
+                "processes": False,
+                # dashboard_address=None does not disable it here (it binds 0.0.0.0:8787)
+                "dashboard_address": "127.0.0.1:0",
+                "worker_dashboard_address": "127.0.0.1:0",
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
+
+
+@flow(name="refpass-shards")
+def refpass_shards(store: str, key: str, plan: dict[str, Any], refresh: list[bool]) -> list[dict[str, Any]]:
+    """Submit one shard task per shard to this flow's task runner; `refresh[i]` makes shard i
+    ignore a Prefect cache record (its files are missing or damaged on disk)."""
+    results = Path(store) / RESULTS_DIR
+    futures = [
+        refpass_shard_task.with_options(result_storage=results, refresh_cache=fresh).submit(
+            store=store, key=key, plan=plan, index=index
+        )
+        for index, fresh in enumerate(refresh)
+    ]
+    return [f.result() for f in futures]
+
+
+def reference_pass(cfg: RunConfig, plan: RefPassPlan) -> StageResult:
+    """Map the shards not yet done over the configured runner, then finalize (a cached stage)."""
+    store = cfg.store
+    artifact = refpass_artifact(store, plan)
+    present = artifact.looks_complete()
+    if not present:
+        artifact.prepare()  # reopens a complete artifact with a damaged shard
+        refresh = [not artifact.looks_done(i) for i in range(plan.n_shards)]
+        refpass_shards.with_options(task_runner=task_runner(cfg.runner))(
+            store=str(store), key=plan.key, plan=asdict(plan), refresh=refresh
+        )
+    return run_stage(refpass_task, store, present=present, key=plan.key, plan=asdict(plan))
+
+
+@flow(name="sweep-generations")
+def sweep_generations(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[StageResult]:
+    """Submit one generation task per (method, α) plan to this flow's task runner (threads or
+    Dask) and return their results in order; `refresh[i]` makes plan i ignore a cache record."""
+    results = Path(store) / RESULTS_DIR
+    futures = [
+        generate_task.with_options(result_storage=results, refresh_cache=fresh).submit(
+            store=store, key=plan["key"], plan=plan
+        )
+        for plan, fresh in zip(plans, refresh, strict=True)
+    ]
+    for future in futures:
+        future.wait()
+    return [with_status(future.state) for future in futures]
+
+
+def generations(cfg: RunConfig, plans: list[GeneratePlan]) -> list[StageResult]:
+    """Every (method, α) generation of the sweep, cached, mapped over the configured runner.
+    A cache record whose artifact left the store must not answer: those plans are refreshed."""
+    refresh = [not is_complete(cfg.store, GENERATE_STAGE, plan.key) for plan in plans]
+    return sweep_generations.with_options(task_runner=task_runner(cfg.runner))(
+        store=str(cfg.store), plans=[asdict(plan) for plan in plans], refresh=refresh
+    )

@@ -1,0 +1,39 @@
+"""prefect.yaml cannot drift from the shipped configs: each pipeline deployment starts from the
+config of its name, and every entrypoint names a flow that exists."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+from alignheads.config import RunConfig, read_config, shipped_config_names
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _deployments() -> dict[str, dict]:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def test_pipeline_deployments_carry_the_shipped_config_of_their_name():
+    pipelines = {n: d for n, d in _deployments().items() if d["entrypoint"] == "flows/pipeline.py:pipeline"}
+    assert set(pipelines) == {"tiny", "llama7b-hh"}
+    for name, deployment in pipelines.items():
+        assert f"{name}.yaml" in shipped_config_names()
+        shipped = read_config(REPO / "configs" / f"{name}.yaml")
+        assert RunConfig.model_validate(deployment["parameters"]["config"]) == shipped, name
+    # the embedded default, as `alignheads run` and `pipeline()` read it, is the tiny deployment's
+    assert RunConfig.model_validate(pipelines["tiny"]["parameters"]["config"]) == read_config()
+    # and it is not the pydantic models' seed defaults (the tiny world needs its own settings)
+    assert read_config().train.iav.lr == 2e-3 != RunConfig().train.iav.lr
+
+
+def test_every_entrypoint_is_a_prefect_flow():
+    for name, deployment in _deployments().items():
+        path, func = deployment["entrypoint"].split(":")
+        module = importlib.import_module("alignheads." + path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, func)
+        assert hasattr(flow, "fn") and flow.name.startswith("alignheads-"), name
