@@ -108,43 +108,23 @@ def format_prompt(tokenizer: Any, text: str, *, raw: bool = False) -> str:
 # --- generation ---------------------------------------------------------------------------------
 
 
-def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in extra if isinstance(extra, list) else [extra]:
-        if i is not None and int(i) not in ids:
-            ids.append(int(i))
-    return ids
-
-
-def _encode(tokenizer: Any, prompts: Sequence[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``(input_ids, attention_mask)``; BOS is not doubled for prompts that carry it."""
-    from alignheads.tasks.generate import encode_prompts
-
-    ids = encode_prompts(tokenizer, list(prompts), None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-        mask[row, width - len(x) :] = 1
-    return input_ids.to(device), mask.to(device)
-
-
 def _new_tokens(
     model: Any, tokenizer: Any, prompts: Sequence[str], seed: int | None, kwargs: dict[str, Any]
 ) -> list[list[int]]:
     """Generated token ids per prompt (up to and including the first EOS)."""
+    from alignheads.tasks.generate import encode_prompts, eos_ids, left_pad, until_eos
+
     if not prompts:
         return []
-    device = next(model.parameters()).device
-    input_ids, mask = _encode(tokenizer, prompts, device)
-    eos = _eos_ids(tokenizer, model)
+    stops = eos_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    input_ids, mask = left_pad(
+        encode_prompts(tokenizer, list(prompts), None), pad_id, next(model.parameters()).device
+    )
     settings: dict[str, Any] = {
         "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
-        "eos_token_id": eos,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
+        "eos_token_id": stops,
+        "pad_token_id": pad_id,
     }
     settings |= kwargs
     if seed is not None:
@@ -153,11 +133,7 @@ def _new_tokens(
         out = model.generate(input_ids, attention_mask=mask, **settings)
     stop = settings["eos_token_id"]
     stop = {int(stop)} if isinstance(stop, int) else {int(i) for i in stop}
-    rows = []
-    for ids in out[:, input_ids.shape[1] :].cpu().tolist():
-        end = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
-        rows.append(ids[:end])
-    return rows
+    return [until_eos(ids, stop)[0] for ids in out[:, input_ids.shape[1] :].cpu().tolist()]
 
 
 def _decode(tokenizer: Any, rows: list[list[int]]) -> list[str]:
@@ -168,12 +144,15 @@ def generate(
     aligned: AlignedLM,
     tokenizer: Any,
     prompts: Sequence[str],
-    alpha: float,
+    alpha: float | Sequence[float],
     *,
     seed: int | None = None,
     **hf_generate_kwargs: Any,
 ) -> list[str]:
     """Responses of the aligned model at ``alpha`` to ``prompts`` (one batch, left padded).
+
+    ``alpha`` is one dial for the whole batch, or one per prompt (a sequence as long as
+    ``prompts``): an α grid over the same prompt is then decoded in one batched call.
 
     ``hf_generate_kwargs`` go to ``transformers`` ``generate`` (default ``max_new_tokens`` 64,
     EOS and pad ids from the tokenizer); ``seed`` seeds torch right before generating.

@@ -180,7 +180,8 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_prompt_length: int | No
     return ids
 
 
-def _left_pad(ids: list[list[int]], pad_id: int, device: Any):
+def left_pad(ids: list[list[int]], pad_id: int, device: Any):
+    """Token id lists → left-padded ``(input_ids (B, P), attention_mask (B, P))`` on `device`."""
     import torch
 
     width = max(len(x) for x in ids)
@@ -192,13 +193,21 @@ def _left_pad(ids: list[list[int]], pad_id: int, device: Any):
     return input_ids.to(device), mask.to(device)
 
 
-def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id]
+def eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Where generation stops: the tokenizer's EOS plus any EOS ids of the model's generation
+    config (chat models end turns with their own token)."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for i in extra if isinstance(extra, list) else [extra]:
-        if i is not None and i not in ids:
+        if i is not None and int(i) not in ids:
             ids.append(int(i))
     return ids
+
+
+def until_eos(ids: list[int], stop: set[int]) -> tuple[list[int], bool]:
+    """The generated ids up to and including the first stop id, and whether one was reached."""
+    end = next((i + 1 for i, t in enumerate(ids) if t in stop), None)
+    return (ids[:end], True) if end is not None else (ids, False)
 
 
 @contextmanager
@@ -253,12 +262,12 @@ def sample_responses(
 
     aligned = lm if isinstance(lm, AlignedLM) else None
     model = aligned.model if aligned is not None else lm
-    eos_ids = _eos_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    stops = eos_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     settings: dict[str, Any] = {
         "max_new_tokens": sweep.max_new_tokens,
         "do_sample": sweep.do_sample,
-        "eos_token_id": eos_ids,
+        "eos_token_id": stops,
         "pad_token_id": pad_id,
         "top_k": 0,
     }
@@ -273,7 +282,7 @@ def sample_responses(
         return out, recorder.stacked()
 
     with _plain_generation_config(model):
-        return sample_batches(decode, tokenizer, prompts, sweep, eos_ids, pad_id, model, progress, desc)
+        return sample_batches(decode, tokenizer, prompts, sweep, stops, pad_id, model, progress, desc)
 
 
 def sample_batches(
@@ -281,7 +290,7 @@ def sample_batches(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     sweep: SweepConfig,
-    eos_ids: list[int],
+    stops: list[int],
     pad_id: int,
     model: Any,
     progress: bool,
@@ -302,11 +311,11 @@ def sample_batches(
     starts = list(range(0, len(prompts), bs))
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=sweep.n_samples * len(starts), desc=desc, disable=not progress, leave=False)
-    eos_set = set(eos_ids)
+    eos_set = set(stops)
     with torch.inference_mode():
         for sample in range(sweep.n_samples):
             for batch_index, start in enumerate(starts):
-                input_ids, mask = _left_pad(encoded[start : start + bs], pad_id, device)
+                input_ids, mask = left_pad(encoded[start : start + bs], pad_id, device)
                 seed = batch_seed(sweep.seed, sample, batch_index)
                 with SAMPLING_LOCK:
                     torch.manual_seed(seed)
@@ -319,9 +328,9 @@ def sample_batches(
                     )
                 kept = []
                 for row, ids in enumerate(generated):
-                    end = next((i + 1 for i, t in enumerate(ids) if t in eos_set), None)
-                    n = end if end is not None else len(ids)
-                    kept.append(ids[:n])
+                    counted, ended = until_eos(ids, eos_set)
+                    n = len(counted)
+                    kept.append(counted)
                     rows.append(
                         {
                             "_order": (start + row, sample),
@@ -330,8 +339,8 @@ def sample_batches(
                             "seed": seed,
                             "prompt": texts[start + row],
                             "n_tokens": n,
-                            "finish_reason": "eos" if end is not None else "length",
-                            "token_ids": ids[:n],
+                            "finish_reason": "eos" if ended else "length",
+                            "token_ids": counted,
                             **_row_stats(recorded, row, n),
                         }
                     )
@@ -379,14 +388,14 @@ def _summary(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def decoding_settings(sweep: SweepConfig, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
+def decoding_settings(sweep: SweepConfig, stops: list[int], pad_id: int) -> dict[str, Any]:
     """What every method's decoder takes: length, sampling, and where to stop and pad."""
     return {
         "max_new_tokens": sweep.max_new_tokens,
         "do_sample": sweep.do_sample,
         "temperature": sweep.temperature,
         "top_p": sweep.top_p,
-        "eos_token_id": eos_ids,
+        "eos_token_id": stops,
         "pad_token_id": pad_id,
     }
 
@@ -418,14 +427,14 @@ def run_generate(
             model = model if model is not None else loaded_model.to(resolve_device(device))
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         loaded = entry.load(Path(plan.train_path) / entry.saved_as, model, plan.model)
-        eos_ids = _eos_ids(tokenizer, model)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        stops = eos_ids(tokenizer, model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
         sweep = plan.sweep_config
-        decode, done = entry.decoder(loaded, plan.alpha, decoding_settings(sweep, eos_ids, pad_id))
+        decode, done = entry.decoder(loaded, plan.alpha, decoding_settings(sweep, stops, pad_id))
         started = time.perf_counter()
         try:
             rows = sample_batches(
-                decode, tokenizer, [(pid, text) for pid, text in plan.prompts], sweep, eos_ids, pad_id,
+                decode, tokenizer, [(pid, text) for pid, text in plan.prompts], sweep, stops, pad_id,
                 model, progress, f"generate {plan.head} α={plan.alpha:g}",
             )  # fmt: skip
         finally:

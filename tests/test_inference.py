@@ -80,6 +80,21 @@ def test_generate_returns_one_response_per_prompt_and_alpha_matters(iav):
     assert generate(aligned, tok, PROMPTS, alpha=1.0, seed=7, **SAMPLED) == a
 
 
+@pytest.mark.parametrize("kind", ["iav", "calm"])
+def test_generate_takes_one_alpha_per_prompt_in_one_call(kind, iav, calm):
+    """A per-prompt α list decodes like one call per α (greedy), in one batched call."""
+    aligned, tok = iav if kind == "iav" else calm
+    before = aligned.alpha
+    alphas = [0.0, 1.0, 2.5, -1.0]
+    together = generate(aligned, tok, PROMPTS, alphas, **GREEDY)
+    apart = [generate(aligned, tok, [p], a, **GREEDY)[0] for p, a in zip(PROMPTS, alphas, strict=True)]
+    assert together == apart
+    grid = generate(aligned, tok, [PROMPTS[0]] * 3, [0.0, 1.0, 2.5], **GREEDY)
+    assert grid == [generate(aligned, tok, [PROMPTS[0]], a, **GREEDY)[0] for a in (0.0, 1.0, 2.5)]
+    assert len(set(grid)) > 1  # the dial changes the answer
+    assert aligned.alpha == before and isinstance(aligned.alpha, float)  # the wrapper's own α is back
+
+
 def test_generate_stops_at_eos(calm):
     aligned, tok = calm
     full = generate_base(aligned, tok, PROMPTS[:1], max_new_tokens=8, do_sample=False)[0].split()
