@@ -48,7 +48,7 @@ def test_two_processes_on_one_store_share_stages_and_never_collide(reference_run
     shared = {a for a in want if not a.startswith("evaluate/")}  # evaluate differs: one has 3 α
     assert {a: got[a] for a in shared} == {a: want[a] for a in shared}
     extra = sorted(set(got) - set(want))
-    assert [a.split("/")[0] for a in extra] == ["evaluate", "generate", "generate"], extra
+    assert [a.split("/")[0] for a in extra] == ["evaluate", "generate", "generate", "report"], extra
     assert assert_nothing_partial_is_final(store) == len(got)
     assert leftovers(store) == []
     # nothing doubled: one artifact per stage and key, each row once
