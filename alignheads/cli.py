@@ -2,6 +2,9 @@
 
 Every verb takes `--config F` and `--set key=value` (repeatable), so `--set store=DIR`
 points any verb at a store.
+
+Why about 450 lines: one argparse tree for every verb keeps the help texts and the shared
+options (`--config`, `--set`) in one place; each verb's work is a call into the package.
 """
 
 from __future__ import annotations
@@ -233,8 +236,8 @@ def _responses(aligned, tokenizer, texts: list[str], alpha: float, seed: int, st
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from alignheads import inference
-    from alignheads.tasks.generate import batch_seed
     from alignheads.tasks.prompts import load_prompts_file
+    from alignheads.tasks.sampling import batch_seed
 
     cfg = _config(args)
     if args.prompt is None and not args.interactive and args.prompts_file is None:

@@ -2,6 +2,10 @@
 
 The pydantic models here double as Prefect flow parameters, so every field carries a
 description that the Prefect UI shows in its form.
+
+Why one module of about 500 lines: it is the one schema of a run, every section and its defaults
+in one place (a second config module is how defaults drifted apart before). Most of its lines
+are field descriptions the UI shows.
 """
 
 from __future__ import annotations

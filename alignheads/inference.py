@@ -112,7 +112,7 @@ def _new_tokens(
     model: Any, tokenizer: Any, prompts: Sequence[str], seed: int | None, kwargs: dict[str, Any]
 ) -> list[list[int]]:
     """Generated token ids per prompt (up to and including the first EOS)."""
-    from alignheads.tasks.generate import encode_prompts, eos_ids, left_pad, until_eos
+    from alignheads.tasks.sampling import encode_prompts, eos_ids, left_pad, until_eos
 
     if not prompts:
         return []

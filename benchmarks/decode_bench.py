@@ -1,5 +1,8 @@
 """Decoding benchmark: tokens/s of the base model, the heads and a GenARM-style decoder, side by side.
 
+(A script, not a module of the package: its presets, its measurement and its report stay in one
+file so that one command reproduces a BENCHMARKS.md table.)
+
     .venv/bin/python benchmarks/decode_bench.py                        # CPU preset: the tiny world's shape
     .venv/bin/python benchmarks/decode_bench.py --preset gpu           # 7B-shaped random Llama, bf16
     .venv/bin/python benchmarks/decode_bench.py --preset gpu --dry-run # its set-up at tiny sizes, any device

@@ -1,5 +1,8 @@
 """Head-training step benchmark: live reference forward vs cached reference vs cached hidden states.
 
+(A script, not a module of the package: its presets, its measurement and its report stay in one
+file so that one command reproduces a BENCHMARKS.md table.)
+
     .venv/bin/python benchmarks/train_bench.py                       # CPU preset: the tiny world
     .venv/bin/python benchmarks/train_bench.py --preset gpu          # 7B-shaped random Llama, bf16
     .venv/bin/python benchmarks/train_bench.py --preset gpu --dry-run  # its inputs, tiny sizes, any device
@@ -17,7 +20,7 @@ micro-batches, interleaved in one run so that machine noise hits all of them ali
   float16 hidden states.
 
 The step is the training loop's own (`alignheads.tasks.training.loop`): `collate`, the loop's
-`head_features` / `head_objective` / the seeded `new_head` of `models.methods`, backward, gradient clipping, AdamW, and the
+`head_features` / `head_objective` / the seeded `new_head` of `models.trainees`, backward, gradient clipping, AdamW, and the
 per-micro-batch metrics the loop logs (`head_step_metrics`). The batches are read from the refcache
 with `PairStream` before timing (the Parquet reads are not timed; `collate` is). The reference
 model and the backbone are one module (the reference is the frozen LM itself), so the live
@@ -58,16 +61,16 @@ from torch import nn
 
 from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
 from alignheads.models.head_base import lm_output_layer
-from alignheads.models.methods import (
+from alignheads.models.objectives import BatchNeeds, PairBatch
+from alignheads.models.reference import ReferenceModel, pack_batch
+from alignheads.models.registry import new_head
+from alignheads.models.trainees import (
     head_batches,
     head_features,
     head_objective,
     head_shape,
     head_step_metrics,
 )
-from alignheads.models.objectives import BatchNeeds, PairBatch
-from alignheads.models.reference import ReferenceModel, pack_batch
-from alignheads.models.registry import new_head
 from alignheads.tasks.training.batches import PairRecord, PairStream, collate
 
 VARIANTS = ("live", "cached-ref", "cached-hidden")

@@ -1,4 +1,6 @@
-"""nn.Modules: the logit heads (IAV, CALM), the aligned-LM wrapper, head files and merging.
+"""nn.Modules and tensor maths: the logit heads (IAV, CALM), the aligned-LM wrapper, head files and
+merging; the losses and every method's objective, reference scoring, decoding (KV-cached context,
+two-model guided decoding), and the method registry (`alignheads.models.methods`).
 
 Build an aligned model from a base model and a head::
 

@@ -289,3 +289,26 @@ class AlignedLM(nn.Module):
         """Logits of the plain LM (its own output layer) for ``input_ids (B, T)`` → ``(B, T, V)``."""
         with self.original_lm() as lm:
             return lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+
+def generate_kwargs(decoding: dict[str, Any]) -> dict[str, Any]:
+    """transformers `generate()` keywords for decoding settings (max_new_tokens, do_sample,
+    temperature, top_p, eos_token_id, pad_token_id): top-k off; temperature and top-p only when
+    sampling (greedy decoding ignores them)."""
+    sampling = decoding["do_sample"]
+    kwargs = {k: v for k, v in decoding.items() if sampling or k not in ("temperature", "top_p")}
+    return kwargs | {"top_k": 0}
+
+
+@contextmanager
+def plain_generation_config(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model's own `generation_config.json` defaults (top-k, repetition
+    penalty, ...) are set aside, so decoding follows the caller's settings only."""
+    from transformers import GenerationConfig
+
+    previous = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = previous

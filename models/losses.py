@@ -276,15 +276,6 @@ class CALMWeights:
     ent: float = 0.01
 
 
-def _reward_metrics(dpo: DPOOutput) -> dict[str, float]:
-    return {
-        "reward_chosen": dpo.chosen_rewards.mean().item(),
-        "reward_rejected": dpo.rejected_rewards.mean().item(),
-        "reward_margin": dpo.margins.mean().item(),
-        "reward_accuracy": (dpo.margins > 0).float().mean().item(),
-    }
-
-
 @dataclass(frozen=True)
 class IAVLoss:
     """IAV total and its components (scalars) plus the per-pair DPO output."""
@@ -294,11 +285,6 @@ class IAVLoss:
     kl: Tensor
     l2: Tensor
     dpo: DPOOutput = field(repr=False)
-
-    def metrics(self) -> dict[str, float]:
-        """Plain floats for logging: loss, pref, kl, l2 and reward statistics."""
-        out = {k: getattr(self, k).item() for k in ("loss", "pref", "kl", "l2")}
-        return out | _reward_metrics(self.dpo)
 
 
 @dataclass(frozen=True)
@@ -311,11 +297,6 @@ class CALMLoss:
     strength_var: Tensor
     entropy: Tensor
     dpo: DPOOutput = field(repr=False)
-
-    def metrics(self) -> dict[str, float]:
-        """Plain floats for logging: loss, pref, l2, strength_var, entropy and rewards."""
-        out = {k: getattr(self, k).item() for k in ("loss", "pref", "l2", "strength_var", "entropy")}
-        return out | _reward_metrics(self.dpo)
 
 
 def iav_loss(

@@ -25,6 +25,9 @@ aside, and only those shards are recomputed.
 Concurrency: shard writers hold the artifact's lock shared plus their shard's lock exclusive,
 so different shards are written in parallel (threads or processes), one shard is never
 computed twice at once, and `finalize`/`prepare` (exclusive) never see a shard half-written.
+
+Why about 500 lines: one class owns the whole life of a sharded artifact (plan, records, locks,
+reopen, finalize); split apart, each half would have to know the other's files and locks.
 """
 
 from __future__ import annotations

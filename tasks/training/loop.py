@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from alignheads.config import PreferenceTrainConfig
 from alignheads.models.losses import preference_accuracy
-from alignheads.models.methods import Method, Trainee
+from alignheads.models.methods import Method
+from alignheads.models.trainees import Trainee
 from alignheads.tasks.training.batches import PairStream, collate
 from alignheads.tasks.training.checkpoint import (
     DataPosition,

@@ -75,7 +75,7 @@ def test_a_few_steps_lower_the_preference_loss(kind: str) -> None:
         losses.append(total.pref.item())
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses[-1] < 0.6
-    assert total.metrics()["reward_accuracy"] == 1.0
+    assert (total.dpo.margins > 0).float().mean().item() == 1.0  # every pair ranked right
     lm_params = [*aligned.backbone.parameters(), *aligned.frozen_head.parameters()]
     assert all(p.grad is None for p in lm_params)  # the LM stays frozen
     assert all(p.grad is not None for p in aligned.head.parameters())

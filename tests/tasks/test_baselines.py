@@ -33,6 +33,7 @@ from alignheads.tasks import data as data_stage
 from alignheads.tasks import evaluate as evaluate_stage
 from alignheads.tasks import generate as gen
 from alignheads.tasks import refpass as refpass_stage
+from alignheads.tasks import sampling
 from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks.prompts import prompt_set
@@ -179,7 +180,7 @@ def test_sweep_generations_share_schema_seeds_and_cache_with_the_heads(world, tr
     assert all(len(s) == 1 for s in seeds.values())
     # DeRa at α = 0 is the base: same text as the plain model sampled by the heads' sweep code
     tok = load_tokenizer(str(world["model_dir"]))
-    plain = gen.sample_responses(load_causal_lm(str(world["model_dir"])), tok, prompts, sweep)
+    plain = sampling.sample_responses(load_causal_lm(str(world["model_dir"])), tok, prompts, sweep)
     dera0 = [r for r in rows if r["head"] == "dpo-dera" and r["alpha"] == 0.0]
     assert [r["response"] for r in dera0] == [r["response"] for r in plain]
     assert all(r["kl_mean"] == 0.0 for r in dera0)

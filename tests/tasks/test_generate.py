@@ -30,6 +30,7 @@ from alignheads.storage.tables import read_table
 from alignheads.tasks import data as data_stage
 from alignheads.tasks import generate as gen
 from alignheads.tasks import prompts as sweep_prompts
+from alignheads.tasks import sampling
 from alignheads.tasks import train as train_stage
 from tests.helpers.tiny_models import EOS, make_head, randomise, tiny_llama, tiny_tokenizer
 
@@ -241,7 +242,7 @@ def test_common_random_numbers_across_alpha_and_heads(world):
     }
     model = load_causal_lm(str(world["model_dir"]))
     tok = load_tokenizer(str(world["model_dir"]))
-    base = gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], sweep), sweep)
+    base = sampling.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], sweep), sweep)
     base_text = [r["response"] for r in base]
     base_seeds = [r["seed"] for r in base]
     for table in tables.values():
@@ -251,7 +252,7 @@ def test_common_random_numbers_across_alpha_and_heads(world):
     assert all(r["kl_mean"] == pytest.approx(0.0, abs=1e-6) for r in calm0)
     # the draws are random: the two samples of a prompt, and other seeds, give other text
     assert sum(a["response"] != b["response"] for a, b in zip(calm0[::2], calm0[1::2], strict=True)) >= 6
-    other = gen.sample_responses(
+    other = sampling.sample_responses(
         model, tok, sweep_prompts.prompt_set(world["data"], sweep), _sweep(n_samples=2, seed=1)
     )
     assert sum(a["response"] != b for a, b in zip(other, base_text, strict=True)) >= 12
@@ -265,7 +266,7 @@ def test_finish_reason_and_token_counts(world):
     sweep = _sweep(n_samples=2)
     model = load_causal_lm(str(world["model_dir"]))
     tok = load_tokenizer(str(world["model_dir"]))
-    rows = gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], sweep), sweep)
+    rows = sampling.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], sweep), sweep)
     reasons = {r["finish_reason"] for r in rows}
     assert reasons == {"eos", "length"}
     for r in rows:
@@ -283,9 +284,11 @@ def test_finish_reason_and_token_counts(world):
     assert table.column("finish_reason").to_pylist() == [r["finish_reason"] for r in rows]
     # greedy decoding: deterministic, also stops at EOS or max_new_tokens
     greedy = _sweep(do_sample=False, max_new_tokens=4)
-    g1 = gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], greedy), greedy)
+    g1 = sampling.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], greedy), greedy)
     assert all(r["n_tokens"] <= 4 for r in g1)
-    assert g1 == gen.sample_responses(model, tok, sweep_prompts.prompt_set(world["data"], greedy), greedy)
+    assert g1 == sampling.sample_responses(
+        model, tok, sweep_prompts.prompt_set(world["data"], greedy), greedy
+    )
 
 
 def test_kl_and_head_statistics(world):

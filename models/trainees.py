@@ -1,0 +1,211 @@
+"""What the one training loop trains for each method: a `Trainee` holds the module AdamW updates
+and computes its loss on a batch of preference pairs.
+
+* `HeadTrainee` (IAV, CALM): a fresh logit head over the frozen LM; its features come from the
+  frozen backbone or from the reference cache's hidden states, its logits from the frozen
+  `lm_head` plus the head.
+* `LMTrainee` (GenARM, DPO + DeRa): the LM itself (or LoRA adapters on it) in float32.
+
+The objectives are the pure functions of `alignheads.models.objectives`; the registry that picks a
+trainee per method is `alignheads.models.methods`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig, PreferenceTrainConfig
+from alignheads.models.features import backbone_features, cached_features, gather_time
+from alignheads.models.head_base import SteeringOutput, lm_output_layer
+from alignheads.models.losses import CALMWeights, DPOOutput, IAVWeights, dpo_loss
+from alignheads.models.objectives import (
+    BatchNeeds,
+    PairBatch,
+    calm_objective,
+    exact_kl_per_token,
+    iav_objective,
+    response_logps,
+    topk_kl_per_token,
+)
+from alignheads.models.registry import new_head
+
+
+def trl_metrics(loss: Tensor, dpo: DPOOutput, logps: Tensor, n_pairs: int) -> dict[str, float]:
+    """TRL-named metrics of one micro-batch: the loss, the DPO output's implicit rewards, and the
+    policy's summed response log-probs ``(2B,)`` (chosen rows first)."""
+    return {
+        "loss": loss.item(),
+        "rewards/chosen": dpo.chosen_rewards.mean().item(),
+        "rewards/rejected": dpo.rejected_rewards.mean().item(),
+        "rewards/accuracies": (dpo.margins > 0).float().mean().item(),
+        "rewards/margins": dpo.margins.mean().item(),
+        "logps/chosen": logps[:n_pairs].mean().item(),
+        "logps/rejected": logps[n_pairs:].mean().item(),
+    }
+
+
+@dataclass
+class StepLoss:
+    """One micro-batch's scalar loss and (computed after backward) its metrics."""
+
+    loss: Tensor
+    metrics: Callable[[], dict[str, float]]
+
+
+class Trainee(ABC):
+    """What the one training loop drives for a method: the module AdamW updates and its loss.
+
+    `module` is what the optimizer, `accelerate.prepare` and checkpoints see; `loss` and
+    `eval_dpo` take the (possibly wrapped) module to call, so multi-process gradient sync works.
+    """
+
+    module: nn.Module
+    needs: BatchNeeds
+    with_sequences: bool  # whether batches carry token ids for a backbone forward
+
+    @abstractmethod
+    def loss(self, module: nn.Module, batch: PairBatch) -> StepLoss: ...
+
+    @abstractmethod
+    def eval_dpo(self, module: nn.Module, batch: PairBatch) -> DPOOutput:
+        """The held-out pairs' implicit rewards and margins at α = 1 (the training objective's)."""
+
+
+class HeadTrainee(Trainee):
+    """A logit head over the frozen LM: features from the backbone (or the cache), frozen lm_head."""
+
+    def __init__(self, kind: str, model: nn.Module, cfg: HeadTrainConfig, device: Any) -> None:
+        model.requires_grad_(False)
+        model.to(device)
+        self.model, self.cfg = model, cfg
+        self.frozen = lm_output_layer(model)
+        # heads train in float32 whatever the LM's dtype: they are the master weights AdamW
+        # updates (bf16 would lose small updates); `mixed_precision: bf16` autocasts the compute
+        torch.manual_seed(cfg.seed)  # every process starts from the same weights
+        self.module = new_head(kind, model, dtype=torch.float32, **head_shape(cfg)).to(device)
+        self.needs, self.with_sequences = head_batches(cfg)
+        self.features = head_features(cfg, model.base_model, self.module.needs_token_context, self.frozen)
+        self.objective = head_objective(cfg, self.frozen)
+
+    def loss(self, module: nn.Module, batch: PairBatch) -> StepLoss:
+        hidden, ctx = self.features(batch)
+        out = module(hidden, frozen_head=self.frozen, context=ctx)
+        loss_obj = self.objective(out, batch, hidden)
+        return StepLoss(loss_obj.loss, lambda: head_step_metrics(loss_obj, out, batch))
+
+    def eval_dpo(self, module: nn.Module, batch: PairBatch, alpha: float = 1.0) -> DPOOutput:
+        hidden, ctx = self.features(batch)
+        out = module(hidden, frozen_head=self.frozen, context=ctx)
+        logps = response_logps(out.logits(alpha), batch)
+        b = batch.n_pairs
+        return dpo_loss(logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:], self.cfg.beta)
+
+
+def head_batches(cfg: HeadTrainConfig) -> tuple[BatchNeeds, bool]:
+    """(cache columns read, whether batches carry token ids): IAV with `kl: topk` reads the
+    cache's top-k; `features: cached` reads its hidden states and never runs the backbone."""
+    topk = isinstance(cfg, IAVTrainConfig) and cfg.kl == "topk"
+    return BatchNeeds(topk=topk, hidden=cfg.features == "cached"), cfg.features == "backbone"
+
+
+def head_shape(cfg: HeadTrainConfig) -> dict[str, Any]:
+    """The head constructor's size settings (CALM: rank, s_max, positions; IAV: none)."""
+    if isinstance(cfg, CALMTrainConfig):
+        return {"rank": cfg.rank, "s_max": cfg.s_max, "max_positions": cfg.max_positions}
+    return {}
+
+
+def head_features(cfg: HeadTrainConfig, backbone: nn.Module, with_context: bool, frozen: nn.Module):
+    """batch -> (hidden ``(2B, R, H)`` in the LM output layer's dtype, token context or None)."""
+    source = cached_features if cfg.features == "cached" else partial(backbone_features, backbone)
+    dtype = frozen.weight.dtype
+
+    def features(batch: PairBatch):
+        hidden, ctx = source(batch, with_context)
+        return hidden.to(dtype), ctx  # the frozen lm_head (CALM's base, exact KL) takes its own dtype
+
+    return features
+
+
+def head_objective(cfg: HeadTrainConfig, frozen: nn.Module):
+    """(head output, batch, hidden) -> loss object, chosen once per run (no per-step flags)."""
+    if isinstance(cfg, IAVTrainConfig):
+        weights = IAVWeights(beta=cfg.beta, kl=cfg.lambda_kl, l2=cfg.lambda_l2)
+        if cfg.kl == "exact":
+
+            def iav_exact(out, batch, hidden):
+                with torch.no_grad():
+                    ref_logits = frozen(hidden)
+                kl = exact_kl_per_token(out.base_logits, ref_logits)
+                return iav_objective(out, batch, kl, weights, cfg.lambda_nll)
+
+            return iav_exact
+        return lambda out, batch, hidden: iav_objective(
+            out, batch, topk_kl_per_token(out.base_logits, batch), weights, cfg.lambda_nll
+        )
+    assert isinstance(cfg, CALMTrainConfig)
+    weights = CALMWeights(beta=cfg.beta, l2=cfg.lambda_l2, var=cfg.lambda_var, ent=cfg.lambda_ent)
+    return lambda out, batch, hidden: calm_objective(out, batch, weights, cfg.lambda_nll)
+
+
+def head_step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:
+    """TRL-named metrics of one micro-batch, plus the head's own (l2, IAV's kl, CALM's strength)."""
+    logps = response_logps(out.logits(1.0).detach(), batch)
+    metrics = trl_metrics(loss_obj.loss, loss_obj.dpo, logps, batch.n_pairs) | {"l2": loss_obj.l2.item()}
+    if hasattr(loss_obj, "kl"):
+        metrics["kl"] = loss_obj.kl.item()
+    if hasattr(out, "strength"):
+        s = out.strength.detach()[batch.mask].float()
+        metrics["strength/mean"] = s.mean().item()
+        metrics["strength/std"] = s.std(unbiased=False).item()
+    return metrics
+
+
+def response_logits(model: nn.Module, batch: PairBatch) -> Tensor:
+    """``(2B, R, V)`` logits of ``model`` at the positions predicting each response token: the
+    backbone over the right-padded sequences, the output layer only at the gathered positions."""
+    if batch.input_ids is None or batch.gather_index is None:
+        raise ValueError("fine-tuning needs input_ids and gather_index in the batch")
+    hidden = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    return model.get_output_embeddings()(gather_time(hidden, batch.gather_index)).float()
+
+
+class LMTrainee(Trainee):
+    """A whole copy of the LM (or its LoRA adapters) fine-tuned with a sequence-level objective."""
+
+    needs = BatchNeeds(topk=False, hidden=False)
+    with_sequences = True  # the LM itself runs over the token ids
+
+    def __init__(self, objective, model: nn.Module, cfg: PreferenceTrainConfig, device: Any) -> None:
+        from alignheads.models.lora import trainable_lm
+
+        self.dtype = next(model.parameters()).dtype  # the trained copy is saved in it
+        # AdamW on half-precision weights would lose small updates
+        model = model.float() if self.dtype != torch.float32 else model
+        self.module, self._finish = trainable_lm(model, cfg)
+        self.module.to(device).train()
+        if not any(p.requires_grad for p in self.module.parameters()):
+            raise ValueError("no weight of the model requires a gradient: nothing to fine-tune")
+        self.objective = partial(objective, beta=cfg.beta, nll=cfg.lambda_nll)
+
+    def loss(self, module: nn.Module, batch: PairBatch) -> StepLoss:
+        out = self.objective(response_logits(module, batch), batch)
+        return StepLoss(out.loss, lambda: trl_metrics(out.loss, out.dpo, out.logps, batch.n_pairs))
+
+    def eval_dpo(self, module: nn.Module, batch: PairBatch) -> DPOOutput:
+        return self.objective(response_logits(module, batch), batch).dpo
+
+    def finished(self) -> nn.Module:
+        """The plain causal LM with what was learnt (LoRA adapters merged in), frozen, in eval mode."""
+        model = self._finish()
+        model.eval().requires_grad_(False)
+        return model
