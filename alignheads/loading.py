@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alignheads.config import ModelConfig
 
 WORLD_MODEL_SUBDIR = "model"
+
+# While it builds a model, transformers' `from_pretrained` swaps process-wide functions for no-ops
+# (`PreTrainedModel.tie_weights`, `init_weights` and the `torch.nn.init` functions) and puts the
+# saved ones back afterwards. Two threads loading at once (the sweep's generations on the threads
+# runner) can each save the other's no-op and "restore" it: every model built later in the process
+# then comes out untied and uninitialised. Every model this package loads or builds holds this lock.
+MODEL_LOADING = threading.RLock()
 
 
 def model_location(model: ModelConfig, world_dir: Path | None) -> tuple[str, str | None]:
@@ -35,11 +43,12 @@ def load_causal_lm(
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        revision=revision,
-        dtype=getattr(torch, dtype),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
+    with MODEL_LOADING:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
     return model.eval()

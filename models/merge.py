@@ -95,9 +95,12 @@ def merge_iav(
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, dtype=dtype or "auto", trust_remote_code=trust_remote_code
-    )
+    from alignheads.loading import MODEL_LOADING
+
+    with MODEL_LOADING:  # see alignheads.loading: from_pretrained is not thread-safe
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+        )
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     head = load_head(heads_dir, model, ignore_base_id=ignore_base_id)
     old = model.get_output_embeddings()

@@ -86,13 +86,16 @@ def load_reward_model(
     tokenizer = AutoTokenizer.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code
     )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path,
-        revision=revision,
-        dtype=getattr(torch, dtype),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
+    from alignheads.loading import MODEL_LOADING
+
+    with MODEL_LOADING:  # see alignheads.loading: from_pretrained is not thread-safe
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
     if model.config.num_labels != 1:
         raise ValueError(
             f"reward model {name_or_path} has {model.config.num_labels} labels; a reward model has 1"

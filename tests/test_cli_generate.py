@@ -183,7 +183,9 @@ def test_interactive_through_a_pseudo_terminal(world, expected):
         os.write(fd, b":compare\n")
         _read_until(fd, "compare with base: on", out)
         os.write(fd, (expected["prompts"][2] + "\n").encode())
-        text = _read_until(fd, "--- aligned (calm head, alpha=0) ---", out)
+        # wait for the aligned reply itself before typing again: the terminal echoes what is typed
+        # at once, and under load that echo could land inside the reply's line
+        text = _read_until(fd, f"--- aligned (calm head, alpha=0) ---\n{expected['a0'][2]}\n", out)
         os.write(fd, b":info\n")
         text = _read_until(fd, '"head_type": "calm"', out)
         os.write(fd, b":q\n")

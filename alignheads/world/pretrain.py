@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from alignheads.config import WorldConfig
+from alignheads.loading import MODEL_LOADING
 
 
 def make_model(cfg: WorldConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
@@ -40,7 +41,8 @@ def make_model(cfg: WorldConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaFor
         pad_token_id=tokenizer.pad_token_id,
     )
     # Seed a private copy of the RNG so the caller's global torch state is left untouched.
-    with torch.random.fork_rng(devices=[]):
+    # MODEL_LOADING: no other thread's from_pretrained may have the init functions swapped out
+    with MODEL_LOADING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -1,0 +1,39 @@
+"""Loading models from several threads at once leaves transformers' process-wide functions intact."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers import PreTrainedModel
+
+from alignheads.loading import load_causal_lm
+from tests.helpers.tiny_models import tiny_llama
+
+
+def test_concurrent_loads_leave_tying_and_init_in_place(tmp_path):
+    """from_pretrained swaps `PreTrainedModel.tie_weights`, `init_weights` and `torch.nn.init`'s
+    functions for no-ops while it builds a model. Eight threads loading at once (as the sweep's
+    generations do on the threads runner) used to restore each other's no-ops, and every model
+    built afterwards came out untied and uninitialised."""
+    tiny_llama(tied=False).save_pretrained(tmp_path / "lm")
+    originals = (PreTrainedModel.tie_weights, PreTrainedModel.init_weights, torch.nn.init.normal_)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for _ in range(3):
+                load_causal_lm(str(tmp_path / "lm"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (PreTrainedModel.tie_weights, PreTrainedModel.init_weights, torch.nn.init.normal_) == originals
+    tied = tiny_llama(tied=True)  # built after the loads: tied and initialised as configured
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert tied.model.layers[0].self_attn.q_proj.weight.abs().sum() > 0
