@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignheads.config import WorldConfig
 from alignheads.world import corpus
-from alignheads.world.pretrain import encode_corpus, make_model, pretrain
+from alignheads.world.pretrain import encode_corpus, make_model, one_thread, pretrain
 from alignheads.world.reward import rewards
 from alignheads.world.tokenizer import build_tokenizer
 
@@ -111,7 +111,8 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
     model = make_model(cfg, tokenizer)
     sequences = encode_corpus(texts, tokenizer, cfg.max_position_embeddings)
     t_pretrain = time.perf_counter()
-    losses = pretrain(model, sequences, cfg, tokenizer.pad_token_id, progress=progress)
+    with one_thread():  # the weights must not depend on the caller's OpenMP thread count
+        losses = pretrain(model, sequences, cfg, tokenizer.pad_token_id, progress=progress)
     pretrain_seconds = time.perf_counter() - t_pretrain
 
     model_dir = out_dir / "model"
@@ -124,7 +125,8 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
     distinct = list(dict.fromkeys(p["prompt"] for p in test))
     prompts = [distinct[i % len(distinct)] for i in range(cfg.report_samples)]
     t_sample = time.perf_counter()
-    responses, finished = sample(model, tokenizer, prompts, cfg.report_max_new_tokens, cfg.seed)
+    with one_thread():
+        responses, finished = sample(model, tokenizer, prompts, cfg.report_max_new_tokens, cfg.seed)
     sample_seconds = time.perf_counter() - t_sample
     base_r = rewards(prompts, responses)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -108,6 +109,22 @@ def batches(
         rng.shuffle(group)
         out.extend(group)
     return out
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on one thread inside the block, then restore the caller's count.
+
+    A float reduction split over several threads adds in another order, so the pretrained weights
+    (and the world's samples) would depend on OMP_NUM_THREADS while the world's key does not: one
+    key, two models. One thread is also the fastest for a model this small (see scripts/dev.sh).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def pretrain(
