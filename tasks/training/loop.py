@@ -192,11 +192,18 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
 
     epoch = position.epoch
     start = position.micro_batch
+    # An epoch is `steps_per_epoch` whole optimizer steps of world x grad_accum micro-batches; the
+    # micro-batches past them (fewer than one step's worth) are dropped, never run: their
+    # gradients would otherwise land in the next epoch's first step, and ranks dealt micro-batches
+    # by index would disagree on the number of steps.
+    used = steps_per_epoch * world * cfg.grad_accum
     while step < total and epoch < cfg.epochs:
         stream = job.train.micro_batches(micro, cfg.seed, epoch, start=start, rank=rank, world=world)
         pending: list[dict[str, float]] = []
         steps_this_epoch = 0
-        for _index, records in stream:
+        for index, records in stream:
+            if index >= used:
+                break
             batch = collate(records, trainee.needs, trainee.with_sequences, job.pad_id).to(accelerator.device)
             last_of_step = len(pending) + 1 == cfg.grad_accum
             # gradients are all-reduced only on the last micro-batch of a step
