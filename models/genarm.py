@@ -24,10 +24,13 @@ def genarm_logits(base_logits: Tensor, reward_logits: Tensor, alpha: float) -> T
     """Logits of ``π_α ∝ π_base · π_r^α``: ``log_softmax(z_base) + α · log_softmax(z_r)``.
 
     base_logits, reward_logits: ``(..., V)`` (any float dtype). Returns ``(..., V)`` float32
-    (or float64 for float64 inputs), unnormalised (softmax of it is ``π_α``).
+    (or float64 for float64 inputs), unnormalised (softmax of it is ``π_α``). At α = 0 it is
+    ``log_softmax(z_base)`` exactly, even where ``z_r`` is −inf (``0 · −inf`` would be NaN).
     """
     dtype = torch.float64 if base_logits.dtype == torch.float64 else torch.float32
     base = torch.log_softmax(base_logits.to(dtype), dim=-1)
+    if alpha == 0:  # exact, as in dera_logits: π_r^0 = 1 also where π_r = 0
+        return base
     reward = torch.log_softmax(reward_logits.to(dtype), dim=-1)
     return base + alpha * reward
 

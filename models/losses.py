@@ -195,7 +195,8 @@ def topk_tail_kl(ref_topk_ids: Tensor, ref_topk_logprobs: Tensor, policy_logits:
     the policy's mass outside the same ids, from a masked logsumexp of the policy's
     log-probs (never ``1 − Σ``). It is the exact KL between the two (K+1)-bucket
     distributions, so it never exceeds the full KL and equals it when the ids cover the
-    vocabulary (then the tail term is 0).
+    vocabulary (then the tail term is 0). A cached ``ℓ_j = −inf`` (reference probability 0)
+    contributes 0 (``0 log 0 = 0``, as in :func:`exact_kl`).
     """
     pol_lp = torch.log_softmax(_wide(policy_logits), dim=-1)
     ref_lp = _wide(ref_topk_logprobs)
@@ -203,7 +204,8 @@ def topk_tail_kl(ref_topk_ids: Tensor, ref_topk_logprobs: Tensor, policy_logits:
 
     q_top = pol_lp.gather(-1, ids)
     p_top = ref_lp.exp()
-    head = (p_top * (ref_lp - q_top)).sum(-1)
+    # 0 · log 0 = 0 (as in exact_kl): a cached ℓ_j = −inf would otherwise give 0 · (−inf) = NaN
+    head = torch.where(p_top > 0, p_top * (ref_lp - q_top), torch.zeros_like(p_top)).sum(-1)
 
     r = (-torch.expm1(torch.logsumexp(ref_lp, dim=-1))).clamp(min=0)
     tail = torch.ones_like(pol_lp, dtype=torch.bool).scatter(-1, ids, False)

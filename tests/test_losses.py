@@ -168,3 +168,31 @@ def test_preference_accuracy_counts_ties_as_half():
     # a policy equal to the reference (all margins rounding noise) scores exactly chance
     assert preference_accuracy(torch.tensor([1e-7, -3e-6, 0.0])) == 0.5
     assert preference_accuracy(torch.tensor([0.01, 0.02]), tie=0.015) == 0.75
+
+
+def test_topk_tail_kl_zero_reference_probability_is_not_nan() -> None:
+    """A cached top-k log-prob of −inf (reference probability 0) contributes 0 · log 0 = 0, as in
+    exact_kl. p_ref = [½, ½, 0], q = softmax([0, 0, 0]) = [⅓, ⅓, ⅓]:
+    KL = 2 · ½ ln(½ / ⅓) = ln 1.5 = 0.405465.
+    With all three ids cached the tail is empty; with ids [0, 2] the tail is {1}:
+    head = ½ ln(½/⅓) + 0, r = ½, r_q = ⅓, tail = ½ ln(½/⅓) → ln 1.5 again.
+    Before the fix both gave NaN (0 · (−inf))."""
+    neg_inf = float("-inf")
+    policy = torch.zeros(3, requires_grad=True)
+    ref_lp = T([LN(0.5), LN(0.5), neg_inf])
+    assert close(exact_kl(ref_lp, policy.detach()), LN(1.5))
+    full = topk_tail_kl(T([0, 1, 2]), ref_lp, policy)
+    assert close(full, LN(1.5))
+    partial_ids = T([0, 2])
+    partial = topk_tail_kl(partial_ids, ref_lp[partial_ids], policy)
+    assert close(partial, LN(1.5))
+    # the gradient stays finite too: d/dz of KL(p ‖ softmax z) = softmax z − p = [−⅙, −⅙, ⅓]
+    partial.backward()
+    assert close(policy.grad, [-1 / 6, -1 / 6, 1 / 3])
+    # batched, float64, and a policy that is −inf where the reference is 0 as well
+    batch = topk_tail_kl(
+        T([[0, 1, 2], [2, 0, 1]]),
+        T([[LN(0.5), LN(0.5), neg_inf], [neg_inf, LN(0.5), LN(0.5)]], dtype=torch.float64),
+        T([[0.0, 0.0, neg_inf], [0.0, 0.0, neg_inf]], dtype=torch.float64),
+    )
+    assert close(batch, [0.0, 0.0], tol=1e-12)

@@ -2,14 +2,21 @@
 
 A method's α sweep traces a path through (KL, reward) space: mean per-token KL(π_α ‖ π_base)
 against mean reward, one point per α. Comparing methods at the same α says little (their dials
-mean different things); comparing them at the same KL to the base does. For a KL level `k`
-the reward is read off the path by linear interpolation between the two consecutive α values
-(in increasing α) whose KLs bracket `k`, at the first such crossing: the reward a user gets by
-turning the dial up until the model has moved `k` nats per token from the base.
+mean different things); comparing them at the same KL to the base does.
 
-The levels are spread evenly over the KL range every method reaches (from the largest of the
-methods' smallest KLs to the smallest of their largest), so each level is an interpolation,
-never an extrapolation.
+α = 0 is the base, and a sweep that also runs through negative α moves away from it in two
+directions, so its path has two branches: the positive one (α ≥ 0) and the negative one
+(α ≤ 0; α = 0 belongs to both). Each branch is read on its own, walking outward from α = 0
+(α increasing on the positive branch, decreasing on the negative one). For a KL level `k`
+the reward is the first arrival at `k` along that walk: a sweep point whose KL is `k`, or the
+linear interpolation (in α and in reward) inside the first segment between consecutive sweep
+points whose KLs bracket `k`, whichever comes first. It is the reward a user gets by turning
+the dial from 0 until the model has moved `k` nats per token from the base. The table reports
+the positive branch unless asked for the negative one (``branch="negative"``).
+
+The levels are spread evenly over the KL range every method reaches on the branch (from the
+largest of the methods' smallest KLs to the smallest of their largest), so each level is an
+interpolation, never an extrapolation. A method with no sweep point on the branch has no rows.
 
 Decoding cost, as stated in the table: LM forward passes per generated token (structural: 1
 for the heads, whose extra work is one output-layer-sized matmul; 2 for GenARM and DeRa, which
@@ -23,12 +30,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
 __all__ = [
+    "BRANCHES",
     "MATCHED_KL_SCHEMA",
+    "Branch",
     "common_kl_range",
     "kl_levels",
     "matched_kl_markdown",
@@ -49,37 +58,68 @@ MATCHED_KL_SCHEMA = pa.schema(
 )
 
 
+Branch = Literal["positive", "negative"]
+BRANCHES: tuple[Branch, ...] = ("positive", "negative")
+
+
 def _num(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def reward_at_kl(points: Sequence[tuple[float, float, float]], level: float) -> tuple[float, float] | None:
-    """(reward, interpolated α) where the path of ``points`` = (α, KL, reward) first reaches KL
-    ``level``, walking α upwards; None if no segment (or point) brackets the level."""
-    pts = sorted(points)
-    for alpha, kl, reward in pts:
-        if kl == level:
-            return reward, alpha
-    for (a0, k0, r0), (a1, k1, r1) in zip(pts, pts[1:], strict=False):
-        if min(k0, k1) <= level <= max(k0, k1):
-            t = (level - k0) / (k1 - k0)
-            return r0 + t * (r1 - r0), a0 + t * (a1 - a0)
+def _branch_walk(
+    points: Sequence[tuple[float, float, float]], branch: Branch
+) -> list[tuple[float, float, float]]:
+    """The points of ``branch`` in walking order, outward from α = 0: α ≥ 0 increasing
+    (positive) or α ≤ 0 decreasing (negative)."""
+    if branch == "positive":
+        return sorted(p for p in points if p[0] >= 0)
+    if branch == "negative":
+        return sorted((p for p in points if p[0] <= 0), key=lambda p: p[0], reverse=True)
+    raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+
+
+def reward_at_kl(
+    points: Sequence[tuple[float, float, float]], level: float, branch: Branch = "positive"
+) -> tuple[float, float] | None:
+    """(reward, α) where the path of ``points`` = (α, KL, reward) first reaches KL ``level``,
+    walking ``branch`` outward from α = 0: ``"positive"`` (default) walks α ≥ 0 upwards,
+    ``"negative"`` walks α ≤ 0 downwards. The first arrival wins, whether it is a sweep point
+    with that KL (returned as is) or a crossing inside a segment (reward and α interpolated
+    linearly); a later exact match never beats an earlier crossing. None if the branch never
+    reaches ``level``."""
+    walk = _branch_walk(points, branch)
+    for i, (a0, k0, r0) in enumerate(walk):
+        if k0 == level:
+            return r0, a0
+        if i + 1 < len(walk):
+            a1, k1, r1 = walk[i + 1]
+            if min(k0, k1) < level < max(k0, k1):
+                t = (level - k0) / (k1 - k0)
+                return r0 + t * (r1 - r0), a0 + t * (a1 - a0)
     return None
 
 
-def _paths(summary: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float, float]]]:
+def _paths(
+    summary: Sequence[dict[str, Any]], branch: Branch = "positive"
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Each head's (α, KL, reward) points on ``branch``, in walking order (heads without any
+    are left out)."""
     paths: dict[str, list[tuple[float, float, float]]] = {}
     for r in summary:
         if _num(r.get("kl")) and _num(r.get("reward")):
             paths.setdefault(str(r["head"]), []).append(
                 (float(r["alpha"]), float(r["kl"]), float(r["reward"]))
             )
-    return {head: sorted(p) for head, p in sorted(paths.items())}
+    walks = {head: _branch_walk(p, branch) for head, p in sorted(paths.items())}
+    return {head: w for head, w in walks.items() if w}
 
 
-def common_kl_range(summary: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
-    """(lo, hi): the KL interval every head's sweep spans; None when they do not overlap."""
-    paths = _paths(summary)
+def common_kl_range(
+    summary: Sequence[dict[str, Any]], branch: Branch = "positive"
+) -> tuple[float, float] | None:
+    """(lo, hi): the KL interval every head's sweep spans on ``branch``; None when they do not
+    overlap."""
+    paths = _paths(summary, branch)
     if not paths:
         return None
     lo = max(min(k for _, k, _ in p) for p in paths.values())
@@ -87,9 +127,10 @@ def common_kl_range(summary: Sequence[dict[str, Any]]) -> tuple[float, float] | 
     return (lo, hi) if lo <= hi else None
 
 
-def kl_levels(summary: Sequence[dict[str, Any]], n: int = 3) -> list[float]:
-    """``n`` KL levels evenly inside the common range (its ends excluded; rounded to 4 places)."""
-    span = common_kl_range(summary)
+def kl_levels(summary: Sequence[dict[str, Any]], n: int = 3, branch: Branch = "positive") -> list[float]:
+    """``n`` KL levels evenly inside the common range on ``branch`` (its ends excluded; rounded
+    to 4 places)."""
+    span = common_kl_range(summary, branch)
     if span is None:
         return []
     lo, hi = span
@@ -102,15 +143,19 @@ def matched_kl_rows(
     summary: Sequence[dict[str, Any]],
     costs: dict[str, dict[str, float | None]] | None = None,
     levels: Sequence[float] | None = None,
+    branch: Branch = "positive",
 ) -> list[dict[str, Any]]:
-    """One row per (head, KL level): the interpolated reward and α, and the head's decoding cost
-    (``costs[head]``: ``lm_forwards_per_token``, ``ms_per_token``; missing entries stay null)."""
-    levels = kl_levels(summary) if levels is None else list(levels)
+    """One row per (head, KL level): the interpolated reward and α on ``branch`` (``"positive"``,
+    the default, or ``"negative"``; see :func:`reward_at_kl`), and the head's decoding cost
+    (``costs[head]``: ``lm_forwards_per_token``, ``ms_per_token``; missing entries stay null).
+    ``levels`` defaults to :func:`kl_levels` on the same branch; heads without a sweep point
+    on the branch get no rows."""
+    levels = kl_levels(summary, branch=branch) if levels is None else list(levels)
     rows = []
-    for head, path in _paths(summary).items():
+    for head, path in _paths(summary, branch).items():
         cost = (costs or {}).get(head, {})
         for level in levels:
-            hit = reward_at_kl(path, level)
+            hit = reward_at_kl(path, level, branch)
             rows.append(
                 {
                     "head": head,

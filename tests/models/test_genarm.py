@@ -37,6 +37,22 @@ def test_genarm_rule_on_hand_computed_logits():
     assert genarm_logits(base.half(), reward.half(), 1.0).dtype == torch.float32
 
 
+def test_genarm_rule_at_alpha_zero_with_minus_inf_reward_logits():
+    """α = 0 is the base exactly, even where the reward LM's logit is −inf (π_r = 0 there):
+    0 · (−inf) would be NaN. base (0, ln 3) → log π_base = (ln ¼, ln ¾); reward (0, −inf).
+    Before the fix the second entry came out NaN."""
+    base = torch.tensor([[0.0, math.log(3.0)]])
+    reward = torch.tensor([[0.0, float("-inf")]])
+    expected = torch.tensor([[math.log(0.25), math.log(0.75)]])
+    torch.testing.assert_close(genarm_logits(base, reward, 0.0), expected)
+    torch.testing.assert_close(genarm_logits(base.double(), reward.double(), 0.0), expected.double())
+    assert genarm_logits(base.half(), reward.half(), 0.0).dtype == torch.float32
+    # α = 1: log ¼ + 0, log ¾ − inf → π = (1, 0), no NaN
+    out = genarm_logits(base, reward, 1.0)
+    assert out[0, 0] == pytest.approx(math.log(0.25)) and out[0, 1] == float("-inf")
+    torch.testing.assert_close(torch.softmax(out, -1), torch.tensor([[1.0, 0.0]]))
+
+
 def test_reward_lm_loss_on_hand_computed_logprobs():
     out = reward_lm_loss(torch.tensor([-2.0, -4.0]), torch.tensor([-5.0, -3.0]), beta=0.5)
     # margins 0.5·3 = 1.5 and 0.5·(−1) = −0.5; loss = log(1 + e^{−margin})
