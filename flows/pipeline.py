@@ -53,6 +53,7 @@ def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None
     with tracked(cfg, flatten(cfg), "pipeline") as run:
         outcome = run_pipeline(cfg, run)
         run.headline(outcome)
+        run.finish(outcome)
     return logged(outcome.model_copy(update={"mlflow_run": run.run_id}), get_run_logger().info)
 
 

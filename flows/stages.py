@@ -150,7 +150,8 @@ def train_flow(
     outcome = RunOutcome()
     with tracked(cfg, flatten(params), "stage") as run:
         train_methods(cfg.store, train, refpass_path, source, run, outcome)
-    return logged(outcome, get_run_logger().info)
+        run.finish(outcome)
+    return logged(outcome.model_copy(update={"mlflow_run": run.run_id}), get_run_logger().info)
 
 
 def trained_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> train_stage.TrainPlan:
@@ -212,4 +213,5 @@ def sweep_flow(
     params = {"train_keys": train_keys, "data_key": data_key, "sweep": sweep, "evaluate": evaluate}
     with tracked(cfg, flatten(params), "stage") as run:
         sweep_and_report(cfg, plans, prompt_set(data_path, sweep), source, run, outcome)
-    return logged(outcome, get_run_logger().info)
+        run.finish(outcome)
+    return logged(outcome.model_copy(update={"mlflow_run": run.run_id}), get_run_logger().info)

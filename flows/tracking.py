@@ -5,21 +5,43 @@ config); each trained method is a child run (its settings, its metrics step by s
 files), each (method, α) of the sweep a child run with the summary's numbers; the report's
 plots and tables and the evaluate artifact are the parent run's artifacts, and the summary is
 also a Prefect table and markdown artifact. With tracking off, every call here does nothing.
+
+Results are logged once, by the flow run that computed them. A stage answered from the store
+or from Prefect's cache (status ``cached`` or ``reused``) adds nothing to MLflow:
+
+- a `train-<method>` child run only when this flow run trained that method (it is created
+  before training, so the metrics arrive live; if another process finished the same artifact
+  meanwhile, the empty child run is deleted);
+- `eval-<head>-alpha-<α>` child runs and the `evaluate/` artifacts only when the evaluation
+  was computed now; `plots/` and `tables/` only when the report was;
+- the headline metrics `<method>/eval_accuracy` only when the flow run computed something.
+
+Every flow run still gets its parent run (its params and the pairs it ran on, as its input
+dataset), tagged at the end with `alignheads.cached`: ``true`` when it computed nothing. Each
+result it reused is named by a tag `alignheads.reused.<result>` (``train-<method>``: the child
+run holding that training; ``evaluate``: the parent run that computed the evaluation), and a
+cached run's `alignheads.results_run` is the parent run that computed its final result (the
+evaluation, or for a train-only flow the last method's training). A re-run that recomputes
+nothing thus adds one parent run and no copies. Before a flow run starts its parent run, the
+runs of killed processes still marked RUNNING are ended as KILLED (`end_dead_runs`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from alignheads.config import RunConfig
 from alignheads.storage.tables import read_table
-from alignheads.storage.tracking import Tracker, open_tracker
-from alignheads.tasks.cached import RunOutcome, StageResult
+from alignheads.storage.tracking import Tracker, end_dead_runs, open_tracker
+from alignheads.tasks.cached import RunOutcome, StageResult, is_complete
 from alignheads.tasks.report import report_files
 from alignheads.tasks.reporting.printing import summary_markdown
 from alignheads.tasks.train import TrainPlan
@@ -39,20 +61,28 @@ class RunTracking:
 
     tracker: Tracker | None
     run_id: str | None
+    store: Path | None = None
+    # result name (train-<method>, evaluate) -> the MLflow run that logged it, when reused
+    reused: dict[str, str] = field(default_factory=dict)
+    # the parent runs that computed reused results, in the order the flow used them
+    reused_from: list[str] = field(default_factory=list)
 
-    @contextlib.contextmanager
-    def child_training(self, plan: TrainPlan) -> Iterator[ChildRun]:
-        """A child run for training `plan`, ended FAILED if the body raises; close it with
-        `trained` when training is done."""
-        if self.tracker is None:
-            yield ChildRun(None, None)
-            return
+    def _start_training(self, plan: TrainPlan) -> str:
         from alignheads.storage.tracking import flatten
 
         params = flatten(plan.train) | {"head": plan.kind, "artifact": plan.key}
-        child = self.tracker.start_run(
+        return self.tracker.start_run(
             f"train-{plan.kind}", params, parent=self.run_id, tags={"head": plan.kind}
         )
+
+    @contextlib.contextmanager
+    def child_training(self, plan: TrainPlan) -> Iterator[ChildRun]:
+        """A child run for training `plan` when it is to be trained now (no complete artifact in
+        the store), ended FAILED if the body raises; close it with `trained` either way."""
+        if self.tracker is None or (self.store is not None and is_complete(self.store, "train", plan.key)):
+            yield ChildRun(None, None)
+            return
+        child = self._start_training(plan)
         tracking = {"uri": self.tracker.uri, "experiment_id": self.tracker.experiment_id, "run_id": child}
         try:
             yield ChildRun(child, tracking)
@@ -61,17 +91,34 @@ class RunTracking:
             raise
 
     def trained(self, child: ChildRun, plan: TrainPlan, result: StageResult) -> None:
-        """Close the training child run: metrics (when another run trained it), trained files."""
+        """Close the training child run (trained files), or, for a method trained earlier, name
+        the run that holds its training."""
         if self.tracker is None:
             return
-        info = result.info
-        if result.status != "computed":  # the metrics were logged by the run that trained it
-            self.tracker.log_metrics(
-                child.run_id, info.get("final", {}) | info.get("eval", {}), info.get("steps", 0)
-            )
+        if result.status != "computed":
+            if child.run_id is not None:  # another process finished the same artifact meanwhile
+                self.tracker.delete_run(child.run_id)
+            self._note_reused_training(plan)
+            return
+        run_id = child.run_id
+        if run_id is None:  # rebuilt although it looked complete (a corrupt artifact, set aside)
+            run_id = self._start_training(plan)
+            self.tracker.log_history(run_id, read_table(result.directory, "train_metrics").to_pylist())
         if plan.method.saved_as == "head":  # a whole LM copy is not duplicated into MLflow
-            self.tracker.log_artifacts(child.run_id, [plan.saved_in(result.path)], "head")
-        self.tracker.end_run(child.run_id)
+            self.tracker.log_artifacts(run_id, [plan.saved_in(result.path)], "head")
+        self.tracker.end_run(run_id)
+
+    def _note_reused_training(self, plan: TrainPlan) -> None:
+        found = self.tracker.first_run(
+            f"params.artifact = '{plan.key}' AND attributes.run_name = 'train-{plan.kind}' "
+            "AND attributes.status = 'FINISHED'"
+        )
+        if found is None:  # trained with tracking off
+            return
+        self.reused[f"train-{plan.kind}"] = found.info.run_id
+        parent = found.data.tags.get("mlflow.parentRunId")
+        if parent:
+            self.reused_from.append(parent)
 
     def pairs_dataset(self, cfg: RunConfig, data: StageResult) -> None:
         """The validated preference pairs as the parent run's input dataset (digest = data key)."""
@@ -103,7 +150,18 @@ class RunTracking:
         if self.tracker is None:
             return
         files = report_files(outcome.report)
-        self.tracker.log_artifacts(self.run_id, [p for n, p in files.items() if p.suffix == ".png"], "plots")
+        if outcome.report.status == "computed":
+            self.tracker.log_artifacts(
+                self.run_id, [p for p in files.values() if p.suffix == ".png"], "plots"
+            )
+            tables = [p for name, p in files.items() if name.startswith("matched_kl")]
+            self.tracker.log_artifacts(self.run_id, tables, "tables")
+        if outcome.evaluate.status != "computed":  # its child runs and files were logged by then
+            computed_by = next((str(r["run_id"]) for r in summary if r.get("run_id")), None)
+            if computed_by:
+                self.reused["evaluate"] = computed_by
+                self.reused_from.append(computed_by)
+            return
         for row in summary:
             name = f"eval-{row['head']}-alpha-{row['alpha']:g}"
             child = self.tracker.start_run(
@@ -114,14 +172,13 @@ class RunTracking:
             }
             self.tracker.log_metrics(child, {k: v for k, v in numbers.items() if k != "alpha" and v == v}, 0)
             self.tracker.end_run(child)
-        # the scores and summary tables (Parquet, with their manifest), the matched-KL table
+        # the scores and summary tables (Parquet, with their manifest)
         self.tracker.log_artifacts(self.run_id, [outcome.evaluate.directory], "evaluate")
-        tables = [p for name, p in files.items() if name.startswith("matched_kl")]
-        self.tracker.log_artifacts(self.run_id, tables, "tables")
 
     def headline(self, outcome: RunOutcome) -> None:
-        """The parent run's headline numbers: each method's held-out preference accuracy at α = 1."""
-        if self.tracker is None:
+        """The parent run's headline numbers: each method's held-out preference accuracy at α = 1
+        (not for a run that computed nothing: they are the results run's)."""
+        if self.tracker is None or not computed_anything(outcome):
             return
         metrics = {
             f"{name}/eval_accuracy": result.info["eval"]["eval/rewards/accuracies"]
@@ -130,23 +187,57 @@ class RunTracking:
         }
         self.tracker.log_metrics(self.run_id, metrics, 0)
 
+    def finish(self, outcome: RunOutcome) -> None:
+        """Tag the parent run with what it computed: `alignheads.cached`, the reused results'
+        runs and, for a run that computed nothing, `alignheads.results_run`."""
+        if self.tracker is None:
+            return
+        cached = not computed_anything(outcome)
+        tags = {"alignheads.cached": str(cached).lower()}
+        tags |= {f"alignheads.reused.{name}": run_id for name, run_id in self.reused.items()}
+        if cached and self.reused_from:
+            tags["alignheads.results_run"] = self.reused_from[-1]
+        self.tracker.set_tags(self.run_id, tags)
+
+
+def computed_anything(outcome: RunOutcome) -> bool:
+    """Whether any stage of the flow run was computed by it (not answered from store or cache)."""
+    return any(result.status == "computed" for _, result in outcome.stages())
+
 
 @contextlib.contextmanager
 def tracked(cfg: RunConfig, params: dict[str, str], default_name: str) -> Iterator[RunTracking]:
     """This flow run as an MLflow parent run, ended FAILED if the body raises; a RunTracking
-    that logs nothing when `cfg.tracking.enabled` is false."""
+    that logs nothing when `cfg.tracking.enabled` is false. Runs of killed processes left
+    RUNNING on the tracking store are ended (KILLED) first."""
     if not cfg.tracking.enabled:
         yield RunTracking(None, None)
         return
     tracker = open_tracker(cfg.store, cfg.name, cfg.tracking.uri)
+    try:
+        ended = end_dead_runs(tracker)
+    except Exception as exc:  # noqa: BLE001 (tidying other runs must not stop this one)
+        _logger().warning("MLflow: could not check for runs of killed processes: %s", exc)
+    else:
+        if ended:
+            _logger().warning(
+                "MLflow: %d run(s) of killed processes marked KILLED: %s", len(ended), ", ".join(ended)
+            )
     tags = {"prefect.flow_run_id": str(flow_run.id), "alignheads.store": str(cfg.store)}
     parent = tracker.start_run(flow_run.name or default_name, params, tags=tags)
     try:
-        yield RunTracking(tracker, parent)
+        yield RunTracking(tracker, parent, cfg.store)
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
     tracker.end_run(parent)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 (outside a flow run: Prefect has no run logger)
+        return logging.getLogger(__name__)
 
 
 def logged(outcome: RunOutcome, log: Callable[..., Any]) -> RunOutcome:

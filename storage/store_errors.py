@@ -37,11 +37,13 @@ def _errno_of(exc: OSError) -> int | None:
 
 def _about_the_store(exc: OSError, code: int | None, store: Path) -> bool:
     """Read-only and full file systems only fail writes; a permission error is the store's only
-    when it names a path inside it (not, say, an unreadable input file)."""
+    when it names a path inside it, or a directory above it (creating a new store creates its
+    missing parents first), not, say, an unreadable input file."""
     if code in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
         return True
     if code in (errno.EACCES, errno.EPERM) and exc.filename:
-        return Path(os.path.abspath(exc.filename)).is_relative_to(os.path.abspath(store))
+        named, root = Path(os.path.abspath(exc.filename)), Path(os.path.abspath(store))
+        return named.is_relative_to(root) or root.is_relative_to(named)
     return False
 
 

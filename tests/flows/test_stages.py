@@ -95,7 +95,10 @@ def test_train_flow_reuses_heads_and_tracks_a_parent_run(filled):
     children = client.search_runs(
         [runs[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{runs[0].info.run_id}'"
     )
-    assert sorted(r.info.run_name for r in children) == ["train-calm", "train-iav"]
+    # both heads were cached: no child-run copies; the parent says so and names the runs that trained them
+    assert sorted(r.info.run_name for r in children) == []
+    assert runs[0].data.tags["alignheads.cached"] == "true"
+    assert {"alignheads.reused.train-calm", "alignheads.reused.train-iav"} <= set(runs[0].data.tags)
 
 
 def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
