@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from importlib import resources
+from os import PathLike, fspath
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,12 +56,33 @@ class SourceConfig(_Section):
     revision: str | None = Field(None, description="Hub dataset revision")
     limit: int | None = Field(None, gt=0, description="Keep only the first N rows")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, value: Any) -> Any:
+        """A plain path is a source: `data.train: pairs.jsonl` (or `--set data.train=pairs.jsonl`)
+        means `{path: pairs.jsonl}`, with the same fingerprint and so the same cache keys."""
+        if isinstance(value, str | PathLike):
+            path = fspath(value)
+            if not path.strip():
+                raise ValueError("empty path: give a file or a Hub dataset id (null uses the tiny world's)")
+            return {"path": path}
+        if value is not None and not isinstance(value, dict | BaseModel):
+            raise ValueError(
+                f"expected a path or a mapping such as {{path: pairs.jsonl, limit: 100}}, "
+                f"got {type(value).__name__}"
+            )
+        return value
+
 
 class DataConfig(_Section):
     """Preference pairs (prompt, chosen, rejected) for training and held-out evaluation."""
 
-    train: SourceConfig | None = Field(None, description="Training pairs; empty uses the tiny world's")
-    test: SourceConfig | None = Field(None, description="Held-out pairs; empty uses the tiny world's")
+    train: SourceConfig | None = Field(
+        None, description="Training pairs: a path, or a source mapping; empty uses the tiny world's"
+    )
+    test: SourceConfig | None = Field(
+        None, description="Held-out pairs: a path, or a source mapping; empty uses the tiny world's"
+    )
     format: Literal["auto", "trl", "hh", "conversational"] = Field(
         "auto", description="Row format; 'auto' detects it from the first row"
     )
@@ -92,8 +114,17 @@ class RefPassConfig(_Section):
     )
     store_hidden: bool = Field(
         False,
-        description="Also store the float16 last hidden state predicting each response token "
-        "(heads can then train without the backbone; large: hidden_size x 2 bytes per token)",
+        description="Also store the last hidden state predicting each response token, in "
+        "hidden_dtype (heads can then train without the backbone, features: cached; large: "
+        "hidden_size x 4 bytes per token in float32, x 2 in float16)",
+    )
+    hidden_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Storage dtype of the cached hidden states (with store_hidden). float32 keeps "
+        "exactly the states the cached reference log-probs and top-k come from, so features: cached "
+        "is the same training as features: backbone; float16 halves the size, and heads trained "
+        "from it see rounded states (a fresh head then starts ~1e-4 off the reference; the cached "
+        "reference values stay the full-precision model's, which every other method reads)",
     )
     reference_model: str | None = Field(
         None,
@@ -209,6 +240,13 @@ class IAVTrainConfig(HeadTrainConfig):
     )
     lambda_kl: float = Field(0.1, ge=0, description="Weight of the KL to the reference")
     lambda_l2: float = Field(0.01, ge=0, description="Weight of mean ‖W_a h‖²")
+    base_head: Literal["auto", "frozen", "trained"] = Field(
+        "auto",
+        description="The base head W_b: 'frozen' keeps it the LM's own lm_head (no optimizer state; "
+        "α = 0 is the LM exactly); 'trained' learns it against the reference through the KL term; "
+        "'auto' decides from the reference cache: frozen when the reference is the run's own model "
+        "(refpass.reference_model empty), trained when refpass.reference_model names another",
+    )
 
 
 class CALMTrainConfig(HeadTrainConfig):

@@ -1,8 +1,14 @@
 """The hidden states (and CALM's token context) that predict a batch's response tokens.
 
-Two sources giving the same tensors: the frozen backbone run on the full sequences
-(`backbone_features`) or the reference pass's cached hidden states (`cached_features`).
-Both return the compact layout of :class:`PairBatch`: ``(2B, R, H)`` float32.
+Two sources: the frozen backbone run on the full sequences (`backbone_features`) or the
+reference pass's cached hidden states (`cached_features`). Both return the compact layout of
+:class:`PairBatch`: ``(2B, R, H)`` float32. They give the same tensors (up to the kernels'
+rounding of differently padded batches) when the cache holds its states in float32
+(`refpass.hidden_dtype: float32`, the default): those are the very states the cache's
+reference log-probs and top-k were computed from, so a fresh head starts exactly at the
+reference either way. A `hidden_dtype: float16` cache holds those states rounded to float16;
+its reference values are still the full-precision model's, so cached features then sit up to
+a float16 rounding off the backbone's (a fresh head starts ~1e-4 off ``ln 2``).
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ def backbone_features(
 
 
 def cached_features(batch: PairBatch, with_context: bool) -> tuple[Tensor, TokenContext | None]:
-    """The cached hidden states ``(2B, R, H)`` and, when ``with_context``, CALM's token context
-    rebuilt from them: ``(prefix_sum + Σ_{u≤j} h_u) / (prefix_count + j + 1)``."""
+    """The cached hidden states ``(2B, R, H)`` as float32 (exactly the stored values) and, when
+    ``with_context``, CALM's token context rebuilt from them:
+    ``(prefix_sum + Σ_{u≤j} h_u) / (prefix_count + j + 1)``."""
     if batch.hidden is None:
         raise ValueError(
             "features: cached needs hidden states in the reference cache (set refpass.store_hidden: true)"

@@ -11,13 +11,39 @@ from torch import Tensor, nn
 
 from alignheads.models.context import TokenContext
 
-__all__ = ["LogitHead", "SteeringOutput", "lm_output_layer"]
+__all__ = ["LogitHead", "SteeringOutput", "final_logit_cap", "lm_output_layer", "soft_cap"]
 
 
 def lm_output_layer(model: nn.Module) -> nn.Module:
     """The LM's own output layer, also when a head is installed in its place."""
     layer = model.get_output_embeddings()
     return getattr(layer, "frozen_head", layer)
+
+
+def final_logit_cap(model: nn.Module) -> float | None:
+    """The cap a Gemma-2-style model puts on its final logits (``final_logit_softcapping`` of its
+    text config), or None when its forward returns ``lm_head``'s output unchanged."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
+
+
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """The model's own output transform, ``z → cap · tanh(z / cap)`` (identity when ``cap`` is None).
+
+    transformers' Gemma-2 forward applies it to whatever its output layer returns (divide, tanh,
+    multiply, in the logits' dtype; the same ops in the same order here), so with a head installed
+    (`AlignedLM`) generation samples from ``soft_cap(z(α))``. Everything that forms logits from
+    hidden states outside that forward (the heads' training and scoring logits, the frozen
+    ``lm_head`` reference, the reference pass, the baselines' ``response_logits``) goes through
+    this one function, so training sees the distribution that is decoded.
+    """
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 class SteeringOutput(ABC):

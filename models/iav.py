@@ -1,8 +1,12 @@
 """IAV (Inherent Alignment Vectors): ``z(α) = W_b h + α · W_a h``.
 
-``W_b`` (the base head) starts as a copy of the LM's own ``lm_head`` and is trained with a KL
-leash to the reference; ``W_a`` (the alignment head) starts at zero, so a fresh head leaves
-the LM's logits exactly unchanged for every α.
+``W_b`` (the base head) starts as a copy of the LM's own ``lm_head``. When the reference is the
+LM itself (the default) it stays that copy, frozen, so α = 0 is the LM exactly; only when the
+reference is another model is it trained, with a KL leash to that reference
+(`IAVTrainConfig.base_head`). ``W_a`` (the alignment head) starts at zero, so a fresh head leaves
+the LM's logits exactly unchanged for every α. A Gemma-2-style model soft-caps whatever its
+output layer returns, so decoding samples from ``soft_cap(z(α))``; training applies the same cap
+(:func:`alignheads.models.head_base.soft_cap`).
 """
 
 from __future__ import annotations

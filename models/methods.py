@@ -6,6 +6,15 @@ from the reference cache), how the trained result is saved and loaded, how it de
 config it owns. The train, generate and evaluate stages serve every method through this table:
 adding a method is adding one entry to `METHODS`.
 
+Held-out scoring (`Method.score`) has one definition for every method: the margin of the
+unscaled log-ratio implicit reward, ``(log π_α(y_w) − log π_ref(y_w)) − (log π_α(y_l) −
+log π_ref(y_l))``, with π_α what the method decodes at α (soft-capped like the model's own
+forward) and π_ref the cache's reference; `losses.preference_accuracy` then counts a margin
+within its 1e-4 tie threshold as half. The margin is not scaled by the method's β, so the tie
+threshold means the same (the policy equals its reference up to rounding) whatever β a method
+trained with, and GenARM's reward-LM β (which has nothing to do with its decoding distribution)
+plays no part.
+
 Two families share the table:
 
 * **heads** (IAV, CALM): a small trained output layer over the frozen LM; decoding installs it
@@ -37,8 +46,7 @@ from alignheads.config import (
 )
 from alignheads.models.dera import dera_logits
 from alignheads.models.genarm import genarm_logits
-from alignheads.models.head_base import LogitHead, lm_output_layer
-from alignheads.models.losses import dpo_loss
+from alignheads.models.head_base import LogitHead, final_logit_cap, lm_output_layer, soft_cap
 from alignheads.models.objectives import (
     BatchNeeds,
     PairBatch,
@@ -76,7 +84,8 @@ class Method:
     save: Callable[..., None]  # (trainee, directory, base model, training info) -> None
     load: Callable[..., Any]  # (directory, base model, model source) -> loaded
     decoder: Callable[..., tuple[Decode, Callable[[], None]]]  # (loaded, α, decoding) -> (decode, done)
-    score: Callable[..., dict[float, Tensor]]  # (loaded, batch, alphas, settings) -> {α: margins (B,)}
+    # (loaded, batch, alphas, settings) -> {α: unscaled log-ratio margins (B,)} (module docstring)
+    score: Callable[..., dict[float, Tensor]]
     key_excludes: Callable[[PreferenceTrainConfig], set[str]]  # settings that do not change the result
 
     def settings_of(self, train: TrainConfig) -> PreferenceTrainConfig:
@@ -130,23 +139,30 @@ def _head_decoder(loaded: LoadedHead, alpha: float, settings: dict[str, Any]):
     return decode, stack.close
 
 
+def log_ratio_margins(logps: Tensor, batch: PairBatch) -> Tensor:
+    """``(B,)`` margins of the unscaled log-ratio implicit reward from the policy's summed response
+    log-probs ``(2B,)`` (chosen rows first) and the batch's cached reference: the one held-out
+    score of every method (module docstring)."""
+    rewards = logps.double() - batch.ref_logps.double()
+    b = batch.n_pairs
+    return rewards[:b] - rewards[b:]
+
+
 @torch.no_grad()
 def _head_score(
     loaded: LoadedHead, batch: PairBatch, alphas: list[float], cfg: HeadTrainConfig
 ) -> dict[float, Tensor]:
-    """DPO margins ``(B,)`` of the implicit reward at each α (the reference from the cache)."""
+    """Margins ``(B,)`` of ``log π_α(y) − log π_ref(y)`` at each α, π_α the head's soft-capped
+    decoding distribution, the reference from the cache (not scaled by β: module docstring)."""
     frozen = lm_output_layer(loaded.model)
+    cap = final_logit_cap(loaded.model)
     features = head_features(cfg, loaded.model.base_model, loaded.head.needs_token_context, frozen)
     hidden, ctx = features(batch)
     out = loaded.head(hidden, frozen_head=frozen, context=ctx)
-    b = batch.n_pairs
-    margins = {}
-    for alpha in alphas:
-        logps = response_logps(out.logits(alpha), batch)
-        margins[alpha] = dpo_loss(
-            logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:], cfg.beta
-        ).margins
-    return margins
+    return {
+        alpha: log_ratio_margins(response_logps(soft_cap(out.logits(alpha), cap), batch), batch)
+        for alpha in alphas
+    }
 
 
 def _head_method(name: str, settings: type[HeadTrainConfig]) -> Method:
@@ -211,14 +227,13 @@ def _lm_score(
     loaded: LoadedLM, batch: PairBatch, alphas: list[float], cfg: Any = None
 ) -> dict[float, Tensor]:
     """Margins ``(B,)`` of ``log π_α(y) − log π_ref(y)``, π_α the combined decoding distribution
-    (α = 0 is the base itself: its margins are rounding noise, ties that count as half)."""
+    (of the two models' soft-capped logits), not scaled by β (module docstring); α = 0 is the
+    base itself: its margins are rounding noise, ties that count as half."""
     z_base, z_tuned = response_logits(loaded.base, batch), response_logits(loaded.tuned, batch)
-    b = batch.n_pairs
-    margins = {}
-    for alpha in alphas:
-        rewards = response_logps(loaded.combine(z_base, z_tuned, alpha), batch) - batch.ref_logps
-        margins[alpha] = rewards[:b] - rewards[b:]
-    return margins
+    return {
+        alpha: log_ratio_margins(response_logps(loaded.combine(z_base, z_tuned, alpha), batch), batch)
+        for alpha in alphas
+    }
 
 
 def _lm_key_excludes(cfg: PreferenceTrainConfig) -> set[str]:

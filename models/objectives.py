@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from alignheads.models.calm import CALMOutput
+from alignheads.models.head_base import soft_cap
 from alignheads.models.iav import IAVOutput
 from alignheads.models.losses import (
     CALMLoss,
@@ -126,21 +127,29 @@ def _anchored(loss_obj, policy_logits: Tensor, batch: PairBatch, nll_weight: flo
 
 
 def iav_objective(
-    out: IAVOutput, batch: PairBatch, kl_per_token: Tensor, weights: IAVWeights, nll_weight: float = 0.0
+    out: IAVOutput,
+    batch: PairBatch,
+    kl_per_token: Tensor,
+    weights: IAVWeights,
+    nll_weight: float = 0.0,
+    cap: float | None = None,
 ) -> IAVLoss:
     """IAV loss: DPO at α = 1 + λ_kl · ½(KL_chosen + KL_rejected) + λ_l2 · mean‖a_t‖²
     (+ λ_nll · chosen NLL when asked).
 
     The preference and anchor terms train the alignment head only: the policy is
-    ``sg(W_b h) + W_a h``. Were their gradients to reach ``W_b`` too, the base head would take
-    up part of the alignment and α = 0 would no longer be the reference's distribution, which
-    flattens the dial (seen on the tiny world: reward fell from α = 0 to α = 1). ``W_b`` learns
-    from the KL term alone.
+    ``soft_cap(sg(W_b h) + W_a h, cap)``, ``cap`` the model's final-logit soft-cap
+    (:func:`alignheads.models.head_base.soft_cap`; None: none), i.e. what decoding samples from.
+    Were their gradients to reach ``W_b`` too, the base head would take up part of the alignment
+    and α = 0 would no longer be the reference's distribution, which flattens the dial (seen on
+    the tiny world: reward fell from α = 0 to α = 1). ``W_b`` learns from the KL term alone, and
+    only when it trains at all (against another reference model: `IAVTrainConfig.base_head`).
 
-    kl_per_token: ``(2B, R)`` KL(reference ‖ base head) at each scored token.
+    kl_per_token: ``(2B, R)`` KL(reference ‖ base head) at each scored token (of the capped
+    base logits, when the model caps).
     """
     mask = batch.mask
-    policy = out.base_logits.detach() + out.align_logits
+    policy = soft_cap(out.base_logits.detach() + out.align_logits, cap)
     kl_chosen, kl_rejected = _per_side_mean(kl_per_token, mask, batch.n_pairs)
     loss = iav_loss(
         preference_logps(policy, batch),
@@ -153,12 +162,13 @@ def iav_objective(
 
 
 def calm_objective(
-    out: CALMOutput, batch: PairBatch, weights: CALMWeights, nll_weight: float = 0.0
+    out: CALMOutput, batch: PairBatch, weights: CALMWeights, nll_weight: float = 0.0, cap: float | None = None
 ) -> CALMLoss:
     """CALM loss: DPO at α = 1 + λ_l2 · mean‖v_t‖² − λ_var · Var(s) − λ_ent · mean H(π_t)
-    (+ λ_nll · chosen NLL when asked)."""
+    (+ λ_nll · chosen NLL when asked). The policy π is ``soft_cap(z(1), cap)``, ``cap`` the
+    model's final-logit soft-cap (None: none), i.e. what decoding samples from."""
     mask = batch.mask
-    policy = out.logits(1.0)
+    policy = soft_cap(out.logits(1.0), cap)
     loss = calm_loss(
         preference_logps(policy, batch),
         mean_squared_norm(out.modulation, mask),

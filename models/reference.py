@@ -11,10 +11,14 @@ position ids are the plain ``0..n−1``, so no position-id bookkeeping is needed
 layer runs only on the ``N`` scoring positions (not on prompt or padding positions), which is
 what keeps the reference pass as fast as a bare forward pass.
 
-With ``store_hidden`` the pass also keeps what CALM's causal context needs without the
-backbone: the hidden states at the ``N`` predicting positions, and per sequence the float32
-sum of the hidden states at the real tokens *before* its first predicting position (positions
-``0 .. P − 2`` for a prompt of ``P ≥ 1`` tokens; none for ``P ≤ 1``). The running context mean
+With ``store_hidden`` the pass also keeps what a head trained without the backbone needs
+(``features: cached``): the hidden states at the ``N`` predicting positions, in
+``hidden_dtype`` (float32 by default: the very states the reference's log-probs and top-k come
+from, so cached features train exactly like the backbone's; float16 halves the size, and the
+cached states are then the rounded ones while every cached reference value stays the
+full-precision model's), and per sequence the float32 sum of the hidden states at the real
+tokens *before* its first predicting position (positions ``0 .. P − 2`` for a prompt of
+``P ≥ 1`` tokens; none for ``P ≤ 1``). The running context mean
 at predicting position ``p`` is then ``(prefix sum + Σ of the cached states up to p) / (p + 1)``.
 """
 
@@ -162,6 +166,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 # --------------------------------------------------------------------------- the model
 
+# storage dtypes of the cached hidden states (`refpass.hidden_dtype`)
+_HIDDEN_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
 
 @dataclass(frozen=True)
 class BatchScores:
@@ -169,9 +176,9 @@ class BatchScores:
 
     counts ``(B,)`` scored tokens per sequence; target_logprobs ``(N,)`` float32;
     topk_ids ``(N, K)`` int32; topk_logprobs ``(N, K)`` float32; seq_logprobs ``(B,)``
-    float64; hidden ``(N, H)`` float16 or None; prefix_hidden_sum ``(B, H)`` float32 (the sum
-    of the hidden states before each sequence's first predicting position, see
-    :func:`prefix_hidden_sums`), present exactly when hidden is.
+    float64; hidden ``(N, H)`` float32 or float16 (the stored ``hidden_dtype``) or None;
+    prefix_hidden_sum ``(B, H)`` float32 (the sum of the hidden states before each sequence's
+    first predicting position, see :func:`prefix_hidden_sums`), present exactly when hidden is.
     """
 
     counts: np.ndarray
@@ -193,7 +200,7 @@ class ReferenceModel:
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", check: bool = True) -> None:
-        from alignheads.models.head_base import lm_output_layer
+        from alignheads.models.head_base import final_logit_cap, lm_output_layer
 
         self.model = model.eval().to(device)
         self.device = torch.device(device)
@@ -205,16 +212,15 @@ class ReferenceModel:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.vocab_size = int(self.output_layer.weight.shape[0])
         self.hidden_size = int(cfg.hidden_size)
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.softcap = final_logit_cap(model)
         if check:
             self._check_split_path()
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """Logits ``(..., V)`` of last hidden states ``(..., H)``, as the model's forward makes them."""
-        logits = self.output_layer(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        from alignheads.models.head_base import soft_cap
+
+        return soft_cap(self.output_layer(hidden), self.softcap)
 
     @torch.inference_mode()
     def _check_split_path(self) -> None:
@@ -251,9 +257,11 @@ class ReferenceModel:
         k: int,
         store_hidden: bool = False,
         prefix: Tensor | None = None,
+        hidden_dtype: str = "float32",
     ) -> BatchScores:
         """Output layer on the hidden states ``picked (N, H)``, then the statistics, on the CPU
-        (with ``store_hidden``, also the hidden states and the prefix sums ``prefix (B, H)``)."""
+        (with ``store_hidden``, also the hidden states in ``hidden_dtype`` and the prefix sums
+        ``prefix (B, H)``). The statistics always come from ``picked`` as the model computed it."""
         if store_hidden and prefix is None:
             raise ValueError("store_hidden needs the prefix hidden sums of the same forward")
         target_lp, topk_ids, topk_lp = topk_reference(
@@ -267,14 +275,16 @@ class ReferenceModel:
             topk_ids=topk_ids.cpu().numpy(),
             topk_logprobs=topk_lp.cpu().numpy(),
             seq_logprobs=segment_sums(target_np, counts),
-            hidden=picked.to(torch.float16).cpu().numpy() if store_hidden else None,
+            hidden=picked.to(_HIDDEN_DTYPES[hidden_dtype]).cpu().numpy() if store_hidden else None,
             prefix_hidden_sum=prefix.float().cpu().numpy() if store_hidden else None,
         )
 
-    def score_batch(self, batch: PackedBatch, k: int, store_hidden: bool = False) -> BatchScores:
+    def score_batch(
+        self, batch: PackedBatch, k: int, store_hidden: bool = False, hidden_dtype: str = "float32"
+    ) -> BatchScores:
         """Score one packed batch: the backbone, then the output layer on the N positions only."""
         picked, prefix = self.forward_hidden(batch, with_prefix=store_hidden)
-        return self.extract(picked, batch, k, store_hidden, prefix)
+        return self.extract(picked, batch, k, store_hidden, prefix, hidden_dtype)
 
 
 def score_sequences(
@@ -285,18 +295,25 @@ def score_sequences(
     batch_size: int,
     pad_id: int = 0,
     store_hidden: bool = False,
+    hidden_dtype: str = "float32",
 ) -> BatchScores:
-    """Score every (prompt, response) in length-sorted batches; results in the input order."""
+    """Score every (prompt, response) in length-sorted batches; results in the input order
+    (with ``store_hidden``, the hidden states kept in ``hidden_dtype``: float32 or float16)."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     parts: list[tuple[list[int], BatchScores]] = []
     for idx in length_sorted_batches(lengths, batch_size):
         batch = pack_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
-        parts.append((idx, reference.score_batch(batch, k, store_hidden)))
-    return _restore_order(parts, len(lengths), k, reference.hidden_size if store_hidden else None)
+        parts.append((idx, reference.score_batch(batch, k, store_hidden, hidden_dtype)))
+    hidden_size = reference.hidden_size if store_hidden else None
+    return _restore_order(parts, len(lengths), k, hidden_size, _HIDDEN_DTYPES[hidden_dtype])
 
 
 def _restore_order(
-    parts: list[tuple[list[int], BatchScores]], n: int, k: int, hidden_size: int | None
+    parts: list[tuple[list[int], BatchScores]],
+    n: int,
+    k: int,
+    hidden_size: int | None,
+    hidden_dtype: torch.dtype = torch.float32,
 ) -> BatchScores:
     """Concatenate per-batch scores and permute tokens back to the sequences' input order."""
     if not parts:
@@ -307,7 +324,7 @@ def _restore_order(
             topk_ids=np.zeros((0, k), np.int32),
             topk_logprobs=np.zeros((0, k), np.float32),
             seq_logprobs=np.zeros(0, np.float64),
-            hidden=np.zeros((0, hidden_size), np.float16) if hidden_size else None,
+            hidden=torch.zeros(0, hidden_size, dtype=hidden_dtype).numpy() if hidden_size else None,
             prefix_hidden_sum=np.zeros((0, hidden_size), np.float32) if hidden_size else None,
         )
     order = np.concatenate([np.asarray(idx, dtype=np.int64) for idx, _ in parts])  # batch pos -> input index

@@ -3,8 +3,15 @@ and computes its loss on a batch of preference pairs.
 
 * `HeadTrainee` (IAV, CALM): a fresh logit head over the frozen LM; its features come from the
   frozen backbone or from the reference cache's hidden states, its logits from the frozen
-  `lm_head` plus the head.
-* `LMTrainee` (GenARM, DPO + DeRa): the LM itself (or LoRA adapters on it) in float32.
+  `lm_head` plus the head. IAV's base head W_b stays frozen at the LM's `lm_head` unless the
+  reference is another model (`IAVTrainConfig.base_head`).
+* `LMTrainee` (GenARM, DPO + DeRa): the LM itself (or LoRA adapters on it) in float32, with
+  dropout off (as TRL's trainers default to).
+
+Logits formed here from hidden states go through the model's own output transform
+(`head_base.soft_cap` with the model's `final_logit_softcapping`): the heads' training and
+scoring logits, the exact-KL reference and `response_logits`, as transformers' forward does to
+whatever the (replaced) output layer returns, so training sees what decoding samples from.
 
 The objectives are the pure functions of `alignheads.models.objectives`; the registry that picks a
 trainee per method is `alignheads.models.methods`.
@@ -23,7 +30,7 @@ from torch import Tensor, nn
 
 from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig, PreferenceTrainConfig
 from alignheads.models.features import backbone_features, cached_features, gather_time
-from alignheads.models.head_base import SteeringOutput, lm_output_layer
+from alignheads.models.head_base import SteeringOutput, final_logit_cap, lm_output_layer, soft_cap
 from alignheads.models.losses import CALMWeights, DPOOutput, IAVWeights, dpo_loss
 from alignheads.models.objectives import (
     BatchNeeds,
@@ -79,33 +86,54 @@ class Trainee(ABC):
 
 
 class HeadTrainee(Trainee):
-    """A logit head over the frozen LM: features from the backbone (or the cache), frozen lm_head."""
+    """A logit head over the frozen LM: features from the backbone (or the cache), frozen lm_head.
+
+    IAV with ``base_head`` 'frozen' (and 'auto', whose default reference is the run's own model;
+    the train plan resolves 'auto' from the reference cache) keeps W_b the LM's own output layer:
+    its only gradient, the KL to that same layer, is rounding noise that AdamW would turn into
+    full learning-rate steps. It does not require a gradient, so the optimizer holds no state for
+    it, and α = 0 stays the LM exactly.
+    """
 
     def __init__(self, kind: str, model: nn.Module, cfg: HeadTrainConfig, device: Any) -> None:
         model.requires_grad_(False)
         model.to(device)
         self.model, self.cfg = model, cfg
         self.frozen = lm_output_layer(model)
+        self.cap = final_logit_cap(model)
         # heads train in float32 whatever the LM's dtype: they are the master weights AdamW
         # updates (bf16 would lose small updates); `mixed_precision: bf16` autocasts the compute
         torch.manual_seed(cfg.seed)  # every process starts from the same weights
         self.module = new_head(kind, model, dtype=torch.float32, **head_shape(cfg)).to(device)
+        if base_head_frozen(cfg):
+            self.module.base.requires_grad_(False)
         self.needs, self.with_sequences = head_batches(cfg)
         self.features = head_features(cfg, model.base_model, self.module.needs_token_context, self.frozen)
-        self.objective = head_objective(cfg, self.frozen)
+        self.objective = head_objective(cfg, self.frozen, self.cap)
 
     def loss(self, module: nn.Module, batch: PairBatch) -> StepLoss:
         hidden, ctx = self.features(batch)
         out = module(hidden, frozen_head=self.frozen, context=ctx)
         loss_obj = self.objective(out, batch, hidden)
-        return StepLoss(loss_obj.loss, lambda: head_step_metrics(loss_obj, out, batch))
+        return StepLoss(loss_obj.loss, lambda: head_step_metrics(loss_obj, out, batch, self.cap))
+
+    def logits(self, module: nn.Module, batch: PairBatch, alpha: float = 1.0) -> Tensor:
+        """``(2B, R, V)``: the head's logits at α where they predict the response tokens, soft-capped
+        as the model caps them: what the loss, the evaluation and the scoring see, and what
+        decoding with the head installed samples from."""
+        hidden, ctx = self.features(batch)
+        return soft_cap(module(hidden, frozen_head=self.frozen, context=ctx).logits(alpha), self.cap)
 
     def eval_dpo(self, module: nn.Module, batch: PairBatch, alpha: float = 1.0) -> DPOOutput:
-        hidden, ctx = self.features(batch)
-        out = module(hidden, frozen_head=self.frozen, context=ctx)
-        logps = response_logps(out.logits(alpha), batch)
+        logps = response_logps(self.logits(module, batch, alpha), batch)
         b = batch.n_pairs
         return dpo_loss(logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:], self.cfg.beta)
+
+
+def base_head_frozen(cfg: HeadTrainConfig) -> bool:
+    """Whether IAV's W_b stays the LM's lm_head (`base_head` 'frozen', or 'auto' unresolved: the
+    default reference is the run's own model); False for CALM, which has no W_b of its own."""
+    return isinstance(cfg, IAVTrainConfig) and cfg.base_head != "trained"
 
 
 def head_batches(cfg: HeadTrainConfig) -> tuple[BatchNeeds, bool]:
@@ -134,30 +162,34 @@ def head_features(cfg: HeadTrainConfig, backbone: nn.Module, with_context: bool,
     return features
 
 
-def head_objective(cfg: HeadTrainConfig, frozen: nn.Module):
-    """(head output, batch, hidden) -> loss object, chosen once per run (no per-step flags)."""
+def head_objective(cfg: HeadTrainConfig, frozen: nn.Module, cap: float | None = None):
+    """(head output, batch, hidden) -> loss object, chosen once per run (no per-step flags).
+    ``cap``: the model's final-logit soft-cap (None: none), applied to every logit the loss sees
+    (the policy, IAV's base head and the exact-KL reference, the frozen lm_head)."""
     if isinstance(cfg, IAVTrainConfig):
         weights = IAVWeights(beta=cfg.beta, kl=cfg.lambda_kl, l2=cfg.lambda_l2)
         if cfg.kl == "exact":
 
             def iav_exact(out, batch, hidden):
                 with torch.no_grad():
-                    ref_logits = frozen(hidden)
-                kl = exact_kl_per_token(out.base_logits, ref_logits)
-                return iav_objective(out, batch, kl, weights, cfg.lambda_nll)
+                    ref_logits = soft_cap(frozen(hidden), cap)
+                kl = exact_kl_per_token(soft_cap(out.base_logits, cap), ref_logits)
+                return iav_objective(out, batch, kl, weights, cfg.lambda_nll, cap)
 
             return iav_exact
         return lambda out, batch, hidden: iav_objective(
-            out, batch, topk_kl_per_token(out.base_logits, batch), weights, cfg.lambda_nll
+            out, batch, topk_kl_per_token(soft_cap(out.base_logits, cap), batch), weights, cfg.lambda_nll, cap
         )
     assert isinstance(cfg, CALMTrainConfig)
     weights = CALMWeights(beta=cfg.beta, l2=cfg.lambda_l2, var=cfg.lambda_var, ent=cfg.lambda_ent)
-    return lambda out, batch, hidden: calm_objective(out, batch, weights, cfg.lambda_nll)
+    return lambda out, batch, hidden: calm_objective(out, batch, weights, cfg.lambda_nll, cap)
 
 
-def head_step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> dict[str, float]:
+def head_step_metrics(
+    loss_obj: Any, out: SteeringOutput, batch: PairBatch, cap: float | None = None
+) -> dict[str, float]:
     """TRL-named metrics of one micro-batch, plus the head's own (l2, IAV's kl, CALM's strength)."""
-    logps = response_logps(out.logits(1.0).detach(), batch)
+    logps = response_logps(soft_cap(out.logits(1.0).detach(), cap), batch)
     metrics = trl_metrics(loss_obj.loss, loss_obj.dpo, logps, batch.n_pairs) | {"l2": loss_obj.l2.item()}
     if hasattr(loss_obj, "kl"):
         metrics["kl"] = loss_obj.kl.item()
@@ -170,13 +202,35 @@ def head_step_metrics(loss_obj: Any, out: SteeringOutput, batch: PairBatch) -> d
 
 def response_logits(model: nn.Module, batch: PairBatch) -> Tensor:
     """``(2B, R, V)`` logits of ``model`` at the positions predicting each response token: the
-    backbone over the right-padded sequences, the output layer only at the gathered positions."""
+    backbone over the right-padded sequences, the output layer only at the gathered positions,
+    then the model's own final-logit soft-cap (as its forward, and so its decoding, applies it)."""
     if batch.input_ids is None or batch.gather_index is None:
         raise ValueError("fine-tuning needs input_ids and gather_index in the batch")
     hidden = model.base_model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state
-    return model.get_output_embeddings()(gather_time(hidden, batch.gather_index)).float()
+    logits = model.get_output_embeddings()(gather_time(hidden, batch.gather_index))
+    return soft_cap(logits, final_logit_cap(model)).float()
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn every dropout of ``model`` off in place, as TRL's trainers do by default
+    (``disable_dropout=True``), so training mode changes nothing but what needs a gradient.
+
+    Dropout modules get ``p = 0``; so do the float dropout rates attention layers apply
+    functionally in training mode (transformers' ``attention_dropout``, ``dropout``, ...), which
+    TRL's module-only switch misses. The model's config is left as it was (a saved checkpoint
+    keeps its own settings).
+    """
+    from torch.nn.modules.dropout import _DropoutNd
+
+    for module in model.modules():
+        if isinstance(module, _DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+    return model
 
 
 class LMTrainee(Trainee):
@@ -192,7 +246,7 @@ class LMTrainee(Trainee):
         # AdamW on half-precision weights would lose small updates
         model = model.float() if self.dtype != torch.float32 else model
         self.module, self._finish = trainable_lm(model, cfg)
-        self.module.to(device).train()
+        disable_dropout(self.module).to(device).train()
         if not any(p.requires_grad for p in self.module.parameters()):
             raise ValueError("no weight of the model requires a gradient: nothing to fine-tune")
         self.objective = partial(objective, beta=cfg.beta, nll=cfg.lambda_nll)

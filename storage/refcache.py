@@ -15,7 +15,7 @@ the same rows of `tokenized` without a join. Columns:
 | token_logprobs | list<float32> | per scored response token: log p_ref(actual token) |
 | topk_ids | list<fixed_size_list<int32>[K]> | per scored token: the K most likely ids, most likely first |
 | topk_logprobs | list<fixed_size_list<float16 or float32>[K]> | their log-probs, normalised over the full vocabulary |
-| hidden (optional) | list<fixed_size_list<float16>[H]> | the last hidden state that predicts each scored token |
+| hidden (optional) | list<fixed_size_list<float32 or float16>[H]> | the last hidden state that predicts each scored token (`refpass.hidden_dtype`; float32 holds exactly the states every reference value here comes from) |
 | prefix_hidden_sum (with hidden) | fixed_size_list<float32>[H] | Σ of the last hidden states at positions 0 … prompt_len−2: every real token before the first predicting position (zeros when prompt_len ≤ 1) |
 
 "Scored" response tokens are all of them, except a first response token at position 0 (an
@@ -50,10 +50,13 @@ _VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 _NUMPY = {"float16": np.float16, "float32": np.float32}
 
 
-def refcache_schema(k: int, dtype: str, hidden_size: int | None = None) -> pa.Schema:
+def refcache_schema(
+    k: int, dtype: str, hidden_size: int | None = None, hidden_dtype: str = "float16"
+) -> pa.Schema:
     """Schema of the refcache table for top-k ``k``, top-k storage ``dtype`` and, when
-    ``hidden_size`` is given, a float16 ``hidden`` column and a float32 ``prefix_hidden_sum``
-    column of that width."""
+    ``hidden_size`` is given, a ``hidden`` column in ``hidden_dtype`` (float16 or float32; the
+    reference pass's default, `refpass.hidden_dtype`, is float32 and :func:`build_rows` passes the
+    dtype of the states it is given) and a float32 ``prefix_hidden_sum`` column of that width."""
     fields = [
         ("pair_index", pa.int64()),
         ("id", pa.string()),
@@ -67,7 +70,7 @@ def refcache_schema(k: int, dtype: str, hidden_size: int | None = None) -> pa.Sc
         ("topk_logprobs", pa.list_(pa.list_(_VALUE_TYPES[dtype], k))),
     ]
     if hidden_size is not None:
-        fields.append(("hidden", pa.list_(pa.list_(pa.float16(), hidden_size))))
+        fields.append(("hidden", pa.list_(pa.list_(_VALUE_TYPES[hidden_dtype], hidden_size))))
         fields.append(("prefix_hidden_sum", pa.list_(pa.float32(), hidden_size)))
     return pa.schema(fields)
 
@@ -96,7 +99,8 @@ def build_rows(
     pairs: `tokenized` rows (id, split, prompt_len, chosen_len, rejected_len), ``P`` of them,
     whose first row is row ``pair_offset`` of the table; scores: the ``2P`` sequences in row
     order (chosen of pair 0, rejected of pair 0, chosen of pair 1, ...). Top-k log-probs are
-    rounded to ``dtype`` here, nowhere else.
+    rounded to ``dtype`` here, nowhere else; hidden states are stored in the dtype they come in
+    (float32 or float16, `refpass.hidden_dtype`).
     """
     n = pairs.num_rows
     if scores.counts.shape[0] != 2 * n:
@@ -107,7 +111,10 @@ def build_rows(
     ):
         got = None if scores.prefix_hidden_sum is None else scores.prefix_hidden_sum.shape
         raise ValueError(f"hidden states need prefix_hidden_sum of shape {(2 * n, hidden_size)}, got {got}")
-    schema = refcache_schema(k, dtype, hidden_size)
+    hidden_dtype = None if scores.hidden is None else np.dtype(scores.hidden.dtype).name
+    if hidden_dtype is not None and hidden_dtype not in _VALUE_TYPES:
+        raise ValueError(f"hidden states must be float32 or float16, got {hidden_dtype}")
+    schema = refcache_schema(k, dtype, hidden_size, hidden_dtype or "float16")
     offsets = pa.array(np.concatenate([[0], np.cumsum(scores.counts)]), type=pa.int32())
 
     def twice(name: str) -> np.ndarray:

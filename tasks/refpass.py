@@ -2,15 +2,23 @@
 
 For every response token of every chosen and rejected response, the frozen reference model's
 log-prob of the actual token and its top-k distribution (ids int32, log-probs float16 by
-default), per sequence the summed log-prob, and optionally (`store_hidden`) the float16 hidden
-state that predicts each token together with, per sequence, the float32 sum of the hidden
-states before its first predicting position (so CALM's causal context can be rebuilt from the
-cache without the backbone). Row layout: see :mod:`alignheads.storage.refcache` (one row per (pair, side),
-chosen then rejected, pairs in `tokenized` order).
+default), per sequence the summed log-prob, and optionally (`store_hidden`) the hidden state
+that predicts each token (in `hidden_dtype`, float32 by default) together with, per sequence,
+the float32 sum of the hidden states before its first predicting position (so CALM's causal
+context can be rebuilt from the cache without the backbone). Every reference value comes from
+the model's own full-precision states; float32 hidden states are exactly those states, so a
+head trained from the cache (`features: cached`) sees what the backbone gives it
+(`features: backbone`); float16 ones are those states rounded. Row layout: see
+:mod:`alignheads.storage.refcache` (one row per (pair, side), chosen then rejected, pairs in
+`tokenized` order).
 
 The reference is, by default, the run's own model with its own `lm_head`; another model can be
 configured (`refpass.reference_model`) only if its tokenizer is identical to the run's (the
-token ids in `tokenized` must mean the same tokens to it).
+token ids in `tokenized` must mean the same tokens to it). The manifest's config says which,
+next to the reference's identity (`config.model`): `own` (whether the reference is the run's own
+model, by weight identity: IAV then keeps its base head the model's `lm_head`) and, for another
+reference, the run model's identity (`run_model`): training over the cache depends on the run's
+model too, and the train key covers it through this key.
 
 Shard `i` covers `tokenized` rows `[i · pairs_per_shard, (i + 1) · pairs_per_shard)` and is an
 independent piece of work (a Prefect task in the flow); :mod:`alignheads.storage.sharded_artifact`
@@ -18,8 +26,9 @@ records each finished shard, so a killed run recomputes only the shards that are
 fail their checksum. The key hashes everything the numbers depend on: the model (Hub id +
 revision, or a hash of a local directory's weights and config), its dtype, the tokenizer,
 the tokenized data (and through it the data and the token limits), k, the storage dtype,
-`store_hidden`, the shard size and the format version. Batch size, device and task runner are
-not in the key: they change nothing but floating-point rounding and speed.
+`store_hidden` (and with it `hidden_dtype`), the shard size and the format version. Batch size,
+device and task runner are not in the key: they change nothing but floating-point rounding and
+speed.
 """
 
 from __future__ import annotations
@@ -66,7 +75,9 @@ log = logging.getLogger(__name__)
 
 STAGE = "refpass"
 # 2: `prefix_hidden_sum` column with `store_hidden` (caches of version 1 lack it)
-REFPASS_VERSION = 2
+# 3: `hidden` in `hidden_dtype` (float32 by default; version 2 stored float16 states while its
+#    reference values came from the float32 ones); `own` / `run_model` in `config.model`
+REFPASS_VERSION = 3
 # Files that decide a local model's logits: weights and architecture (not generation settings).
 _MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
 
@@ -85,6 +96,7 @@ class RefPassPlan:
     k: int
     dtype: str
     store_hidden: bool
+    hidden_dtype: str
     batch_size: int
     pairs_per_shard: int
     n_pairs: int
@@ -165,8 +177,11 @@ def plan_refpass(
                 f"(fingerprint {ref_fp[:12]}… vs {tokenizer_fp[:12]}…), so the cached token ids would "
                 "not mean the same tokens to it; use a reference model with the same tokenizer"
             )
+        run_identity = model_identity(model_path, model.revision)
+        own_model = model_identity(ref_path, ref_revision) == run_identity
     else:
         ref_path, ref_revision = model_path, model.revision
+        own_model, run_identity = True, None
     vocab_size, hidden_size = _model_shape(ref_path, ref_revision, model.trust_remote_code)
     if cfg.k > vocab_size:
         raise ValueError(
@@ -175,11 +190,16 @@ def plan_refpass(
         )
     n_pairs = sum(s.rows for s in tokenize.tables["tokenized"])
     config = {
-        "model": model_identity(ref_path, ref_revision),
+        # the reference's identity; whether it is the run's own model (IAV then keeps its base head
+        # the lm_head); for another reference, the run model's identity: the cache serves only this
+        # run model's training, and the train key covers it through this key
+        "model": model_identity(ref_path, ref_revision)
+        | {"own": own_model, "run_model": None if own_model else run_identity},
         "model_dtype": model.dtype,
         "k": cfg.k,
         "dtype": cfg.dtype,
         "store_hidden": cfg.store_hidden,
+        "hidden_dtype": cfg.hidden_dtype if cfg.store_hidden else None,
         "pairs_per_shard": cfg.pairs_per_shard,
         "max_prompt_length": tokenize.config["max_prompt_length"],
         "max_response_length": tokenize.config["max_response_length"],
@@ -196,6 +216,7 @@ def plan_refpass(
         k=cfg.k,
         dtype=cfg.dtype,
         store_hidden=cfg.store_hidden,
+        hidden_dtype=cfg.hidden_dtype,
         batch_size=cfg.batch_size,
         pairs_per_shard=cfg.pairs_per_shard,
         n_pairs=n_pairs,
@@ -249,8 +270,9 @@ def compute_refpass_shard(
     seq_responses = [r for pair in zip(chosen, rejected, strict=True) for r in pair]
     # padding id 0: right padding is never attended to by a causal model, any valid id will do
     scores = score_sequences(
-        reference, seq_prompts, seq_responses, plan.k, plan.batch_size, 0, plan.store_hidden
-    )
+        reference, seq_prompts, seq_responses, plan.k, plan.batch_size, 0, plan.store_hidden,
+        plan.hidden_dtype,
+    )  # fmt: skip
     table = build_rows(pairs, start, scores, plan.k, plan.dtype)
     info = {
         "index": index,
@@ -274,6 +296,7 @@ def _summarize(plan: RefPassPlan):
             "k": plan.k,
             "dtype": plan.dtype,
             "store_hidden": plan.store_hidden,
+            "hidden_dtype": plan.hidden_dtype if plan.store_hidden else None,
             "batch_size": plan.batch_size,
         }
 

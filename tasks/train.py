@@ -8,12 +8,22 @@ table (one row per optimizer step and evaluation). Resumable checkpoints live ou
 artifact itself only appears once training has finished).
 
 Key = hash(method name + training settings, the reference cache's key (which covers the model,
-tokenizer and data), format version).
+tokenizer and data, and the run's model when the reference is another), format version). IAV's
+`base_head: auto` is resolved before hashing, from the reference cache's config: 'frozen' when
+the reference is the run's own model, 'trained' when it is another model, so the setting that
+decides whether W_b trains is in the key.
+
+`features: cached` reads the hidden states the reference pass stored. With the default
+`refpass.hidden_dtype: float32` they are exactly the states the cached reference values come
+from: cached and backbone features are the same training (a fresh head starts at ``ln 2`` and
+scores 0.5 at α = 0 either way). A float16 cache holds those states rounded: a fresh head then
+starts ~1e-4 off the reference (a warning says so).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 from prefect import task
 
-from alignheads.config import PreferenceTrainConfig
+from alignheads.config import IAVTrainConfig, PreferenceTrainConfig
 from alignheads.models.methods import Method, method
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
@@ -33,9 +43,13 @@ from alignheads.storage.manifest import read_manifest
 from alignheads.storage.tables import write_table
 from alignheads.tasks.cached import StageResult, task_options
 
+log = logging.getLogger(__name__)
+
 STAGE = "train"
 # 2: one train stage for every method (the baselines' artifacts were a stage of their own)
-TRAIN_VERSION = 2
+# 3: logits soft-capped like the model's forward; IAV's W_b frozen when the reference is the run's
+#    own model; baselines fine-tuned without dropout
+TRAIN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,14 @@ def plan_train(
             f"train.{entry.section}.features is 'cached' but the reference cache {refpass_path} holds no "
             "hidden states: set refpass.store_hidden: true"
         )
+    if getattr(cfg, "features", None) == "cached" and refpass.config.get("hidden_dtype") == "float16":
+        log.warning(
+            "train.%s.features is 'cached' over float16 hidden states: the head trains on rounded "
+            "states while the cached reference comes from the full-precision ones (a fresh head starts "
+            "~1e-4 off the reference); refpass.hidden_dtype: float32 makes it the backbone's training",
+            entry.section,
+        )
+    cfg = resolve_base_head(cfg, refpass.config, entry.section, refpass_path)
     config = {"kind": kind, **cfg.model_dump(mode="json", exclude=entry.key_excludes(cfg))}
     inputs = {"refpass": refpass.key}
     tokenize_path = Path(refpass_path).parent.parent / "tokenize" / refpass.inputs["tokenize"]
@@ -89,6 +111,28 @@ def plan_train(
         config=config,
         inputs=inputs,
     )
+
+
+def resolve_base_head(
+    cfg: PreferenceTrainConfig, refpass_config: dict[str, Any], section: str, refpass_path: Any
+) -> PreferenceTrainConfig:
+    """IAV's settings with `base_head: auto` resolved from the reference cache's config: 'frozen'
+    when the reference is the run's own model (W_b's optimum is the model's lm_head itself, its
+    only gradient rounding noise), 'trained' when `refpass.reference_model` named another model.
+    `kl: exact` measures the KL to the run model's own lm_head, which is no reference for a W_b
+    trained against another model: refused (ValueError). Other methods: unchanged."""
+    if not isinstance(cfg, IAVTrainConfig):
+        return cfg
+    # caches before format 3 do not say; theirs was the run's own model unless reference_model was set
+    own = refpass_config.get("model", {}).get("own", True)
+    if cfg.base_head == "auto":
+        cfg = cfg.model_copy(update={"base_head": "frozen" if own else "trained"})
+    if cfg.base_head == "trained" and not own and cfg.kl == "exact":
+        raise ValueError(
+            f"train.{section}.kl is 'exact' (the KL to the run model's own lm_head) but the reference "
+            f"cache {refpass_path} scores another reference model: use kl: topk, the KL to that reference"
+        )
+    return cfg
 
 
 def trained_settings(artifact: str | Path) -> tuple[Method, PreferenceTrainConfig]:

@@ -84,7 +84,7 @@ class StubReference:
 
     hidden_size = 2
 
-    def score_batch(self, batch, k, store_hidden=False):
+    def score_batch(self, batch, k, store_hidden=False, hidden_dtype="float32"):
         t = batch.targets.numpy().astype(np.float32)
         counts = batch.counts.numpy()
         # per sequence: its first prompt token and its prefix length, whatever the batch
@@ -96,7 +96,7 @@ class StubReference:
             topk_ids=np.stack([t.astype(np.int32)] * k, axis=1),
             topk_logprobs=np.stack([-t] * k, axis=1),
             seq_logprobs=segment_sums(-t, counts),
-            hidden=np.stack([t, -t], axis=1).astype(np.float16) if store_hidden else None,
+            hidden=np.stack([t, -t], axis=1).astype(hidden_dtype) if store_hidden else None,
             prefix_hidden_sum=prefix if store_hidden else None,
         )
 
@@ -209,3 +209,26 @@ def test_build_rows_layout_and_round_trip():
         )
     with pytest.raises(ValueError, match="3 scored sequences for 2 pairs"):
         build_rows(_pairs(), 0, BatchScores(counts[:3], *(None,) * 4, None), k=2, dtype="float16")
+
+
+def test_the_soft_cap_helper_is_what_a_gemma2_forward_does():
+    """`head_base.soft_cap` (used wherever logits are formed from hidden states outside the model's
+    forward) gives exactly the logits of transformers' Gemma-2 forward, and the reference pass
+    uses it: its split path matches the forward and its statistics are of capped logits."""
+    from alignheads.models.head_base import final_logit_cap, soft_cap
+    from alignheads.models.reference import ReferenceModel
+    from tests.helpers.tiny_models import tiny_gemma2, tiny_llama
+
+    model = tiny_gemma2(cap=3.0)
+    assert final_logit_cap(model) == 3.0
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        raw = model.get_output_embeddings()(hidden)
+        assert raw.abs().max() > 6.0  # well past the cap
+        assert torch.equal(soft_cap(raw, 3.0), model(input_ids=ids).logits)
+        assert torch.equal(soft_cap(raw, None), raw)
+    reference = ReferenceModel(model)  # the split path passes its check against the forward
+    with torch.inference_mode():
+        assert torch.equal(reference.output_logits(hidden), soft_cap(raw, 3.0))
+    assert final_logit_cap(tiny_llama(tied=False)) is None

@@ -188,12 +188,14 @@ def collate(records: list[PairRecord], needs: BatchNeeds, with_sequences: bool, 
             batch.attention_mask[i, : len(s)] = 1
         batch.gather_index = gather
     if needs.hidden:
-        h = records[0].hidden[0].shape[1]
-        batch.hidden = torch.zeros(n, width, h, dtype=torch.float16)
+        # in the cache's own dtype (float32, or float16 from a `hidden_dtype: float16` cache):
+        # never rounded here, so cached features are the stored states exactly
+        first = torch.from_numpy(records[0].hidden[0])
+        batch.hidden = torch.zeros(n, width, first.shape[1], dtype=first.dtype)
         batch.positions = gather.clone()
         for i, (r, side) in enumerate(rows):
             m = len(scored[i][0])
-            batch.hidden[i, :m] = torch.from_numpy(r.hidden[side].astype(np.float16))
+            batch.hidden[i, :m] = torch.from_numpy(r.hidden[side])
         if records[0].prefix is not None:  # caches that carry CALM's context prefix
             batch.prefix_sum = torch.stack([torch.from_numpy(r.prefix[side]) for r, side in rows])
             # the hidden states before the first predicting position: positions 0 .. p-2

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from alignheads.models import CALMHead, IAVHead, LogitHead
 
@@ -31,6 +37,35 @@ def tiny_llama(*, tied: bool, seed: int = 0, vocab: int = VOCAB, hidden: int = 3
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger output weights: peaked next-token distributions, clear argmaxes
         model.get_output_embeddings().weight.normal_(0, 0.3)
+    return model
+
+
+def tiny_gemma2(
+    *, cap: float = 3.0, seed: int = 0, vocab: int = VOCAB, hidden: int = 32
+) -> Gemma2ForCausalLM:
+    """A tiny Gemma-2 whose final logits transformers soft-caps at ``cap`` (``cap · tanh(z / cap)``,
+    `config.final_logit_softcapping`), with output weights large enough that the cap bends them."""
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        max_position_embeddings=128,
+        sliding_window=64,
+        final_logit_softcapping=cap,
+        tie_word_embeddings=False,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # raw logits of several units: well past the cap's linear range
+        model.get_output_embeddings().weight.normal_(0, 0.6)
     return model
 
 

@@ -192,7 +192,7 @@ def test_summed_logprobs_equal_sequence_logprobs_on_the_same_batch(setup, cache3
 
 def test_topk_tail_kl_from_the_cache_is_exact_at_full_vocabulary(setup):
     vocab = make_plan(setup).vocab_size
-    plan = make_plan(setup, k=vocab, store_hidden=True)
+    plan = make_plan(setup, k=vocab, store_hidden=True, hidden_dtype="float16")
     table = read_table(run_refpass(setup["store"], plan).path, "refcache")
     ids = torch.from_numpy(token_matrix(table.column("topk_ids")))
     lps = torch.from_numpy(token_matrix(table.column("topk_logprobs")))
@@ -234,6 +234,48 @@ def test_topk_tail_kl_from_the_cache_is_exact_at_full_vocabulary(setup):
         policy,
     )
     assert torch.all(estimate <= exact + 1e-5)
+
+
+def test_float32_hidden_states_are_the_states_the_reference_values_come_from(setup):
+    """The cache once stored float16 hidden states next to reference values computed from the
+    float32 ones, so a head trained from the cache (`features: cached`) started off its reference.
+    By default (`hidden_dtype: float32`) the cached states are the model's own: the reference's
+    output layer on them gives back the cached log-probs, and they equal a fresh forward's."""
+    plan = make_plan(setup, store_hidden=True)
+    table = read_table(run_refpass(setup["store"], plan).path, "refcache")
+    hidden = torch.from_numpy(token_matrix(table.column("hidden")))
+    assert hidden.shape[1] == plan.hidden_size
+    pairs = tokenized(setup)
+    targets = torch.tensor(
+        [t for row in table.select(["pair_index", "side"]).to_pylist()
+         for t in pairs[row["pair_index"]][f"{row['side']}_ids"]]
+    )  # fmt: skip
+    reference = load_reference(str(setup["model_dir"]), device="cpu")
+    with torch.inference_mode():
+        logits = reference.output_logits(hidden.float()).float()
+    again = logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    cached = torch.from_numpy(token_vector(table.column("token_logprobs")))
+    # same states, same output layer: only the matmul's blocking over a longer batch differs
+    torch.testing.assert_close(again, cached, atol=2e-5, rtol=0)
+    fresh_hidden = torch.cat(
+        [fresh(setup, pairs[r["pair_index"]]["prompt_ids"], pairs[r["pair_index"]][f"{r['side']}_ids"])[1]
+         for r in table.select(["pair_index", "side"]).to_pylist()]
+    )  # fmt: skip
+    torch.testing.assert_close(hidden.float(), fresh_hidden, atol=1e-5, rtol=1e-5)
+    assert plan.hidden_dtype == "float32" and hidden.dtype == torch.float32
+    assert table.schema.field("hidden").type == pa.list_(pa.list_(pa.float32(), plan.hidden_size))
+
+
+def test_hidden_dtype_is_in_the_key_only_with_hidden_states(setup):
+    assert (
+        make_plan(setup, store_hidden=True, hidden_dtype="float16").key
+        != make_plan(setup, store_hidden=True).key
+    )
+    assert make_plan(setup, hidden_dtype="float16").key == make_plan(setup).key  # nothing stored
+    # the run's own model as the reference: recorded with the reference's identity
+    plan = make_plan(setup)
+    assert plan.config["model"]["own"] is True and plan.config["model"]["run_model"] is None
+    assert make_plan(setup, reference_model=str(setup["model_dir"])).key == plan.key  # the same weights
 
 
 CHILD = textwrap.dedent(
