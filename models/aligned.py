@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from alignheads.models.context import TokenContext, token_context
 from alignheads.models.context_hooks import ContextTracker
-from alignheads.models.head_base import LogitHead, SteeringOutput
+from alignheads.models.head_base import LogitHead, SteeringOutput, final_logit_cap, soft_cap
 from alignheads.models.recording import StepRecorder
 
 __all__ = ["Alpha", "AlphaLike", "AlignedLM", "SteeredLMHead", "as_alpha"]
@@ -72,12 +72,16 @@ class SteeredLMHead(nn.Module):
         frozen_head: nn.Module,
         context_source: Callable[[int], TokenContext] | None,
         alpha: AlphaLike = 1.0,
+        cap: float | None = None,
     ) -> None:
         super().__init__()
         self.head = head
         self.frozen_head = frozen_head
         self.alpha = alpha
         self._context_source = context_source
+        # the model's final-logit soft-cap: its forward caps what this layer returns, so the
+        # recorded KL compares the capped distributions, the ones decoding samples from
+        self._cap = cap
         self.recorder: StepRecorder | None = None
 
     @property
@@ -102,7 +106,9 @@ class SteeredLMHead(nn.Module):
         output = self.head(hidden, frozen_head=self.frozen_head, context=context)
         logits = _steered_logits(output, alpha)
         if self.recorder is not None:
-            self.recorder.observe(output, logits, self.frozen_head(hidden))
+            self.recorder.observe(
+                output, soft_cap(logits, self._cap), soft_cap(self.frozen_head(hidden), self._cap)
+            )
         return logits
 
 
@@ -145,7 +151,7 @@ class AlignedLM(nn.Module):
         self.model = model
         # reachable as self.model's output layer; kept out of this module's own registry so
         # its parameters are not listed twice in state_dict()
-        self.__dict__["steered"] = SteeredLMHead(head, original, source, alpha)
+        self.__dict__["steered"] = SteeredLMHead(head, original, source, alpha, final_logit_cap(model))
         model.set_output_embeddings(self.steered)
 
     # ------------------------------------------------------------------ parts

@@ -450,3 +450,34 @@ def test_baselines_fine_tune_with_dropout_off(llama, build, kind):
         trainee.module.train()
     torch.testing.assert_close(first.detach(), evaluated, atol=1e-6, rtol=0)
     assert trainee.module.config.to_dict() == config_before  # a saved checkpoint keeps its settings
+
+
+@pytest.mark.parametrize("kind", ["iav", "calm"])
+def test_recorded_kl_on_a_softcapped_model_is_between_the_capped_distributions(kind):
+    """Decoding records KL(π_α ‖ π_base) per generated token: on a soft-capped Gemma-2 both
+    distributions are the capped ones the model samples from, not the raw head outputs."""
+    from alignheads.models import AlignedLM
+    from alignheads.models.head_base import soft_cap
+    from alignheads.models.losses import exact_kl
+    from tests.helpers.tiny_models import make_head, randomise, tiny_gemma2
+
+    model = tiny_gemma2(cap=3.0)
+    head = randomise(make_head(kind, model), seed=3)
+    aligned = AlignedLM(model, head, alpha=1.5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), aligned.recording() as recorder:
+        out = aligned.model(input_ids=ids)
+    recorded = recorder.stacked()["kl_to_base"][:, 0]
+    with torch.no_grad(), aligned.original_lm() as lm:
+        base = lm(input_ids=ids).logits  # the model's own forward: capped
+    want = exact_kl(out.logits[:, -1], base[:, -1])  # both capped by the model's forward
+    assert torch.allclose(recorded, want, atol=1e-6, rtol=0)
+    from alignheads.models.context import token_context
+
+    with torch.no_grad():  # what was recorded before: the raw (uncapped) head and lm_head outputs
+        hidden = aligned.backbone(input_ids=ids).last_hidden_state
+        ctx = token_context(hidden, torch.ones_like(ids)) if head.needs_token_context else None
+        raw_logits = head(hidden, frozen_head=aligned.frozen_head, context=ctx).logits(1.5)
+        raw = exact_kl(raw_logits[:, -1], aligned.frozen_head(hidden)[:, -1])
+    assert not torch.allclose(raw, want, atol=1e-3)  # the cap matters at these logits
+    assert torch.allclose(soft_cap(raw_logits, 3.0)[:, -1], out.logits[:, -1], atol=1e-5)
