@@ -1,19 +1,31 @@
 """The `alignheads` command line: run, world, query, merge, generate.
 
 Every verb takes `--config F` and `--set key=value` (repeatable), so `--set store=DIR`
-points any verb at a store.
+points any verb at a store, and `--verbose`.
 
-Why about 450 lines: one argparse tree for every verb keeps the help texts and the shared
-options (`--config`, `--set`) in one place; each verb's work is a call into the package.
+Errors that are the user's to fix (`alignheads.errors.USER_ERRORS`: a bad row, a bad config, a
+mismatched head or cache, a store that cannot be written, a missing file) end the command with
+one line, `error: <message>`; for `run`, Prefect's own line with the flow run's final state
+comes before it, and the tracebacks Prefect's task and flow engines log for such an error are
+kept off the terminal (the Prefect API, and so the UI, still receives them). `--verbose` shows
+every traceback. Any other exception is a bug, and its traceback is always shown.
+
+Why about 540 lines: one argparse tree for every verb keeps the help texts and the shared
+options (`--config`, `--set`, `--verbose`) in one place; each verb's work is a call into the
+package. How errors reach the terminal (the console filter below) is the command line's concern
+too, so it lives here and not in the flows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from alignheads.config import ConfigError, RunConfig, load_config
@@ -23,6 +35,67 @@ def _prefect_defaults() -> None:
     """Offline-friendly Prefect settings, unless the user set them."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+# The loggers Prefect's task and flow engines log a run's failure to, with the traceback
+# ("Task run failed with exception: …", "Encountered exception during execution: …").
+_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+class QuietUserErrors(logging.Filter):
+    """A console handler's filter that drops, for user errors only, what Prefect logs on
+    `prefect.task_runs` / `prefect.flow_runs` about a failed run beyond its final state.
+
+    Dropped: a record carrying a user error's traceback (`exc_info`), and the "Finished in state
+    Failed(…)" line of a *task* run that failed with one (it repeats the message). Kept: every
+    other record, the flow run's final-state line, and everything about other exceptions.
+    """
+
+    def __init__(self, errors: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.errors = errors
+        self.failed_task_runs: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name not in _RUN_LOGGERS:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        task_run = getattr(record, "task_run_id", None) if record.name == "prefect.task_runs" else None
+        if exc is not None and isinstance(exc, self.errors):
+            if task_run is not None:
+                self.failed_task_runs.add(str(task_run))
+            return False
+        if task_run is not None and str(task_run) in self.failed_task_runs:
+            return not str(record.msg).startswith("Finished in state")
+        return True
+
+
+@contextlib.contextmanager
+def quiet_user_errors_on_console() -> Iterator[QuietUserErrors]:
+    """Install `QuietUserErrors` on the console handlers Prefect logs run records through (the root
+    logger's and those of the run loggers and their parents), for the duration; Prefect's logging
+    is otherwise left as it is, and its API handler (the UI's logs) is not touched."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    from alignheads.errors import USER_ERRORS
+
+    ensure_logging_setup()  # the handlers to filter exist once Prefect configured its logging
+    quiet = QuietUserErrors(USER_ERRORS)
+    handlers: list[logging.Handler] = []
+    for name in (*_RUN_LOGGERS, "prefect", ""):
+        for handler in logging.getLogger(name).handlers:
+            is_console = isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            )
+            if is_console and handler not in handlers:
+                handlers.append(handler)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield quiet
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +110,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set tokenize.max_prompt_length=256 (repeatable)",
     )
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=argparse.SUPPRESS,  # keeps `alignheads --verbose VERB` when not repeated here
+        help="show full tracebacks, also for errors in the input or the config",
+    )
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -49,7 +129,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alignheads.tasks.reporting.printing import print_run_summary
 
     cfg = _config(args)
-    outcomes = pipeline(config=cfg)
+    verbose = getattr(args, "verbose", False)
+    quiet = contextlib.nullcontext() if verbose else quiet_user_errors_on_console()
+    with quiet:
+        outcomes = pipeline(config=cfg)
     print_run_summary(cfg, outcomes)
     return 0
 
@@ -104,8 +187,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError) as exc:  # wrong head type, mismatched base, output taken
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _user_error(exc, getattr(args, "verbose", False), 1)
     print(f"merged IAV head at alpha={args.alpha:g} into a plain Hugging Face checkpoint: {out}")
     print(f"  load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -248,8 +330,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             prompts = load_prompts_file(args.prompts_file)
         except ValueError as exc:  # malformed rows, no prompts
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return _user_error(exc, getattr(args, "verbose", False), 1)
     heads = args.heads if args.heads is not None else _newest_head(cfg.store, args.head)
     from transformers.utils import logging as hf_logging
 
@@ -329,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignheads",
         description="Test-time alignment of a frozen causal LM with IAV and CALM logit heads.",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show full tracebacks, also for errors in the input or the config",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -422,13 +509,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(exc: BaseException, verbose: bool, code: int) -> int:
+    """Report an error the user must fix: its traceback first with --verbose, then one line."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(exc, verbose, 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -436,8 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from alignheads.errors import USER_ERRORS
 
         if isinstance(exc, USER_ERRORS):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return _user_error(exc, verbose, 1)
         raise
 
 

@@ -15,6 +15,8 @@ Definitions (used by the evaluate stage, `tasks/evaluate.py`):
   ``tie`` otherwise.
 - **aggregates** are means over the non-null values (``None`` when there are none); rates
   are shares of the rows that have the field (e.g. win rate = wins / compared pairs).
+- **kl** of a (head, α) group: the mean over its responses of each response's mean per-token
+  KL(π_α ‖ π_base) (``KL_DEFINITION``; why not pooled over tokens: `summarize_group`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ from typing import Any
 
 TIE_TOLERANCE = 1e-9
 OUTCOMES = ("win", "tie", "lose")
+
+# The summary's `kl` column, in the words every place that shows it uses (the summary table's
+# column description, the reward-vs-KL plot's axis, the printed summary's note).
+KL_DEFINITION = (
+    "KL(π_α ‖ π_base) per token, in nats: the mean over each response's tokens, "
+    "then over the responses (each response weighs the same)"
+)
+KL_LABEL = "KL(π_α ‖ π_base) per token, mean over responses (nats)"
 
 _WORD = re.compile(r"\w+")
 
@@ -146,7 +156,25 @@ def share(flags: Iterable[bool]) -> float | None:
 
 def summarize_group(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Aggregates of one (head, α) group of score rows (dicts with the `scores` columns and
-    `finish_reason`): reward mean/std, outcome rates, means of kl/length/diversity/strength, eos rate."""
+    `finish_reason`): reward mean/std, outcome rates, means of kl/length/diversity/strength, eos rate.
+
+    ``kl`` is the mean over the responses of each response's ``kl_mean`` (its mean per-token
+    KL(π_α ‖ π_base)), not the per-token KL pooled over the group (Σ kl_sum / Σ n_tokens). Chosen
+    deliberately, for three reasons:
+
+    - The unit is the one of every other column: reward, win rate, length and diversity are means
+      over responses (one per prompt and sample), so the reward–KL frontier and the matched-KL
+      table put two per-response means side by side, each prompt weighing the same on both axes.
+    - Pooling weights each response by its length, so the responses that run to
+      ``max_new_tokens`` (often the looping ones at large α) would dominate a method's KL while
+      the short answers barely count, and two methods' KLs would differ by their lengths.
+    - It is the number the rest of the project reports: the generate stage's ``kl_mean`` info and
+      ``generate --steering-info`` give the same per-response means.
+
+    The pooled value stays one query away:
+    ``SELECT head, alpha, sum(kl_sum) / sum(n_tokens) FROM generations GROUP BY head, alpha``.
+    Where the KL is shown, ``KL_DEFINITION`` and ``KL_LABEL`` say which one it is.
+    """
     if not rows:
         raise ValueError("cannot summarize an empty group")
     return {

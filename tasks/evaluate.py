@@ -7,7 +7,9 @@ Output artifact `<store>/evaluate/<key>/` with two tables:
   of the same head on the same prompt, sample and seed, and its text statistics;
 - `summary` (`SUMMARY_SCHEMA`, one row per (head, α)): means and rates over those rows, the
   run id, and each trained method's held-out preference accuracy at that α (computed here, one
-  model load per method, all of its α at once).
+  model load per method, all of its α at once). Its `kl` is the mean over responses of each
+  response's mean per-token KL to the base (`metrics.KL_DEFINITION`, the column's description
+  in the schema; why: `metrics.summarize_group`).
 
 The metric definitions (words, distinct-n, repetition, ties) are in `alignheads.models.metrics`.
 Rewards come from the tiny world's ground truth (`reward="world"`) or a Hugging Face
@@ -75,7 +77,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("tie_rate", pa.float64()),
         ("lose_rate", pa.float64()),
         ("n_compared", pa.int64()),
-        ("kl", pa.float64()),
+        pa.field("kl", pa.float64(), metadata={"description": metrics.KL_DEFINITION}),
         ("n", pa.int64()),
         ("length", pa.float64()),
         ("distinct_1", pa.float64()),

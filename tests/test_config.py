@@ -129,3 +129,50 @@ def test_refpass_section_defaults_and_validation():
         with pytest.raises(ConfigError) as info:
             load_config(None, [override])
         assert message in str(info.value), override
+
+
+# --- a data source given as a plain path (issue 18, item 9) -----------------------------------
+
+
+def test_a_source_may_be_a_plain_path(tmp_path):
+    """`--set data.train=pairs.jsonl` (and `train: pairs.jsonl` in YAML) was refused with "Input
+    should be a valid dictionary": a user had to write `{path: pairs.jsonl}`."""
+    from alignheads.config import DataConfig, SourceConfig
+
+    cfg = load_config(None, ["data.train=pairs.jsonl", "data.test=org/hh-rlhf"])
+    assert cfg.data.train == SourceConfig(path="pairs.jsonl")
+    assert cfg.data.test == SourceConfig(path="org/hh-rlhf")
+    assert not cfg.uses_world_data
+    written = tmp_path / "run.yaml"
+    written.write_text("data:\n  train: mine.jsonl\n  test: {path: held.jsonl, limit: 5}\n")
+    from_yaml = load_config(written)
+    assert from_yaml.data.train == SourceConfig(path="mine.jsonl")
+    assert from_yaml.data.test == SourceConfig(path="held.jsonl", limit=5)  # the mapping still works
+    assert DataConfig(train=tmp_path / "a.jsonl").train == SourceConfig(path=str(tmp_path / "a.jsonl"))
+    # the dumped config holds the mapping form, and reads back equal
+    assert cfg.model_dump(mode="json")["data"]["train"]["path"] == "pairs.jsonl"
+    assert RunConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    for override, message in [
+        ("data.train=", "data.train: Value error, empty path"),
+        ("data.train=[a.jsonl]", "data.train: Value error, expected a path or a mapping"),
+        ("data.test=3", "data.test: Value error, expected a path or a mapping"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [override])
+        assert message in str(info.value), override
+
+
+def test_a_plain_path_source_has_the_mapping_forms_cache_key(tmp_path):
+    """The same source gives the same data key either way, and the mapping form's key is the one
+    it had before paths were accepted (pinned: caches built before stay valid)."""
+    from alignheads.config import DataConfig
+    from alignheads.tasks.data import plan_data
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "p", "chosen": " a", "rejected": " b"}\n')
+    (tmp_path / "test.jsonl").write_text('{"prompt": "q", "chosen": " c", "rejected": " d"}\n')
+    train, test = str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")
+    mapping = DataConfig.model_validate({"train": {"path": train}, "test": {"path": test, "limit": 5}})
+    plain = DataConfig.model_validate({"train": train, "test": {"path": test, "limit": 5}})
+    key = plan_data(mapping, None, None, "tokenizer-fp").key
+    assert key == "b3138a7c6b861fcc"  # the key of this data before the change
+    assert plan_data(plain, None, None, "tokenizer-fp").key == key

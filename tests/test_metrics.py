@@ -112,3 +112,21 @@ def test_summarize_group():
     assert agg["distinct_2"] is None and agg["strength_mean"] is None and agg["utilisation"] is None
     with pytest.raises(ValueError):
         M.summarize_group([])
+
+
+def test_summary_kl_is_the_mean_over_responses_and_says_so():
+    """Issue 18, item 7c: the summary's `kl` was called "mean per-token KL" (plots, docs) while
+    it is the mean of per-response means. The definition is kept, deliberately (see
+    `summarize_group`), and named for what it is."""
+    base = {"reward": 0.0, "outcome": None, "finish_reason": "eos", "distinct_1": None,
+            "distinct_2": None, "repetition": 0.0, "strength_mean": None, "utilisation": None}  # fmt: skip
+    rows = [{**base, "kl_mean": 0.1, "n_tokens": 2}, {**base, "kl_mean": 0.7, "n_tokens": 10}]
+    agg = M.summarize_group(rows)
+    assert agg["kl"] == pytest.approx(0.4)  # (0.1 + 0.7) / 2: each response weighs the same
+    pooled = (0.1 * 2 + 0.7 * 10) / 12  # 0.6: what "pooled per token" would have given
+    assert agg["kl"] != pytest.approx(pooled)
+    for text in (M.KL_DEFINITION, M.KL_LABEL):
+        assert "per token" in text and "mean over" in text and "KL(π_α ‖ π_base)" in text
+        assert "mean per-token KL" not in text  # the old, ambiguous name
+    assert "the mean over each response's tokens, then over the responses" in M.KL_DEFINITION
+    assert "Σ kl_sum / Σ n_tokens" in M.summarize_group.__doc__  # the alternative, and why not

@@ -111,3 +111,30 @@ def test_summary_markdown_table():
     assert lines[9] == "| iav | 1 | 40 | 0.300 | +0.800 | 0.700 | 0.300 | 12.2 | 0.930 |"
     two_runs = summary_markdown(make_summary("r1") + make_summary("r2"))
     assert two_runs.splitlines()[0].startswith("| run | head |") and "| r2 | iav | 2 |" in two_runs
+
+
+def test_reward_vs_kl_axis_and_printed_summary_name_the_summary_kl(tmp_path, monkeypatch):
+    """Issue 18, item 7c: the frontier's axis said "mean per-token KL" while the summary's `kl` is
+    the mean over responses of each response's mean per-token KL; the printed summary did not
+    say which. Both now use the words of `metrics.KL_DEFINITION`."""
+    from rich.console import Console
+
+    from alignheads.models.metrics import KL_DEFINITION, KL_LABEL
+    from alignheads.tasks.reporting import plots
+    from alignheads.tasks.reporting.printing import print_sweep_summary
+
+    labels = []
+    finish = plots._finish
+
+    def spy(fig, ax, path, title, xlabel, ylabel, empty):
+        labels.append(xlabel)
+        return finish(fig, ax, path, title, xlabel, ylabel, empty)
+
+    monkeypatch.setattr(plots, "_finish", spy)
+    _assert_png(plot_reward_vs_kl(make_summary(), tmp_path / "kl.png"))
+    assert labels == [KL_LABEL]
+    assert "mean over responses" in labels[0] and "mean per-token KL" not in labels[0]
+    console = Console(record=True, width=200)
+    print_sweep_summary(pa.Table.from_pylist(_report_rows()), console=console)
+    text = " ".join(console.export_text().split())
+    assert f"KL: {KL_DEFINITION}." in text

@@ -1,6 +1,6 @@
 """Each method's reward at matched KL, and its decoding cost: the comparison table of the sweep.
 
-A method's α sweep traces a path through (KL, reward) space: mean per-token KL(π_α ‖ π_base)
+A method's α sweep traces a path through (KL, reward) space: KL(π_α ‖ π_base) per token, mean over responses (the summary's `kl`)
 against mean reward, one point per α. Comparing methods at the same α says little (their dials
 mean different things); comparing them at the same KL to the base does.
 

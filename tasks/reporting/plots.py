@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from alignheads.models.metrics import KL_LABEL  # noqa: E402
+
 Summary = pa.Table | Sequence[dict[str, Any]]
 
 # head -> colour, fixed so IAV and CALM look the same in every plot
@@ -111,8 +113,9 @@ def plot_reward_vs_alpha(summary: Summary, path: str | Path) -> Path:
 
 
 def plot_reward_vs_kl(summary: Summary, path: str | Path) -> Path:
-    """The reward–KL frontier: mean reward against mean per-token KL to the base, one line per head
-    through its α values, each point labelled with its α."""
+    """The reward–KL frontier: mean reward against the summary's `kl` (per-token KL to the base,
+    averaged within each response, then over the responses: `metrics.KL_DEFINITION`), one line
+    per head through its α values, each point labelled with its α."""
     rows = summary_rows(summary)
     series = _series(rows, "alpha", "reward", "kl")
     runs = _run_index(series)
@@ -134,7 +137,7 @@ def plot_reward_vs_kl(summary: Summary, path: str | Path) -> Path:
                 color=style["color"],
             )
     return _finish(
-        fig, ax, path, "Reward vs KL to the base (points: α)", "mean per-token KL(π_α ‖ π_base)", "mean reward",
+        fig, ax, path, "Reward vs KL to the base (points: α)", KL_LABEL, "mean reward",
         not series,
     )  # fmt: skip
 

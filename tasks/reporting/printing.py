@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignheads.config import RunConfig
+from alignheads.models.metrics import KL_DEFINITION
 from alignheads.tasks.cached import RunOutcome
 
 
@@ -92,6 +93,9 @@ def _cell(value: Any, width: int = 120) -> str:
 
 # --- the α sweep's evaluation summary ---------------------------------------------------------
 
+# What the table's KL column is (the summary's `kl`), said under the table.
+KL_NOTE = f"KL: {KL_DEFINITION}."
+
 _SWEEP_COLUMNS = (
     ("head", "head"),
     ("alpha", "α"),
@@ -141,15 +145,16 @@ def _sweep_cell(col: str, value: Any) -> str:
 
 def print_sweep_summary(summary_rows: Any, console: Console | None = None) -> None:
     """The α sweep as a table, one row per (head, α): n, mean reward and its change from α = 0 (Δ),
-    win rate against α = 0, mean per-token KL to the base, mean length (tokens), held-out
-    preference accuracy. `summary_rows`: the `summary` table (Arrow) or its rows as dicts."""
+    win rate against α = 0, KL to the base (`KL_NOTE`, printed under the table), mean length
+    (tokens), held-out preference accuracy. `summary_rows`: the `summary` table (Arrow) or its
+    rows as dicts."""
     console = console or Console()
     rows = _sweep_rows(summary_rows)
     runs = sorted({str(r.get("run_id") or "") for r in rows})
     title = "evaluation summary (head × α)"
     if len(runs) == 1 and runs[0]:
         title += f", run {runs[0]}"
-    table = Table(title=title)
+    table = Table(title=title, caption=KL_NOTE, caption_justify="left")
     several = len(runs) > 1
     if several:
         table.add_column("run", overflow="fold")

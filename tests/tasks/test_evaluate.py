@@ -332,3 +332,19 @@ def test_run_evaluate_with_a_reward_model_directory(sweep, tiny_reward_model, pl
     run_evaluate(store, plan_evaluate(paths, run_id="w"))
     t = run_query(store, "SELECT run_id, count(*) AS rows FROM summary GROUP BY run_id ORDER BY run_id")
     assert t.to_pylist() == [{"run_id": "rm", "rows": 4}, {"run_id": "w", "rows": 4}]
+
+
+def test_summary_kl_is_the_mean_over_responses_and_its_column_says_so(sweep):
+    """Issue 18, item 7c: the stored summary's `kl` column carries its definition, and the value
+    is the mean of the responses' kl_mean, whatever their lengths (iav at α = 1: responses of 15,
+    9, 12 and 27 characters as n_tokens; pooling Σ kl_sum / Σ n_tokens would give 6 / 63)."""
+    from alignheads.models.metrics import KL_DEFINITION
+
+    store, paths = sweep
+    result = run_evaluate(store, plan_evaluate(paths, run_id="run-1"))
+    stored = read_table(result.path, "summary")
+    field = stored.schema.field("kl")
+    assert field.metadata == {b"description": KL_DEFINITION.encode()}
+    iav1 = _by(stored, "head", "alpha")[("iav", 1.0)]
+    assert iav1["kl"] == pytest.approx((0.2 + 0.4 + 0.6 + 0.8) / 4)
+    assert iav1["kl"] != pytest.approx(6 / 63)
