@@ -187,6 +187,17 @@ def _test_size_config(store: Path) -> dict:
     }
 
 
+def _post_retrying_503(url: str, json: dict) -> httpx.Response:
+    """POST as Prefect's own client does: a 503 (the server's SQLite busy under load; its
+    transaction was rolled back) is retried with backoff, any other answer returned."""
+    for attempt in range(6):
+        response = httpx.post(url, json=json, timeout=30)
+        if response.status_code != 503:
+            return response
+        time.sleep(0.5 * 2**attempt)
+    return response
+
+
 def test_tiny_run_from_the_ui_endpoint(server, deployed, tmp_path):
     """POST /api/deployments/{id}/create_flow_run (what the UI's Run button sends), picked up by
     the worker, run to COMPLETED; its artifacts, summary view and MLflow runs are in the store."""
@@ -194,11 +205,10 @@ def test_tiny_run_from_the_ui_endpoint(server, deployed, tmp_path):
 
     store = tmp_path / "store"
     api = server["api"]
-    created = httpx.post(
+    created = _post_retrying_503(
         f"{api}/deployments/{deployed['tiny']['id']}/create_flow_run",
         # `overrides` apply on top of `config`, as `alignheads run --set` does
         json={"parameters": {"config": _test_size_config(store), "overrides": ["sweep.n_prompts=4"]}},
-        timeout=30,
     )
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
