@@ -9,7 +9,6 @@ real data, tokenize and reference-pass stages. Each baseline is trained once (a 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,9 @@ from alignheads.tasks.prompts import prompt_set
 from alignheads.tasks.reporting.matched_kl import kl_levels, matched_kl_rows, reward_at_kl, save_matched_kl
 from alignheads.tasks.reporting.printing import print_matched_kl
 from tests.helpers.tiny_models import tiny_llama, tiny_tokenizer
+from tests.helpers.word_pairs import word_pairs
 
 pytestmark = pytest.mark.slow
-
-
-def _pairs(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(f"w{rng.randint(30, 59)}" for _ in range(rng.randint(2, 5)))
-        chosen = " " + " ".join(f"w{rng.randint(0, 14)}" for _ in range(rng.randint(2, 6)))
-        rejected = " " + " ".join(f"w{rng.randint(60, 74)}" for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +51,7 @@ def world(tmp_path_factory):
     tiny_llama(tied=False).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     for split, n, seed in (("train", 64, 0), ("test", 16, 1)):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(n, seed)))
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in word_pairs(n, seed)))
     tok = load_tokenizer(str(model_dir))
     fp = tokenizer_fingerprint(tok)
     store = root / "store"

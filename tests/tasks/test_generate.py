@@ -8,7 +8,6 @@ IAV and CALM heads, written with `ensure_artifact` as the train stage would writ
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,19 +32,9 @@ from alignheads.tasks import prompts as sweep_prompts
 from alignheads.tasks import sampling
 from alignheads.tasks import train as train_stage
 from tests.helpers.tiny_models import EOS, make_head, randomise, tiny_llama, tiny_tokenizer
+from tests.helpers.word_pairs import word_pairs
 
 MAX_NEW = 10
-
-
-def _pairs(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(f"w{rng.randint(30, 59)}" for _ in range(rng.randint(2, 5)))
-        chosen = " " + " ".join(f"w{rng.randint(0, 14)}" for _ in range(rng.randint(2, 6)))
-        rejected = " " + " ".join(f"w{rng.randint(60, 74)}" for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
 
 
 def _train_artifact(store: Path, kind: str, head, model, tag: str) -> Path:
@@ -69,9 +58,9 @@ def world(tmp_path_factory):
         out[EOS] = out[5]
     lm.save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    test = _pairs(14, 1)
+    test = word_pairs(14, 1)
     test[5]["prompt"] = test[2]["prompt"]  # a repeated prompt: used once
-    for split, rows in (("train", _pairs(4, 0)), ("test", test)):
+    for split, rows in (("train", word_pairs(4, 0)), ("test", test)):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = load_tokenizer(str(model_dir))
     store = root / "store"

@@ -9,7 +9,7 @@ import pytest
 
 from alignheads.config import DPOTrainConfig, IAVTrainConfig
 from alignheads.models.methods import method
-from tests.training.test_train import _job, store  # noqa: F401 (the module's store fixture)
+from tests.training.test_train import _job, launched, store  # noqa: F401 (the module's store fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -63,29 +63,16 @@ def test_two_processes_agree_on_the_steps_of_an_uneven_epoch(store, tmp_path):  
     rank 0 held three and rank 1 two. Rank 0 used to run its third alone (a gradient all-reduce
     nobody answered); now both stop after the epoch's two whole steps and the two processes end
     where one process with batch 24 ends."""
-    import json
-    import os
-    import subprocess
-
     import torch
 
     from alignheads.models.head_io import load_head
-    from alignheads.tasks.train import launch_command, plan_train
     from alignheads.tasks.training.loop import train
 
     cfg = IAVTrainConfig(
         batch_size=24, epochs=2, lr=1e-2, eval_every=100, lambda_kl=0, lambda_l2=0, warmup_ratio=0.0
     )
     single = train(_job(store, cfg, tmp_path / "one"))
-    _, model_dir, _, ref_dir = store
-    plan = plan_train("iav", cfg, ref_dir, {"name_or_path": str(model_dir)})
-    plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(dataclasses.asdict(plan)))
-    cmd = launch_command(plan_file, tmp_path / "out", tmp_path / "ckpt2", processes=2) + ["--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    result = launched(store, cfg, tmp_path, processes=2)
     assert result["steps"] == single.steps == 4
     two = load_head(tmp_path / "out" / "head").state_dict()
     for name, value in single.trained.state_dict().items():

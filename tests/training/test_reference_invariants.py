@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -53,21 +52,11 @@ from alignheads.tasks.train import plan_train
 from alignheads.tasks.training.batches import PairStream, collate
 from alignheads.tasks.training.loop import TrainJob, train
 from tests.helpers.tiny_models import VOCAB, randomise, tiny_gemma2, tiny_llama, tiny_tokenizer
+from tests.helpers.word_pairs import word_pairs
 
 pytestmark = pytest.mark.slow
 
 LN2 = math.log(2)
-
-
-def _pairs(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(f"w{rng.randint(30, 59)}" for _ in range(rng.randint(2, 5)))
-        chosen = " " + " ".join(f"w{rng.randint(0, 14)}" for _ in range(rng.randint(2, 6)))
-        rejected = " " + " ".join(f"w{rng.randint(60, 74)}" for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
 
 
 def _build_store(root: Path, model, reference=None) -> dict:
@@ -82,7 +71,7 @@ def _build_store(root: Path, model, reference=None) -> dict:
         reference.save_pretrained(ref_dir)
         tiny_tokenizer().save_pretrained(ref_dir)
     for split, n, seed in (("train", 32, 0), ("test", 16, 1)):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(n, seed)))
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in word_pairs(n, seed)))
     tok = load_tokenizer(str(model_dir))
     fp = tokenizer_fingerprint(tok)
     store = root / "store"

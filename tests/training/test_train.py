@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -33,19 +32,9 @@ from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks.training.batches import PairStream
 from alignheads.tasks.training.loop import NonFiniteError, TrainJob, train
 from tests.helpers.tiny_models import tiny_llama, tiny_tokenizer
+from tests.helpers.word_pairs import word_pairs
 
 pytestmark = pytest.mark.slow
-
-
-def _pairs(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(f"w{rng.randint(30, 59)}" for _ in range(rng.randint(2, 5)))
-        chosen = " " + " ".join(f"w{rng.randint(0, 14)}" for _ in range(rng.randint(2, 6)))
-        rejected = " " + " ".join(f"w{rng.randint(60, 74)}" for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +45,7 @@ def store(tmp_path_factory):
     tiny_llama(tied=False).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     for split, n, seed in (("train", 64, 0), ("test", 16, 1)):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(n, seed)))
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in word_pairs(n, seed)))
     tok = load_tokenizer(str(model_dir))
     fp = tokenizer_fingerprint(tok)
     store = root / "store"
@@ -90,6 +79,27 @@ def _job(store, cfg, tmp_path, kind="iav", model=None, log=None) -> TrainJob:
         log=log or (lambda m, s: None),
         progress=False,
     )
+
+
+def launched(store, cfg, tmp_path, processes: int) -> dict:
+    """Train IAV with `cfg` through `accelerate launch` over `processes` CPU processes (gloo), as
+    the train stage does for `num_processes > 1`; the head lands in tmp_path/out/head. Returns
+    the run's result.json."""
+    import dataclasses
+    import os
+    import subprocess
+
+    from alignheads.tasks.train import launch_command, plan_train
+
+    _, model_dir, _, ref_dir = store
+    plan = plan_train("iav", cfg, ref_dir, {"name_or_path": str(model_dir)})
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(dataclasses.asdict(plan)))
+    cmd = launch_command(plan_file, tmp_path / "out", tmp_path / "ckpt2", processes) + ["--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "out" / "result.json").read_text())
 
 
 def _params(head) -> dict[str, torch.Tensor]:
@@ -203,28 +213,14 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(store
 def test_two_processes_equal_one_with_the_same_global_batch(store, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): each takes 4 of the 8 pairs of a step,
     gradients are averaged, and the head ends where a single process with batch 8 ends."""
-    import dataclasses
-    import os
-    import subprocess
-
-    from alignheads.tasks.train import launch_command, plan_train
+    from alignheads.models.head_io import load_head
 
     cfg = IAVTrainConfig(
         batch_size=8, max_steps=3, lr=1e-2, eval_every=100, lambda_kl=0, lambda_l2=0, warmup_ratio=0.0
     )
     single = _params(train(_job(store, cfg, tmp_path / "one")).trained)
-    _, model_dir, _, ref_dir = store
-    plan = plan_train("iav", cfg, ref_dir, {"name_or_path": str(model_dir)})
-    plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(dataclasses.asdict(plan)))
-    cmd = launch_command(plan_file, tmp_path / "out", tmp_path / "ckpt2", processes=2) + ["--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    result = launched(store, cfg, tmp_path, processes=2)
     assert result["processes"] == 2 and result["steps"] == 3
-    from alignheads.models.head_io import load_head
-
     two = _params(load_head(tmp_path / "out" / "head"))
     for k in single:
         assert torch.allclose(single[k], two[k], atol=1e-5, rtol=0), k
