@@ -8,7 +8,6 @@ real data, tokenize and reference-pass stages. Each baseline is trained once (a 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,64 +15,44 @@ import torch
 from rich.console import Console
 
 from alignheads.config import (
-    DataConfig,
     DPOTrainConfig,
     GenARMTrainConfig,
-    ModelConfig,
     RefPassConfig,
-    SourceConfig,
     SweepConfig,
-    TokenizeConfig,
 )
 from alignheads.loading import load_causal_lm, load_tokenizer
-from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.tables import read_table
-from alignheads.tasks import data as data_stage
 from alignheads.tasks import evaluate as evaluate_stage
 from alignheads.tasks import generate as gen
-from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import sampling
-from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks.prompts import prompt_set
 from alignheads.tasks.reporting.matched_kl import kl_levels, matched_kl_rows, reward_at_kl, save_matched_kl
 from alignheads.tasks.reporting.printing import print_matched_kl
-from tests.helpers.tiny_models import tiny_llama, tiny_tokenizer
-from tests.helpers.word_pairs import word_pairs
+from tests.helpers.tiny_models import tiny_llama
+from tests.helpers.word_pairs import pair_store
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("baselines")
-    model_dir = root / "model"
-    tiny_llama(tied=False).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    for split, n, seed in (("train", 64, 0), ("test", 16, 1)):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in word_pairs(n, seed)))
-    tok = load_tokenizer(str(model_dir))
-    fp = tokenizer_fingerprint(tok)
-    store = root / "store"
-    data_cfg = DataConfig(
-        train=SourceConfig(path=str(root / "train.jsonl")), test=SourceConfig(path=str(root / "test.jsonl"))
+    built = pair_store(
+        tmp_path_factory.mktemp("baselines"), tiny_llama(tied=False), RefPassConfig(k=8, pairs_per_shard=48)
     )
-    data = data_stage.run_data(store, data_stage.plan_data(data_cfg, None, None, fp), tok)
-    tplan = tokenize_stage.plan_tokenize(
-        TokenizeConfig(max_prompt_length=16, max_response_length=8), data.key, data.path, fp
-    )
-    tokenized = tokenize_stage.run_tokenize(store, tplan, tok)
-    rplan = refpass_stage.plan_refpass(
-        RefPassConfig(k=8, pairs_per_shard=48), ModelConfig(), str(model_dir), tokenized.path, fp
-    )
-    ref = refpass_stage.run_refpass(store, rplan)
     source = {
-        "name_or_path": str(model_dir),
+        "name_or_path": str(built.model_dir),
         "revision": None,
         "trust_remote_code": False,
         "dtype": "float32",
     }
-    return {"store": store, "model_dir": model_dir, "data": data.path, "refpass": ref.path, "source": source}
+    return {
+        "store": built.store,
+        "model_dir": built.model_dir,
+        "data": built.data,
+        "refpass": built.refpass,
+        "source": source,
+    }
 
 
 SETTINGS = {"enabled": True, "batch_size": 8, "epochs": 2, "lr": 3e-3, "eval_every": 4, "warmup_ratio": 0.0}

@@ -27,16 +27,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from alignheads.config import (
     CALMTrainConfig,
-    DataConfig,
     DPOTrainConfig,
     GenARMTrainConfig,
     IAVTrainConfig,
-    ModelConfig,
     RefPassConfig,
-    SourceConfig,
-    TokenizeConfig,
 )
-from alignheads.loading import load_causal_lm, load_tokenizer
+from alignheads.loading import load_causal_lm
 from alignheads.models import AlignedLM
 from alignheads.models.dera import dera_logits
 from alignheads.models.features import backbone_features, gather_time
@@ -44,15 +40,11 @@ from alignheads.models.head_io import load_head
 from alignheads.models.losses import preference_accuracy
 from alignheads.models.methods import LoadedHead, LoadedLM, method
 from alignheads.models.objectives import BatchNeeds, response_logps
-from alignheads.storage.fingerprint import tokenizer_fingerprint
-from alignheads.tasks import data as data_stage
-from alignheads.tasks import refpass as refpass_stage
-from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks.train import plan_train
 from alignheads.tasks.training.batches import PairStream, collate
 from alignheads.tasks.training.loop import TrainJob, train
-from tests.helpers.tiny_models import VOCAB, randomise, tiny_gemma2, tiny_llama, tiny_tokenizer
-from tests.helpers.word_pairs import word_pairs
+from tests.helpers.tiny_models import VOCAB, randomise, tiny_gemma2, tiny_llama
+from tests.helpers.word_pairs import pair_store
 
 pytestmark = pytest.mark.slow
 
@@ -62,38 +54,9 @@ LN2 = math.log(2)
 def _build_store(root: Path, model, reference=None) -> dict:
     """The run's model saved under root/model (and a reference model under root/reference when
     given), data, tokenize and a refpass with top-k (float32) and hidden states (default dtype)."""
-    model_dir = root / "model"
-    model.save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    ref_dir = None
-    if reference is not None:
-        ref_dir = root / "reference"
-        reference.save_pretrained(ref_dir)
-        tiny_tokenizer().save_pretrained(ref_dir)
-    for split, n, seed in (("train", 32, 0), ("test", 16, 1)):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in word_pairs(n, seed)))
-    tok = load_tokenizer(str(model_dir))
-    fp = tokenizer_fingerprint(tok)
-    store = root / "store"
-    data_cfg = DataConfig(
-        train=SourceConfig(path=str(root / "train.jsonl")), test=SourceConfig(path=str(root / "test.jsonl"))
-    )
-    data = data_stage.run_data(store, data_stage.plan_data(data_cfg, None, None, fp), tok)
-    tplan = tokenize_stage.plan_tokenize(
-        TokenizeConfig(max_prompt_length=16, max_response_length=8), data.key, data.path, fp
-    )
-    tokenized = tokenize_stage.run_tokenize(store, tplan, tok)
-    rcfg = RefPassConfig(
-        k=16,
-        dtype="float32",
-        store_hidden=True,
-        pairs_per_shard=24,
-        batch_size=16,
-        reference_model=None if ref_dir is None else str(ref_dir),
-    )
-    rplan = refpass_stage.plan_refpass(rcfg, ModelConfig(), str(model_dir), tokenized.path, fp)
-    ref = refpass_stage.run_refpass(store, rplan)
-    return {"model_dir": model_dir, "tokenize": tokenized.path, "refpass": ref.path}
+    rcfg = RefPassConfig(k=16, dtype="float32", store_hidden=True, pairs_per_shard=24, batch_size=16)
+    built = pair_store(root, model, rcfg, n_train=32, reference=reference)
+    return {"model_dir": built.model_dir, "tokenize": built.tokenize, "refpass": built.refpass}
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,15 @@ import torch
 
 from alignheads.config import (
     CALMTrainConfig,
-    DataConfig,
     IAVTrainConfig,
-    ModelConfig,
     RefPassConfig,
-    SourceConfig,
-    TokenizeConfig,
 )
-from alignheads.loading import load_causal_lm, load_tokenizer
+from alignheads.loading import load_causal_lm
 from alignheads.models.methods import method
-from alignheads.storage.fingerprint import tokenizer_fingerprint
-from alignheads.tasks import data as data_stage
-from alignheads.tasks import refpass as refpass_stage
-from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks.training.batches import PairStream
 from alignheads.tasks.training.loop import NonFiniteError, TrainJob, train
-from tests.helpers.tiny_models import tiny_llama, tiny_tokenizer
-from tests.helpers.word_pairs import word_pairs
+from tests.helpers.tiny_models import tiny_llama
+from tests.helpers.word_pairs import pair_store
 
 pytestmark = pytest.mark.slow
 
@@ -40,28 +32,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """(store, model dir, tokenize dir, refcache dir) with top-k and hidden states cached."""
-    root = tmp_path_factory.mktemp("train")
-    model_dir = root / "model"
-    tiny_llama(tied=False).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    for split, n, seed in (("train", 64, 0), ("test", 16, 1)):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in word_pairs(n, seed)))
-    tok = load_tokenizer(str(model_dir))
-    fp = tokenizer_fingerprint(tok)
-    store = root / "store"
-    data_cfg = DataConfig(
-        train=SourceConfig(path=str(root / "train.jsonl")), test=SourceConfig(path=str(root / "test.jsonl"))
-    )
-    dplan = data_stage.plan_data(data_cfg, None, None, fp)
-    data = data_stage.run_data(store, dplan, tok)
-    tplan = tokenize_stage.plan_tokenize(
-        TokenizeConfig(max_prompt_length=16, max_response_length=8), data.key, data.path, fp
-    )
-    tokenized = tokenize_stage.run_tokenize(store, tplan, tok)
     rcfg = RefPassConfig(k=16, store_hidden=True, pairs_per_shard=24, batch_size=16)
-    rplan = refpass_stage.plan_refpass(rcfg, ModelConfig(), str(model_dir), tokenized.path, fp)
-    ref = refpass_stage.run_refpass(store, rplan)
-    return store, model_dir, tokenized.path, ref.path
+    built = pair_store(tmp_path_factory.mktemp("train"), tiny_llama(tied=False), rcfg)
+    return built.store, built.model_dir, built.tokenize, built.refpass
 
 
 def _job(store, cfg, tmp_path, kind="iav", model=None, log=None) -> TrainJob:
