@@ -44,6 +44,8 @@ def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | No
         reused = [s for s, result in stages if result.status != "computed"]
         tail = f"; reused from the store: {', '.join(reused)}" if reused else ""
         console.print(f"Computed: {', '.join(done)}{tail}.")
+    if outcome.mlflow_run is not None:  # the run this flow run logged to (a cached run points on)
+        console.print(f"MLflow run: {outcome.mlflow_run} (experiment '{cfg.name}')")
     console.print(f"Store: {cfg.store}")
 
 
@@ -153,7 +155,7 @@ def print_sweep_summary(summary_rows: Any, console: Console | None = None) -> No
     runs = sorted({str(r.get("run_id") or "") for r in rows})
     title = "evaluation summary (head × α)"
     if len(runs) == 1 and runs[0]:
-        title += f", run {runs[0]}"
+        title += f", computed in MLflow run {runs[0]}"
     table = Table(title=title, caption=KL_NOTE, caption_justify="left")
     several = len(runs) > 1
     if several:

@@ -253,7 +253,13 @@ def test_second_run_recomputes_nothing(first_run, capsys):
     from alignheads.tasks.reporting.printing import print_run_summary
 
     print_run_summary(cfg, again)
-    assert "Nothing recomputed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Nothing recomputed" in printed
+    # the id printed is the run this (cached) flow run logged to, not the run of the results
+    assert again.mlflow_run != outcomes.mlflow_run
+    flat = "".join(printed.split())  # rich wraps and pads the titles
+    assert f"MLflowrun:{again.mlflow_run}" in flat
+    assert f"computedinMLflowrun{outcomes.mlflow_run}" in flat
 
 
 def test_refcache_sums_match_the_model(first_run):
