@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 from alignheads.config import ModelConfig
 
@@ -36,15 +37,15 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     return tok
 
 
-def load_causal_lm(
-    name_or_path: str, revision: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+def load_pretrained(
+    auto_class: Any, name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool
 ):
-    """AutoModelForCausalLM in eval mode, safetensors only (no pickled weights are ever loaded)."""
+    """``auto_class.from_pretrained`` (an AutoModel* class) in eval mode, safetensors only (no
+    pickled weights are ever loaded), under the process-wide MODEL_LOADING lock."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     with MODEL_LOADING:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             name_or_path,
             revision=revision,
             dtype=getattr(torch, dtype),
@@ -52,3 +53,12 @@ def load_causal_lm(
             use_safetensors=True,
         )
     return model.eval()
+
+
+def load_causal_lm(
+    name_or_path: str, revision: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+):
+    """AutoModelForCausalLM in eval mode, safetensors only (no pickled weights are ever loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    return load_pretrained(AutoModelForCausalLM, name_or_path, revision, dtype, trust_remote_code)

@@ -86,16 +86,11 @@ def load_reward_model(
     tokenizer = AutoTokenizer.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code
     )
-    from alignheads.loading import MODEL_LOADING
+    from alignheads.loading import load_pretrained
 
-    with MODEL_LOADING:  # see alignheads.loading: from_pretrained is not thread-safe
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path,
-            revision=revision,
-            dtype=getattr(torch, dtype),
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
+    model = load_pretrained(
+        AutoModelForSequenceClassification, name_or_path, revision, dtype, trust_remote_code
+    )
     if model.config.num_labels != 1:
         raise ValueError(
             f"reward model {name_or_path} has {model.config.num_labels} labels; a reward model has 1"
