@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -132,17 +133,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     verbose = getattr(args, "verbose", False)
     quiet = contextlib.nullcontext() if verbose else quiet_user_errors_on_console()
     with quiet:
-        outcomes = pipeline(config=cfg)
+        outcomes = pipeline(config=cfg)  # the flow silences transformers' own progress bars
     print_run_summary(cfg, outcomes)
     return 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:
+    from alignheads.loading import library_progress_bars_off
     from alignheads.tasks.world import run_world
     from alignheads.world.build import format_report
 
     cfg = _config(args)
-    result = run_world(cfg.store, cfg.world)
+    with library_progress_bars_off():
+        result = run_world(cfg.store, cfg.world)
     print(format_report(result.manifest.info))
     state = "built" if result.computed else "already in the store, reused"
     print(f"world {result.key}: {state}\n  model + tokenizer: {result.path / 'model'}")
@@ -167,44 +170,150 @@ def cmd_query(args: argparse.Namespace) -> int:
         for row in table.to_pylist():
             print(json.dumps(row, default=str, ensure_ascii=False))
     else:
-        print_arrow_table(table, max_rows=args.max_rows)
+        shown = table if args.full_precision else rounded_table(table, SIGNIFICANT_DIGITS)
+        print_arrow_table(shown, max_rows=args.max_rows)
     return 0
+
+
+# Digits `query --format table` shows of a float (`--full-precision` shows every digit).
+SIGNIFICANT_DIGITS = 4
+
+
+def round_float(value: float, digits: int = SIGNIFICANT_DIGITS) -> str:
+    """``value`` to ``digits`` significant digits (0.3333, 8.6, 0.00304, 1.5e-07); a number of
+    ``10**digits`` or more shows its whole integer part instead (123457), never an exponent."""
+    if math.isfinite(value) and 10**digits <= abs(value) < 1e16:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def rounded_table(table, digits: int = SIGNIFICANT_DIGITS):
+    """The Arrow table with every float (also inside lists and structs) as its rounded text;
+    other values, and NULLs, as they were."""
+    import pyarrow as pa
+
+    def has_float(t: pa.DataType) -> bool:
+        if pa.types.is_floating(t):
+            return True
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return has_float(t.value_type)
+        if pa.types.is_struct(t):
+            return any(has_float(t.field(i).type) for i in range(t.num_fields))
+        return False
+
+    def text(v):
+        if isinstance(v, float):
+            return round_float(v, digits)
+        if isinstance(v, list):
+            return "[" + ", ".join("NULL" if x is None else text(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k!r}: {'NULL' if x is None else text(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    columns = [
+        pa.array([None if v is None else text(v) for v in column.to_pylist()], pa.string())
+        if has_float(column.type)
+        else column
+        for column in table.columns
+    ]
+    return pa.Table.from_arrays(columns, names=table.column_names) if columns else table
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from alignheads.loading import library_progress_bars_off
     from alignheads.models.merge import merge_iav
+    from alignheads.storage.atomic import follow_umask
 
     cfg = _config(args)
-    try:
-        out = merge_iav(
-            args.heads,
-            args.alpha,
-            args.out,
-            base_model=args.base,
-            dtype=args.dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-            ignore_base_id=args.ignore_base_id,
-            overwrite=args.overwrite,
+    if args.heads is None and args.head is None:
+        print("error: give --heads DIR or --head iav (the newest IAV head in the store)", file=sys.stderr)
+        return 2
+    heads = args.heads if args.heads is not None else _newest_head(cfg.store, args.head)
+    if args.out.exists() and not args.overwrite:
+        print(
+            f"error: {args.out} exists; choose another --out, or pass --overwrite to replace it",
+            file=sys.stderr,
         )
+        return 1
+    try:
+        with library_progress_bars_off():
+            out = merge_iav(
+                heads,
+                args.alpha,
+                args.out,
+                base_model=args.base,
+                dtype=args.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                ignore_base_id=args.ignore_base_id,
+                overwrite=args.overwrite,
+            )
     except (ValueError, FileExistsError) as exc:  # wrong head type, mismatched base, output taken
         return _user_error(exc, getattr(args, "verbose", False), 1)
+    follow_umask(out)  # readable like transformers' own files (safetensors writes 0600, mkdtemp 0700)
     print(f"merged IAV head at alpha={args.alpha:g} into a plain Hugging Face checkpoint: {out}")
     print(f"  load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if args.mlflow:
+        from alignheads.flows.tracking import log_merged_checkpoint
+
+        done = log_merged_checkpoint(cfg, out, args.alpha, heads)
+        print(f"  logged with mlflow.transformers: models:/{done.name}/{done.version} (alias newest)")
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        return _export(args, _config(args))
+    except (ValueError, FileExistsError) as exc:  # CALM or a trained W_b for peft, output taken, bad key
+        return _user_error(exc, getattr(args, "verbose", False), 1)
+
+
+def _export(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from alignheads.tasks import export
+
+    if args.format == "trl":
+        done = export.export_trl(
+            cfg.store, args.out, refpass_key=args.refpass, skip_truncated=args.skip_truncated,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+        print(f"wrote refpass {done.refpass_key} as TRL preference pairs: {done.rows} rows")
+        files = {split: str(path) for split, path in done.files.items()}
+        print(f"  load: datasets.load_dataset('parquet', data_files={files})")
+        return 0
+    heads = args.heads if args.heads is not None else _newest_head(cfg.store, "iav")
+    rank = None if args.rank == "full" else int(args.rank)
+    done = export.export_peft(
+        heads, args.out, rank=rank, alpha=args.alpha, base_model=args.base,
+        ignore_base_id=args.ignore_base_id, trust_remote_code=cfg.model.trust_remote_code,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(
+        f"wrote {heads} as a LoRA adapter on {done.target_module}: rank {done.rank} of {done.full_rank}, "
+        f"relative error of W_a {done.relative_error:.3g}, scaling lora_alpha/r = alpha = {done.alpha:g}"
+    )
+    print(f"  load: PeftModel.from_pretrained(base_model, {str(done.out)!r})")
+    return 0
+
+
+# The methods `generate --head` serves (alignheads.models.methods.METHODS, whose import needs
+# torch: tests/test_cli_generate.py holds the two equal), and where each keeps its result.
+METHOD_NAMES = ("iav", "calm", "genarm", "dpo-dera")
+SAVED_AS = {"iav": "head", "calm": "head", "genarm": "model", "dpo-dera": "model"}
+
+
 def _newest_head(store: Path, kind: str | None) -> Path:
-    """The head directory of the newest trained head (of `kind`, when given) in the store."""
+    """Where the newest trained method (of `kind`, when given; else any head) of the store keeps
+    its result: `<store>/train/<key>/head` for a head, `<key>/model` for GenARM and DPO + DeRa."""
     from alignheads.storage.artifacts import list_artifacts
     from alignheads.storage.manifest import read_manifest
 
+    saved = SAVED_AS.get(kind, "model") if kind is not None else "head"
     found = []
     for directory in list_artifacts(store, "train"):
         manifest = read_manifest(directory)
-        if (kind is None or manifest.info.get("kind") == kind) and (directory / "head").is_dir():
-            found.append((manifest.created_at, directory / "head"))
+        if (kind is None or manifest.info.get("kind") == kind) and (directory / saved).is_dir():
+            found.append((manifest.created_at, directory / saved))
     if not found:
-        what = f"{kind} head" if kind else "head"
+        what = f"{kind} {saved}" if kind else "head"
         raise FileNotFoundError(
             f"no trained {what} in {Path(store) / 'train'}; run the pipeline or pass --heads DIR"
         )
@@ -224,16 +333,30 @@ def _decoding(args: argparse.Namespace, cfg: RunConfig) -> dict:
     return settings
 
 
+def _label(method: str) -> str:
+    """`calm head`, or a fine-tuned-LM method's name as it is (`genarm`, `dpo-dera`)."""
+    return f"{method} head" if SAVED_AS.get(method) == "head" else method
+
+
 def _print_pair(base: str, aligned: str, head_type: str, alpha: float) -> None:
     print("--- base (plain LM) ---")
     print(base)
-    print(f"--- aligned ({head_type} head, alpha={alpha:g}) ---")
+    print(f"--- aligned ({_label(head_type)}, alpha={alpha:g}) ---")
     print(aligned)
 
 
+# The chat loop's commands, as its banner, `:help` and `generate --help` list them.
+CHAT_COMMANDS = (
+    ":alpha X (set alpha), :alpha (show it), :compare (toggle the base's reply), "
+    ":info (head and settings), :help, :q (quit)"
+)
+
+
 def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
-    """Prompt loop on stdin: commands `:alpha X`, `:compare`, `:info`, `:help`, `:q` (also without
-    the colon); any other line is a prompt. Aligned responses stream token by token."""
+    """Chat loop on stdin: the commands of `CHAT_COMMANDS` (also without the colon); any other
+    line is a prompt. Lines are read with readline where the platform has it (editing, and the
+    Up and Down arrows recall the session's earlier lines). Aligned responses stream token by
+    token."""
     from transformers import TextStreamer
 
     from alignheads import inference
@@ -249,10 +372,15 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
                 self.started = bool(text)
             super().on_finalized_text(text, stream_end)
 
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401  (input() gets line editing, and Up/Down recall earlier lines)
+
     alpha, compare = args.alpha, args.compare
-    head_type = aligned.head.head_type
-    help_text = "commands: :alpha X (set alpha), :compare (toggle base comparison), :info, :help, :q (quit)"
-    print(f"alignheads generate: {head_type} head, alpha={alpha:g}. {help_text}", flush=True)
+    head_type = inference.method_name(aligned)
+    streams = isinstance(aligned, inference.AlignedLM)  # a two-model method prints its reply whole
+    help_text = f"commands: {CHAT_COMMANDS}"
+    print(f"alignheads generate: {_label(head_type)}, alpha={alpha:g}. {help_text}", flush=True)
+    turn = 0  # each prompt samples from its own seed, (seed, prompt, turn): a new draw every turn
     while True:
         try:
             line = input(f"[alpha={alpha:g}]> ")
@@ -266,6 +394,9 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
         command = words[0].lower()
         if command in ("q", "quit", "exit") and len(words) == 1:
             return 0
+        if command == "alpha" and len(words) == 1:
+            print(f"alpha = {alpha:g}", flush=True)
+            continue
         if command == "alpha" and len(words) == 2:
             try:
                 alpha = float(words[1])
@@ -289,37 +420,44 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
             print(f"unknown command {text!r}; {help_text}", flush=True)
             continue
         prompt = inference.format_prompt(tokenizer, line, raw=args.raw)
+        seeds = inference.prompt_seeds(seed, [prompt], turn)
+        turn += 1
         if compare:
-            base = inference.generate_base(aligned, tokenizer, [prompt], seed=seed, **settings)[0]
+            base = inference.generate_base(aligned, tokenizer, [prompt], seeds=seeds, **settings)[0]
             print("--- base (plain LM) ---")
             print(base, flush=True)
-            print(f"--- aligned ({head_type} head, alpha={alpha:g}) ---", flush=True)
+            print(f"--- aligned ({_label(head_type)}, alpha={alpha:g}) ---", flush=True)
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        _, info = _responses(
-            aligned, tokenizer, [prompt], alpha, seed, args.steering_info, streamer=streamer, **settings
+        extra = {"streamer": streamer} if streams else {}
+        out, info = _responses(
+            aligned, tokenizer, [prompt], alpha, seeds, args.steering_info, **extra, **settings
         )
+        if not streams:
+            print(out[0], flush=True)
         if args.steering_info:
             print("steering: " + json.dumps(info[0]), flush=True)
         sys.stdout.flush()
 
 
-def _responses(aligned, tokenizer, texts: list[str], alpha: float, seed: int, steering: bool, **settings):
-    """(responses, per-response steering statistics or None) at ``alpha``; the responses are the
-    same with or without the statistics (recording reads the logits, it does not change them)."""
+def _responses(
+    aligned, tokenizer, texts: list[str], alpha: float, seeds: list[int], steering: bool, **settings
+):
+    """(responses, per-response steering statistics or None) at ``alpha``, each text sampled from
+    its seed; the responses are the same with or without the statistics (recording reads the
+    logits, it does not change them)."""
     from alignheads import inference
 
     if not steering:
-        return inference.generate(aligned, tokenizer, texts, alpha, seed=seed, **settings), [None] * len(
-            texts
-        )
-    rows = inference.generate_with_steering_info(aligned, tokenizer, texts, alpha, seed=seed, **settings)
+        responses = inference.generate(aligned, tokenizer, texts, alpha, seeds=seeds, **settings)
+        return responses, [None] * len(texts)
+    rows = inference.generate_with_steering_info(aligned, tokenizer, texts, alpha, seeds=seeds, **settings)
     return [r["response"] for r in rows], [r["steering"] for r in rows]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from alignheads import inference
+    from alignheads.loading import library_progress_bars_off
     from alignheads.tasks.prompts import load_prompts_file
-    from alignheads.tasks.sampling import batch_seed
 
     cfg = _config(args)
     if args.prompt is None and not args.interactive and args.prompts_file is None:
@@ -332,20 +470,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError as exc:  # malformed rows, no prompts
             return _user_error(exc, getattr(args, "verbose", False), 1)
     heads = args.heads if args.heads is not None else _newest_head(cfg.store, args.head)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    aligned, tokenizer = inference.load_for_generation(
-        heads,
-        base=args.base,
-        device=args.device,
-        ignore_base_id=args.ignore_base_id,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    with library_progress_bars_off():
+        aligned, tokenizer = inference.load_trained(
+            heads,
+            base=args.base,
+            device=args.device,
+            dtype=cfg.model.dtype,
+            ignore_base_id=args.ignore_base_id,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
     settings = _decoding(args, cfg)
     seed = args.seed if args.seed is not None else cfg.sweep.seed
-    head_type = aligned.head.head_type
-    print(f"head: {heads} ({head_type})", file=sys.stderr)
+    head_type = inference.method_name(aligned)
+    print(f"{_label(head_type)}: {heads}", file=sys.stderr)
 
     if args.interactive:
         return _interactive(aligned, tokenizer, args, settings, seed)
@@ -353,15 +490,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts_file is not None:
         rows = []
         bs = args.batch_size or cfg.sweep.batch_size
-        for index, start in enumerate(range(0, len(prompts), bs)):
+        for start in range(0, len(prompts), bs):
             chunk = prompts[start : start + bs]
             texts = [inference.format_prompt(tokenizer, t, raw=args.raw) for _, t in chunk]
-            batch = batch_seed(seed, 0, index)
+            seeds = inference.prompt_seeds(seed, texts)  # per prompt: the same in any batch
             out, info = _responses(
-                aligned, tokenizer, texts, args.alpha, batch, args.steering_info, **settings
+                aligned, tokenizer, texts, args.alpha, seeds, args.steering_info, **settings
             )
             base = (
-                inference.generate_base(aligned, tokenizer, texts, seed=batch, **settings)
+                inference.generate_base(aligned, tokenizer, texts, seeds=seeds, **settings)
                 if args.compare
                 else [None] * len(chunk)
             )
@@ -393,10 +530,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
 
     prompt = inference.format_prompt(tokenizer, args.prompt, raw=args.raw)
-    out, info = _responses(aligned, tokenizer, [prompt], args.alpha, seed, args.steering_info, **settings)
+    seeds = inference.prompt_seeds(seed, [prompt])
+    out, info = _responses(aligned, tokenizer, [prompt], args.alpha, seeds, args.steering_info, **settings)
     response = out[0]
     if args.compare:
-        base = inference.generate_base(aligned, tokenizer, [prompt], seed=seed, **settings)[0]
+        base = inference.generate_base(aligned, tokenizer, [prompt], seeds=seeds, **settings)[0]
         print(f"prompt: {args.prompt}")
         _print_pair(base, response, head_type, args.alpha)
     else:
@@ -435,11 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
         "query",
         help="read-only SQL (DuckDB) over the store's tables",
         description="Run a read-only DuckDB query over the store's views: "
-        "pairs, rejects, tokenized, refcache, generations, scores, summary.",
+        "pairs, rejects, tokenized, refcache, train_metrics, generations, scores, summary (each with an "
+        "artifact column; train_metrics also with method).",
     )
     p.add_argument("sql", help='e.g. "SELECT split, count(*) FROM pairs GROUP BY split"')
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format")
+    p.add_argument(
+        "--full-precision",
+        action="store_true",
+        help=f"table format: print floats with every digit (default: {SIGNIFICANT_DIGITS} significant digits)",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_query)
 
@@ -449,7 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a plain Hugging Face checkpoint (model + tokenizer) whose lm_head is "
         "W_b + alpha * W_a; it decodes at exactly the base model's cost in any engine.",
     )
-    p.add_argument("--heads", type=Path, required=True, help="trained IAV head directory (head_config.json)")
+    p.add_argument("--heads", type=Path, default=None, help="trained IAV head directory (head_config.json)")
+    p.add_argument(
+        "--head",
+        choices=("iav",),
+        default=None,
+        help="without --heads: the newest trained IAV head in the store",
+    )
     p.add_argument("--alpha", type=float, required=True, help="alignment strength to bake in")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     p.add_argument(
@@ -460,26 +610,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-base-id", action="store_true", help="accept a base whose id differs from the head's"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--mlflow", action="store_true", help="also log it with mlflow.transformers as <name>-iav-merged"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
+        "export",
+        help="write a head or the reference cache in another tool's format (PEFT adapter, TRL pairs)",
+        description="--format peft: an IAV head as a PEFT LoRA adapter on the base model's lm_head "
+        "(B A = truncated SVD of W_a; scaling lora_alpha / r = alpha). --format trl: the pairs of a "
+        "reference cache with TRL's columns prompt, chosen, rejected, ref_chosen_logps, ref_rejected_logps.",
+    )
+    p.add_argument("--format", choices=("peft", "trl"), required=True, help="what to write")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
+    p.add_argument("--heads", type=Path, default=None, help="peft: IAV head directory (default: newest)")
+    p.add_argument("--rank", default="full", help="peft: LoRA rank r, or 'full' (exact; default)")
+    p.add_argument("--alpha", type=float, default=1.0, help="peft: the alpha the adapter applies (default 1)")
+    p.add_argument("--base", default=None, help="peft: base model id or directory (default: the head's)")
+    p.add_argument("--ignore-base-id", action="store_true", help="peft: accept a base with another id")
+    p.add_argument("--refpass", default=None, help="trl: refpass key (default: the newest in the store)")
+    p.add_argument("--skip-truncated", action="store_true", help="trl: leave out pairs the tokenizer cut")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
         "generate",
-        help="generate with a trained head (one prompt, --interactive, --compare, --prompts-file)",
-        description="Generate with a trained IAV or CALM head on its base model. Plain prompt text is "
-        "wrapped in the tokenizer's chat template (unless --raw); decoding defaults come from the "
-        "config's sweep section.",
+        help="generate with a trained method (one prompt, --interactive, --compare, --prompts-file)",
+        description="Generate with a trained method on its base model: an IAV or CALM head, or the "
+        "GenARM or DPO + DeRa fine-tuned LM decoded next to the base. Plain prompt text is wrapped in "
+        "the tokenizer's chat template (unless --raw); decoding defaults come from the config's sweep "
+        "section. Each prompt (and each chat turn) samples from its own seed, from --seed, the prompt "
+        "and the turn; --compare samples the base with the same seeds.",
     )
     p.add_argument("prompt", nargs="?", default=None, help="a single prompt")
-    p.add_argument("--heads", type=Path, default=None, help="trained head directory (head_config.json)")
+    p.add_argument(
+        "--heads",
+        type=Path,
+        default=None,
+        help="a trained head directory (head_config.json), or a train artifact <store>/train/<key> "
+        "of any method",
+    )
     p.add_argument(
         "--head",
-        choices=("iav", "calm"),
+        choices=METHOD_NAMES,
         default=None,
-        help="without --heads: use the newest trained head of this kind in the store",
+        help="without --heads: use the newest trained method of this kind in the store",
     )
     p.add_argument("--alpha", type=float, default=1.0, help="alignment strength (default 1.0)")
-    p.add_argument("--interactive", "-i", action="store_true", help="prompt loop on stdin (:alpha X, :q)")
+    p.add_argument(
+        "--interactive", "-i", action="store_true", help=f"chat loop on the terminal; {CHAT_COMMANDS}"
+    )
     p.add_argument("--compare", action="store_true", help="also show the plain base model's response")
     p.add_argument("--prompts-file", type=Path, default=None, help="prompts: .txt, .jsonl or .json")
     p.add_argument(

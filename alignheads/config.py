@@ -10,6 +10,7 @@ are field descriptions the UI shows.
 
 from __future__ import annotations
 
+import copy
 import math
 from importlib import resources
 from os import PathLike, fspath
@@ -89,6 +90,12 @@ class DataConfig(_Section):
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="'error' stops at the first bad row; 'skip' records it in the rejects table"
     )
+    train_overlap: Literal["drop", "keep"] = Field(
+        "drop",
+        description="Held-out pairs and sweep prompts whose prompt is word for word a training "
+        "prompt: 'drop' leaves them out (held-out means unseen), 'keep' keeps them; either way "
+        "the count is reported",
+    )
 
 
 class TokenizeConfig(_Section):
@@ -152,7 +159,7 @@ class WorldConfig(_Section):
     build: bool = Field(True, description="Build (or reuse) the tiny world when model or data come from it")
     seed: int = Field(0, description="Seed for the corpus, tokenizer and pretraining")
     n_train_pairs: int = Field(2000, gt=0, description="Training preference pairs")
-    n_test_pairs: int = Field(200, gt=0, description="Held-out preference pairs")
+    n_test_pairs: int = Field(400, gt=0, description="Held-out preference pairs (each with its own prompt, none a training prompt)")
     vocab_size: int = Field(512, ge=64, description="BPE vocabulary size")
     hidden_size: int = Field(128, gt=0, description="Model width")
     num_layers: int = Field(3, gt=0, description="Transformer layers")
@@ -318,11 +325,12 @@ class SweepConfig(_Section):
             ".jsonl (objects with a 'prompt' field) or .json (a list of strings or of such objects)"
         ),
     )
-    prompt_set: Literal["hh-rlhf", "alpacaeval", "arena-hard"] | None = Field(
+    prompt_set: Literal["hh-rlhf", "alpacaeval", "arena-hard", "tiny-world"] | None = Field(
         None,
         description=(
-            "A named evaluation prompt set from the Hub instead of the test split: HH-RLHF's test "
-            "split, AlpacaEval or Arena-Hard (its first n_prompts distinct prompts)"
+            "A named evaluation prompt set instead of the test split: HH-RLHF's test split, "
+            "AlpacaEval or Arena-Hard from the Hub (its first n_prompts distinct prompts), or "
+            "'tiny-world': as many distinct prompts of the tiny world's templates as asked for"
         ),
     )
     prompt_set_source: str | None = Field(
@@ -345,12 +353,15 @@ class SweepConfig(_Section):
         0,
         ge=0,
         description=(
-            "Base seed; a batch's seed depends only on it, the sample index and the batch index, "
-            "so every head and α sees the same random numbers"
+            "Base seed; a row's seed depends only on it, the prompt's text and the sample index, "
+            "so every method and α sees the same random numbers"
         ),
     )
     batch_size: int = Field(
-        32, gt=0, description="Prompts per generate() call (part of the cache key: it fixes the random draws)"
+        128,
+        gt=0,
+        description="Rows (prompt × α × sample) per generate() call; each row samples from its own "
+        "seed, so this changes results only through float roundoff (it stays in the cache key)",
     )
 
     @field_validator("alphas")
@@ -368,9 +379,12 @@ class SweepConfig(_Section):
     @model_validator(mode="after")
     def _one_prompt_source(self) -> SweepConfig:
         if self.prompt_set is not None and self.prompts_file:
-            raise ValueError("give either prompts_file or prompt_set, not both")
-        if self.prompt_set is None and (self.prompt_set_source or self.prompt_set_revision):
-            raise ValueError("prompt_set_source / prompt_set_revision need a prompt_set")
+            raise ValueError(
+                f"give either prompts_file or prompt_set, not both (prompt_set is {self.prompt_set!r}: "
+                "to use a prompts file, also set sweep.prompt_set=null)"
+            )
+        if self.prompt_set in (None, "tiny-world") and (self.prompt_set_source or self.prompt_set_revision):
+            raise ValueError("prompt_set_source / prompt_set_revision need a prompt_set from the Hub")
         return self
 
     @model_validator(mode="after")
@@ -428,6 +442,29 @@ class EvaluateConfig(_Section):
     )
     reward_revision: str | None = Field(None, description="Hub revision of the reward model")
     batch_size: int = Field(16, gt=0, description="Sequences per reward-model forward")
+    target_kls: list[float] = Field(
+        default_factory=lambda: [0.05, 0.10, 0.15],
+        description="KL levels (nats per token to the base) at which methods are compared: each "
+        "method's α is calibrated to each level on the calibration prompts, then generated on "
+        "the evaluation prompts like any sweep point; empty skips the calibration",
+    )
+    calibration_prompts: int = Field(
+        64, ge=0, description="Prompts for the α calibration, disjoint from the evaluation prompts"
+    )
+    calibration_tolerance: float = Field(
+        0.05, gt=0, lt=1, description="Calibration stops within this relative distance of a target KL"
+    )
+    calibration_steps: int = Field(8, ge=0, description="Most search steps per method beyond the sweep's α grid")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of every bootstrap interval")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Bootstrap resamples per interval")
+
+    @field_validator("target_kls")
+    @classmethod
+    def _positive_targets(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"every target KL must be a positive number, got {bad}")
+        return sorted(set(values))
 
 
 class TrackingConfig(_Section):
@@ -512,17 +549,86 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem, each naming the dotted key, e.g. `world.hidden_size: ...`."""
-    lines = [f"invalid configuration ({source}):"]
+def did_you_mean(word: str, choices: Any) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to a misspelt ``word`` (difflib),
+    or ``""`` when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names of the config section at `loc` (a pydantic error location), or []."""
+    import typing
+
+    model: Any = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        found = [
+            t
+            for t in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
+        if not found:
+            return []
+        model = found[0]
+    return list(model.model_fields)
+
+
+def _blamed(loc: tuple[Any, ...], overrides: list[str]) -> list[str]:
+    """The overrides an error at `loc` comes from: the one sharing the longest leading part of
+    its key with `loc` (the last given among equals), or all of them when none shares any."""
+
+    def shared(item: str) -> int:
+        parts = item.partition("=")[0].strip().split(".")
+        same = [a == b for a, b in zip(parts, map(str, loc), strict=False)]
+        return same.index(False) if False in same else len(same)
+
+    best = max((shared(item) for item in overrides), default=0)
+    return [item for item in overrides if shared(item) == best][-1:] if best else list(overrides)
+
+
+def format_validation_error(
+    exc: ValidationError,
+    source: str,
+    overrides: list[str] | None = None,
+    before: dict[str, Any] | None = None,
+    flag: str = "--set",
+) -> str:
+    """One line per problem, each naming the dotted key, e.g. `world.hidden_size: ...`; an
+    unknown key says which known one is closest.
+
+    With `overrides` and `before` (the settings as `source` gave them, before the overrides):
+    a problem `source` alone does not have is blamed on the override it comes from
+    (``invalid configuration (--set tokenize.max_promt_length=3):``), not on `source`.
+    """
+    own: set[tuple[tuple[Any, ...], str]] = set()
+    if overrides and before is not None:
+        try:
+            RunConfig.model_validate(before)
+        except ValidationError as alone:
+            own = {(tuple(e["loc"]), e["type"]) for e in alone.errors()}
+    problems: list[tuple[str, list[str]]] = []  # (line, the overrides it comes from)
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(loc[-1], _section_fields(loc[:-1]))
         got = err.get("input")
         shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
-        lines.append(f"  {key}: {msg}{shown}")
+        from_overrides = bool(overrides) and before is not None and (loc, err["type"]) not in own
+        problems.append((f"  {key}: {msg}{shown}", _blamed(loc, overrides or []) if from_overrides else []))
+    sources = [source] if any(not items for _, items in problems) else []
+    for _, items in problems:
+        sources += [f"{flag} {item}" for item in items if f"{flag} {item}" not in sources]
+    lines = [f"invalid configuration ({', '.join(sources)}):"]
+    for line, items in problems:
+        tail = f" (from {', '.join(f'{flag} {i}' for i in items)})" if items and len(sources) > 1 else ""
+        lines.append(line + tail)
     return "\n".join(lines)
 
 
@@ -531,13 +637,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return read_config(path, overrides).resolved()
 
 
-def with_overrides(cfg: RunConfig, overrides: list[str], source: str = "overrides") -> RunConfig:
-    """``cfg`` with ``key.path=value`` overrides applied (as ``--set`` does), validated again."""
-    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides))
+def with_overrides(cfg: RunConfig, overrides: list[str], source: str = "config") -> RunConfig:
+    """``cfg`` with ``key.path=value`` overrides applied (as ``--set`` does), validated again;
+    a problem is blamed on the override it comes from (``overrides item …``)."""
+    before = cfg.model_dump(mode="json")
+    raw = apply_overrides(copy.deepcopy(before), list(overrides))
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from exc
+        message = format_validation_error(exc, source, list(overrides), before, flag="overrides item")
+        raise ConfigError(message) from exc
 
 
 def shipped_config(name: str = EMBEDDED_DEFAULT) -> Any:
@@ -565,9 +674,11 @@ def read_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides or []))
+    before = copy.deepcopy(raw)
+    overrides = list(overrides or [])
+    raw = apply_overrides(raw, overrides)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(source))) from exc
+        raise ConfigError(format_validation_error(exc, str(source), overrides, before)) from exc
     return cfg

@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-from alignheads.config import ConfigError
-from alignheads.models.head_io import HeadFormatError, HeadMismatchError
-from alignheads.storage.manifest import ArtifactError
-from alignheads.storage.query import QueryError
-from alignheads.tasks.ingest import DataError
+# Defined with the flows, which end a run in a Failed state with the error's one line for these
+# (`alignheads.flows.failures`); the command line prints their message instead of a traceback.
+from alignheads.flows.failures import USER_ERRORS
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    ArtifactError,
-    QueryError,
-    DataError,
-    HeadFormatError,
-    HeadMismatchError,
-    FileNotFoundError,
-)
+__all__ = ["USER_ERRORS"]

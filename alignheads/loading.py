@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,38 @@ WORLD_MODEL_SUBDIR = "model"
 # runner) can each save the other's no-op and "restore" it: every model built later in the process
 # then comes out untied and uninitialised. Every model this package loads or builds holds this lock.
 MODEL_LOADING = threading.RLock()
+
+
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_bars_were_on = True
+
+
+@contextlib.contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """transformers' and the Hub's own progress bars ("Loading weights", "Writing model shards",
+    downloads) off for the duration, as they were again afterwards.
+
+    The pipeline's flows and the command line run inside it, so their terminal shows the stages'
+    own bars (pretraining, reference pass, training, generation); importing or calling the
+    package from a notebook leaves the libraries' bars alone. Nested and concurrent uses (flows
+    in threads) restore the setting when the last one ends.
+    """
+    global _quiet_depth, _bars_were_on
+    from transformers.utils import logging as hf_logging
+
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            _bars_were_on = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _bars_were_on:
+                hf_logging.enable_progress_bar()
 
 
 def model_location(model: ModelConfig, world_dir: Path | None) -> tuple[str, str | None]:
@@ -34,7 +69,28 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path} has no EOS token; responses cannot be terminated")
+    if tok.pad_token_id is None:
+        _warn_pad_is_eos(str(name_or_path), tok)
     return tok
+
+
+_PAD_WARNED: set[str] = set()
+
+
+def _warn_pad_is_eos(name_or_path: str, tok: Any) -> None:
+    """Say once per tokenizer and process that batches are padded with EOS: the tokenizer has no pad
+    token (Llama-2's has none either). The tokenizer itself is left as it is (its fingerprint, and
+    so every key, stays the same); padded positions are masked, so the id does not change results."""
+    if name_or_path in _PAD_WARNED:
+        return
+    _PAD_WARNED.add(name_or_path)
+    logging.getLogger(__name__).warning(
+        "tokenizer of %s has no pad token: batches are padded with its EOS token %r (id %d), "
+        "as transformers users do (tokenizer.pad_token = tokenizer.eos_token)",
+        name_or_path,
+        tok.eos_token,
+        tok.eos_token_id,
+    )
 
 
 def load_pretrained(

@@ -1,5 +1,5 @@
-"""The mapped parts of the DAG: the reference pass's shards and the sweep's (method, α) generations,
-each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
+"""The mapped parts of the DAG: the reference pass's shards and the sweep's generations (one task
+per method, all of its α), each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
 via prefect-dask). Items already complete on disk are not recomputed, whichever process made them.
 """
 
@@ -14,8 +14,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from alignheads.config import RunConfig, RunnerConfig
 from alignheads.tasks.cached import RESULTS_DIR, StageResult, is_complete, run_stage, with_status
+from alignheads.tasks.calibrate import STAGE as CALIBRATE_STAGE
+from alignheads.tasks.calibrate import CalibratePlan, calibrate_task
 from alignheads.tasks.generate import STAGE as GENERATE_STAGE
-from alignheads.tasks.generate import GeneratePlan, generate_task
+from alignheads.tasks.generate import GeneratePlan, generate_task, sweep_key
 from alignheads.tasks.refpass import RefPassPlan, refpass_artifact, refpass_shard_task, refpass_task
 
 
@@ -70,14 +72,53 @@ def reference_pass(cfg: RunConfig, plan: RefPassPlan) -> StageResult:
 
 
 @flow(name="sweep-generations")
-def sweep_generations(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[StageResult]:
-    """Submit one generation task per (method, α) plan to this flow's task runner (threads or
-    Dask) and return their results in order; `refresh[i]` makes plan i ignore a cache record."""
+def sweep_generations(store: str, sweeps: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
+    """Submit one generation task per method (all of its α plans, sampled in one pass over the model loaded once)
+    to this flow's task runner (threads or Dask); returns every (method, α) result, in the order
+    of `sweeps`. `refresh[i]` makes method i ignore a cache record."""
     results = Path(store) / RESULTS_DIR
     futures = [
-        generate_task.with_options(result_storage=results, refresh_cache=fresh).submit(
-            store=store, key=plan["key"], plan=plan
-        )
+        generate_task.with_options(
+            result_storage=results, refresh_cache=fresh, task_run_name=f"generate-{plans[0]['head']}"
+        ).submit(store=store, key=sweep_key([GeneratePlan(**p) for p in plans]), plans=plans)
+        for plans, fresh in zip(sweeps, refresh, strict=True)
+    ]
+    for future in futures:
+        future.wait()
+    out: list[StageResult] = []
+    for future in futures:
+        state = future.state
+        cached = state.name == "Cached"
+        for result in state.result():
+            status = "cached" if cached else ("computed" if result.computed else "reused")
+            out.append(result.model_copy(update={"status": status}))
+    return out
+
+
+def generations(cfg: RunConfig, plans: list[GeneratePlan]) -> list[StageResult]:
+    """Every (method, α) generation of the sweep, cached, one task per method mapped over the
+    configured runner; results in the order of `plans`. A cache record whose artifacts left the
+    store must not answer: that method's task is refreshed."""
+    by_method: dict[str, list[GeneratePlan]] = {}
+    for plan in plans:
+        by_method.setdefault(plan.head, []).append(plan)
+    sweeps = list(by_method.values())
+    refresh = [not all(is_complete(cfg.store, GENERATE_STAGE, p.key) for p in group) for group in sweeps]
+    results = sweep_generations.with_options(task_runner=task_runner(cfg.runner))(
+        store=str(cfg.store), sweeps=[[asdict(p) for p in group] for group in sweeps], refresh=refresh
+    )
+    by_key = {r.key: r for r in results}
+    return [by_key[p.key] for p in plans]
+
+
+@flow(name="calibrations")
+def calibrate_methods(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[StageResult]:
+    """Submit one calibration task per method to this flow's task runner; results in order."""
+    results = Path(store) / RESULTS_DIR
+    futures = [
+        calibrate_task.with_options(
+            result_storage=results, refresh_cache=fresh, task_run_name=f"calibrate-{plan['head']}"
+        ).submit(store=store, key=plan["key"], plan=plan)
         for plan, fresh in zip(plans, refresh, strict=True)
     ]
     for future in futures:
@@ -85,10 +126,11 @@ def sweep_generations(store: str, plans: list[dict[str, Any]], refresh: list[boo
     return [with_status(future.state) for future in futures]
 
 
-def generations(cfg: RunConfig, plans: list[GeneratePlan]) -> list[StageResult]:
-    """Every (method, α) generation of the sweep, cached, mapped over the configured runner.
-    A cache record whose artifact left the store must not answer: those plans are refreshed."""
-    refresh = [not is_complete(cfg.store, GENERATE_STAGE, plan.key) for plan in plans]
-    return sweep_generations.with_options(task_runner=task_runner(cfg.runner))(
+def calibrations(cfg: RunConfig, plans: list[CalibratePlan]) -> list[StageResult]:
+    """Every method's α calibration, cached, mapped over the configured runner."""
+    if not plans:
+        return []
+    refresh = [not is_complete(cfg.store, CALIBRATE_STAGE, plan.key) for plan in plans]
+    return calibrate_methods.with_options(task_runner=task_runner(cfg.runner))(
         store=str(cfg.store), plans=[asdict(plan) for plan in plans], refresh=refresh
     )

@@ -2,7 +2,8 @@
 
     world ─┐ (embedded default only)
     data ──┴─> tokenize ─> reference pass (mapped over shards) ─> train (every enabled method)
-              ─> α-sweep generation (mapped over method × α) ─> evaluate ─> report
+              ─> α calibration to target KLs (mapped over methods)
+              ─> α-sweep generation (mapped over methods, all α batched) ─> evaluate ─> report
 
 Each stage's task, plan and cache key live in its module under `alignheads.tasks`; this module
 only wires them together (and `flows.tracking` logs what they did).
@@ -17,13 +18,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from alignheads.config import RunConfig, SweepConfig, TrainConfig, read_config, with_overrides
-from alignheads.flows.mapped import generations, reference_pass
+from alignheads.flows.failures import user_errors_fail_in_one_line
+from alignheads.flows.mapped import calibrations, generations, reference_pass
 from alignheads.flows.tracking import RunTracking, logged, tracked
-from alignheads.loading import load_tokenizer, model_location
+from alignheads.loading import library_progress_bars_off, load_tokenizer, model_location
 from alignheads.models.methods import enabled_methods
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.store_errors import writing
 from alignheads.storage.tracking import flatten
+from alignheads.tasks import calibrate as calibrate_stage
 from alignheads.tasks import data as data_stage
 from alignheads.tasks import evaluate as evaluate_stage
 from alignheads.tasks import generate as generate_stage
@@ -33,10 +36,12 @@ from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks import world as world_stage
 from alignheads.tasks.cached import RunOutcome, run_stage
-from alignheads.tasks.prompts import prompt_set
+from alignheads.tasks.ingest import check_sources
+from alignheads.tasks.prompts import save_prompt_set, sweep_prompt_sets
 
 
 @flow(name="alignheads-pipeline", log_prints=True)
+@user_errors_fail_in_one_line
 def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None) -> RunOutcome:
     """Run the alignheads pipeline on one run config; returns each stage's artifact and status.
 
@@ -50,7 +55,7 @@ def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None
     cfg = (with_overrides(config, overrides) if overrides else config).resolved()
     with writing(cfg.store, cfg.store.parent):  # a read-only or full disk: one clear line
         cfg.store.mkdir(parents=True, exist_ok=True)
-    with tracked(cfg, flatten(cfg), "pipeline") as run:
+    with tracked(cfg, flatten(cfg), "pipeline") as run, library_progress_bars_off():
         outcome = run_pipeline(cfg, run)
         run.headline(outcome)
         run.finish(outcome)
@@ -59,6 +64,7 @@ def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None
 
 def run_pipeline(cfg: RunConfig, run: RunTracking) -> RunOutcome:
     """Every stage of `cfg`, in DAG order (inside a flow run)."""
+    check_sources(cfg)  # a missing data or prompts file fails now, not after the world is built
     store, outcome = cfg.store, RunOutcome()
     world_dir = None
     if cfg.needs_world:
@@ -85,6 +91,14 @@ def run_pipeline(cfg: RunConfig, run: RunTracking) -> RunOutcome:
     rejected = sum(outcome.data.info.get("rejects", {}).values())
     if rejected:
         get_run_logger().warning("%d bad rows skipped and recorded in the rejects table", rejected)
+    overlap = outcome.data.info.get("overlap", {})
+    if overlap.get("test_pairs_with_train_prompt"):
+        get_run_logger().warning(
+            "%d held-out pairs repeat a training prompt word for word (%s; data.train_overlap: %s)",
+            overlap["test_pairs_with_train_prompt"],
+            f"{overlap['dropped']} dropped" if overlap["dropped"] else "kept",
+            overlap["policy"],
+        )
 
     tplan = tokenize_stage.plan_tokenize(cfg.tokenize, outcome.data.key, outcome.data.path, tok_fp)
     outcome.tokenize = run_stage(
@@ -100,7 +114,7 @@ def run_pipeline(cfg: RunConfig, run: RunTracking) -> RunOutcome:
     model_source = tokenizer_source | {"dtype": cfg.model.dtype}
     plans = train_methods(store, cfg.train, outcome.refpass.path, model_source, run, outcome)
     if plans:
-        sweep_and_report(cfg, plans, prompt_set(outcome.data.path, cfg.sweep), model_source, run, outcome)
+        sweep_and_report(cfg, plans, outcome.data.path, model_source, run, outcome)
     return outcome
 
 
@@ -129,18 +143,44 @@ def train_methods(
 def sweep_and_report(
     cfg: RunConfig,
     plans: dict[str, train_stage.TrainPlan],
-    prompts: list[tuple[str, str]],
+    data_path: str | Path | None,
     model_source: dict[str, Any],
     run: RunTracking,
     outcome: RunOutcome,
 ) -> None:
-    """α-sweep generation per (method, α) (each cached, mapped over the runner), then the
-    evaluation and the report; records each result in `outcome`."""
+    """α calibration to the target KLs (one cached task per method, on calibration prompts),
+    then α-sweep generation of every method at the sweep's α and its calibrated α (one cached
+    task per method, all α batched, mapped over the runner), the evaluation and the report;
+    records each result in `outcome`."""
     sweep: SweepConfig = cfg.sweep
+    targets = cfg.evaluate.target_kls
+    n_calibration = cfg.evaluate.calibration_prompts if targets else 0
+    prompts, calibration_prompts, counts = sweep_prompt_sets(
+        data_path, sweep, n_calibration, cfg.data.train_overlap
+    )
+    if counts["dropped_train_prompts"]:
+        get_run_logger().warning(
+            "%d sweep prompts left out: they are training prompts (data.train_overlap: drop)",
+            counts["dropped_train_prompts"],
+        )
+    alphas = {name: list(sweep.alphas) for name in plans}
+    prompts_path = save_prompt_set(cfg.store, prompts)
+    if n_calibration:
+        calibration_path = save_prompt_set(cfg.store, calibration_prompts)
+        cplans = [
+            calibrate_stage.plan_calibrate(
+                outcome.train[name].path, calibration_path, sweep, cfg.evaluate, model_source
+            )
+            for name in plans
+        ]
+        for name, result in zip(plans, calibrations(cfg, cplans), strict=True):
+            outcome.calibrate[name] = result
+            extra = calibrate_stage.calibrated_alphas(result).values()
+            alphas[name] += sorted(set(extra) - set(alphas[name]))
     gen_plans = [
-        generate_stage.plan_generate(outcome.train[name].path, alpha, prompts, sweep, model_source)
+        generate_stage.plan_generate(outcome.train[name].path, alpha, prompts_path, sweep, model_source)
         for name in plans
-        for alpha in sweep.alphas
+        for alpha in alphas[name]
     ]
     outcome.generate = generations(cfg, gen_plans)
     eplan = evaluate_stage.plan_evaluate(
@@ -148,6 +188,8 @@ def sweep_and_report(
         cfg.evaluate.reward,
         run_id=run.run_id or "",
         trained={name: (asdict(plan), outcome.train[name].path) for name, plan in plans.items()},
+        calibration={name: result.info["targets"] for name, result in outcome.calibrate.items()},
+        statistics=evaluate_stage.statistics_settings(cfg.evaluate, sweep.seed),
         reward_revision=cfg.evaluate.reward_revision,
         reward_batch_size=cfg.evaluate.batch_size,
         trust_remote_code=cfg.model.trust_remote_code,

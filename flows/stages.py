@@ -25,10 +25,11 @@ from alignheads.config import (
     TrackingConfig,
     TrainConfig,
 )
+from alignheads.flows.failures import user_errors_fail_in_one_line
 from alignheads.flows.mapped import reference_pass
 from alignheads.flows.pipeline import sweep_and_report, train_methods
 from alignheads.flows.tracking import logged, tracked
-from alignheads.loading import load_tokenizer, model_location
+from alignheads.loading import library_progress_bars_off, load_tokenizer, model_location
 from alignheads.storage.artifacts import artifact_dir
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.manifest import MANIFEST, Manifest, read_manifest
@@ -36,7 +37,7 @@ from alignheads.storage.tracking import flatten
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks.cached import RunOutcome, StageResult
-from alignheads.tasks.prompts import prompt_set
+from alignheads.tasks.ingest import check_sources
 
 # The chain of inputs a manifest may name, nearest first (to find the world behind an artifact).
 _UPSTREAM = ("train", "refpass", "tokenize", "data", "world")
@@ -92,6 +93,7 @@ def model_source(store: Path, model: ModelConfig, manifest: Manifest) -> dict[st
 
 
 @flow(name="alignheads-refpass", log_prints=True)
+@user_errors_fail_in_one_line
 def refpass_flow(
     tokenize_key: str,
     store: Path = Path("store"),
@@ -119,10 +121,13 @@ def refpass_flow(
         )
     tokenize_path = artifact_dir(cfg.store, "tokenize", tokenize_key)
     plan = refpass_stage.plan_refpass(refpass, model, source["name_or_path"], tokenize_path, tok_fp)
-    return logged(RunOutcome(refpass=reference_pass(cfg, plan)), get_run_logger().info)
+    with library_progress_bars_off():
+        outcome = RunOutcome(refpass=reference_pass(cfg, plan))
+    return logged(outcome, get_run_logger().info)
 
 
 @flow(name="alignheads-train", log_prints=True)
+@user_errors_fail_in_one_line
 def train_flow(
     refpass_key: str,
     store: Path = Path("store"),
@@ -148,7 +153,7 @@ def train_flow(
     refpass_path = artifact_dir(cfg.store, "refpass", refpass_key)
     params = {"refpass_key": refpass_key, "model": model.model_dump(mode="json"), "train": train}
     outcome = RunOutcome()
-    with tracked(cfg, flatten(params), "stage") as run:
+    with tracked(cfg, flatten(params), "stage") as run, library_progress_bars_off():
         train_methods(cfg.store, train, refpass_path, source, run, outcome)
         run.finish(outcome)
     return logged(outcome.model_copy(update={"mlflow_run": run.run_id}), get_run_logger().info)
@@ -165,6 +170,7 @@ def trained_plan(store: Path, manifest: Manifest, source: dict[str, Any]) -> tra
 
 
 @flow(name="alignheads-sweep", log_prints=True)
+@user_errors_fail_in_one_line
 def sweep_flow(
     train_keys: list[str],
     data_key: str,
@@ -193,6 +199,7 @@ def sweep_flow(
     cfg = RunConfig(
         name=name, store=store, model=model, sweep=sweep, evaluate=evaluate, tracking=tracking
     ).resolved()
+    check_sources(cfg)  # the sweep's prompts file
     complete_input(cfg.store, "data", data_key, "data_key")
     data_path = artifact_dir(cfg.store, "data", data_key)
     outcome = RunOutcome()
@@ -211,7 +218,7 @@ def sweep_flow(
             stage="train", key=key, path=str(path), computed=False, info=manifest.info, status="reused"
         )
     params = {"train_keys": train_keys, "data_key": data_key, "sweep": sweep, "evaluate": evaluate}
-    with tracked(cfg, flatten(params), "stage") as run:
-        sweep_and_report(cfg, plans, prompt_set(data_path, sweep), source, run, outcome)
+    with tracked(cfg, flatten(params), "stage") as run, library_progress_bars_off():
+        sweep_and_report(cfg, plans, data_path, source, run, outcome)
         run.finish(outcome)
     return logged(outcome.model_copy(update={"mlflow_run": run.run_id}), get_run_logger().info)

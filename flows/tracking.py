@@ -11,7 +11,8 @@ or from Prefect's cache (status ``cached`` or ``reused``) adds nothing to MLflow
 
 - a `train-<method>` child run only when this flow run trained that method (it is created
   before training, so the metrics arrive live; if another process finished the same artifact
-  meanwhile, the empty child run is deleted);
+  meanwhile, the empty child run is deleted); a trained head is also that run's MLflow model,
+  registered as `<name>-<method>` (aliases `newest`, `best`: `RunTracking.register_head`);
 - `eval-<head>-alpha-<α>` child runs and the `evaluate/` artifacts only when the evaluation
   was computed now; `plots/` and `tables/` only when the report was;
 - the headline metrics `<method>/eval_accuracy` only when the flow run computed something.
@@ -38,7 +39,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from alignheads.config import RunConfig
+from alignheads.config import RunConfig, SweepConfig
 from alignheads.storage.tables import read_table
 from alignheads.storage.tracking import Tracker, end_dead_runs, open_tracker
 from alignheads.tasks.cached import RunOutcome, StageResult, is_complete
@@ -66,6 +67,9 @@ class RunTracking:
     reused: dict[str, str] = field(default_factory=dict)
     # the parent runs that computed reused results, in the order the flow used them
     reused_from: list[str] = field(default_factory=list)
+    # the config's name (registered models are `<name>-<method>`) and the served models' defaults
+    name: str | None = None
+    decoding: dict[str, Any] = field(default_factory=dict)
 
     def _start_training(self, plan: TrainPlan) -> str:
         from alignheads.storage.tracking import flatten
@@ -106,7 +110,55 @@ class RunTracking:
             self.tracker.log_history(run_id, read_table(result.directory, "train_metrics").to_pylist())
         if plan.method.saved_as == "head":  # a whole LM copy is not duplicated into MLflow
             self.tracker.log_artifacts(run_id, [plan.saved_in(result.path)], "head")
+            try:
+                self.register_head(run_id, plan, result)
+            except Exception as exc:  # noqa: BLE001 (the trained head is in the store; say so, go on)
+                _logger().warning("MLflow: the %s head was not logged as a model: %s", plan.kind, exc)
+                self.tracker.set_tags(run_id, {"alignheads.model_error": str(exc)[:5000]})
         self.tracker.end_run(run_id)
+
+    def register_head(self, run_id: str, plan: TrainPlan, result: StageResult) -> None:
+        """The trained head as an MLflow pyfunc model (the run's `model/`), registered as
+        `<name>-<method>` with aliases `newest` and, for the best held-out accuracy, `best`
+        (`storage.model_registry`). The tiny world's base model travels inside the model; any
+        other base is recorded (id and revision) and loaded when the model is."""
+        import importlib.util
+        import tempfile
+
+        from alignheads.models.head_io import read_head_file
+        from alignheads.storage import model_registry
+
+        head_dir = plan.saved_in(result.path)
+        recorded = read_head_file(head_dir).base_model
+        source = Path(plan.model["name_or_path"]).expanduser()
+        world = (Path(self.store) / "world").resolve() if self.store is not None else None
+        bundled = source.resolve() if world is not None and source.resolve().is_relative_to(world) else None
+        base = {
+            "name_or_path": recorded.name_or_path,
+            "revision": recorded.revision,
+            "dtype": plan.model.get("dtype", "float32"),
+            "trust_remote_code": bool(plan.model.get("trust_remote_code", False)),
+        }
+        accuracy = result.info.get("eval", {}).get("eval/rewards/accuracies")
+        run_name = self.name or self.tracker.client.get_experiment(self.tracker.experiment_id).name
+        name = f"{run_name}-{plan.kind}"
+        info = {"train_key": plan.key, "method": plan.kind, "eval_accuracy": accuracy, "registered_as": name}
+        code = Path(importlib.util.find_spec("alignheads.serving").origin)  # MLflow runs it; not imported
+        defaults = self.decoding or served_defaults(SweepConfig())
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = model_registry.save_head_model(
+                Path(tmp) / model_registry.MODEL_PATH, code=code, head_dir=head_dir, base=base,
+                defaults=defaults, bundled_base=bundled, info=info,
+            )  # fmt: skip
+            self.tracker.log_artifacts(run_id, [saved], model_registry.MODEL_PATH)
+        done = model_registry.register(
+            self.tracker, run_id, name, accuracy=accuracy,
+            tags={"alignheads.train_key": plan.key, "alignheads.head": plan.kind},
+            description=f"alignheads {plan.kind} head: prompts in, responses out; params alpha, "
+            "max_new_tokens, temperature, top_p, seed",
+        )  # fmt: skip
+        aliases = ", ".join(done.aliases)
+        _logger().info("MLflow: registered %s version %s (%s)", done.name, done.version, aliases)
 
     def _note_reused_training(self, plan: TrainPlan) -> None:
         found = self.tracker.first_run(
@@ -142,8 +194,9 @@ class RunTracking:
 
         summary = outcome.report.info["summary"]
         slug = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
-        rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in summary]
-        create_table_artifact(key=f"{slug}-summary", table=rows, description="alignheads α-sweep summary")
+        create_table_artifact(
+            key=f"{slug}-summary", table=summary_artifact_rows(summary), description="alignheads α-sweep summary"
+        )
         create_markdown_artifact(
             key=f"{slug}-report", markdown=summary_markdown(summary), description="α-sweep report"
         )
@@ -154,7 +207,7 @@ class RunTracking:
             self.tracker.log_artifacts(
                 self.run_id, [p for p in files.values() if p.suffix == ".png"], "plots"
             )
-            tables = [p for name, p in files.items() if name.startswith("matched_kl")]
+            tables = [p for name, p in files.items() if name.startswith(("matched_kl", "comparisons"))]
             self.tracker.log_artifacts(self.run_id, tables, "tables")
         if outcome.evaluate.status != "computed":  # its child runs and files were logged by then
             computed_by = next((str(r["run_id"]) for r in summary if r.get("run_id")), None)
@@ -200,6 +253,33 @@ class RunTracking:
         self.tracker.set_tags(self.run_id, tags)
 
 
+# the columns people look at first in the Prefect UI's table artifact, in this order
+_LEADING = ("head", "alpha", "reward", "reward_lo", "reward_hi", "win_rate", "kl", "n_prompts", "n_samples")
+
+
+def summary_artifact_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summary rows for a Prefect table artifact: method, α, reward with its interval, win
+    rate and KL first (the long ids last), floats rounded to 4 places."""
+
+    def ordered(row: dict[str, Any]) -> dict[str, Any]:
+        keys = [k for k in _LEADING if k in row] + [k for k in row if k not in _LEADING]
+        return {("method" if k == "head" else k): (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in keys}
+
+    return [ordered(r) for r in summary]
+
+
+def served_defaults(sweep: SweepConfig) -> dict[str, Any]:
+    """The registered models' parameter defaults: α 1 and the run's sweep decoding (temperature 0
+    when the sweep decodes greedily)."""
+    return {
+        "alpha": 1.0,
+        "max_new_tokens": sweep.max_new_tokens,
+        "temperature": sweep.temperature if sweep.do_sample else 0.0,
+        "top_p": sweep.top_p,
+        "seed": sweep.seed,
+    }
+
+
 def computed_anything(outcome: RunOutcome) -> bool:
     """Whether any stage of the flow run was computed by it (not answered from store or cache)."""
     return any(result.status == "computed" for _, result in outcome.stages())
@@ -226,11 +306,38 @@ def tracked(cfg: RunConfig, params: dict[str, str], default_name: str) -> Iterat
     tags = {"prefect.flow_run_id": str(flow_run.id), "alignheads.store": str(cfg.store)}
     parent = tracker.start_run(flow_run.name or default_name, params, tags=tags)
     try:
-        yield RunTracking(tracker, parent, cfg.store)
+        yield RunTracking(tracker, parent, cfg.store, name=cfg.name, decoding=served_defaults(cfg.sweep))
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
     tracker.end_run(parent)
+
+
+def log_merged_checkpoint(cfg: RunConfig, checkpoint: Path, alpha: float, head_dir: Path):
+    """A merged IAV checkpoint (`alignheads merge`) as the plain transformers model it is: an
+    `mlflow.transformers` model in a run `merge-iav-alpha-<α>` of the config's experiment,
+    registered as `<name>-iav-merged` (alias `newest`). Returns the `Registered` version."""
+    import tempfile
+
+    from alignheads.storage import model_registry
+
+    tracker = open_tracker(cfg.store, cfg.name, cfg.tracking.uri)
+    params = {"alpha": str(alpha), "head_dir": str(head_dir), "checkpoint": str(checkpoint)}
+    run_id = tracker.start_run(f"merge-iav-alpha-{alpha:g}", params, tags={"head": "iav-merged"})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = model_registry.save_transformers_model(Path(tmp) / model_registry.MODEL_PATH, checkpoint)
+            tracker.log_artifacts(run_id, [saved], model_registry.MODEL_PATH)
+        done = model_registry.register(
+            tracker, run_id, f"{cfg.name}-iav-merged", aliases_best=False,
+            tags={"alignheads.alpha": str(alpha), "alignheads.head": "iav-merged"},
+            description="an IAV head folded into lm_head (W_b + alpha W_a): a plain transformers model",
+        )  # fmt: skip
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id)
+    return done
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -241,7 +348,8 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def logged(outcome: RunOutcome, log: Callable[..., Any]) -> RunOutcome:
-    """Log each stage's status and path; returns `outcome`."""
+    """Log each stage's status and where its result is (a trained method: its `head/` or
+    `model/`); returns `outcome`."""
     for name, result in outcome.stages():
-        log("%s: %s %s", name, result.status, result.path)
+        log("%s: %s %s", name, result.status, result.location)
     return outcome

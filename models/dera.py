@@ -18,11 +18,16 @@ from alignheads.models.guided import guided_decode
 __all__ = ["dera_generate", "dera_logits"]
 
 
-def dera_logits(ref_logits: Tensor, dpo_logits: Tensor, alpha: float) -> Tensor:
-    """``(1 − α) · z_ref + α · z_dpo``. ref_logits, dpo_logits: ``(..., V)``; returns ``(..., V)``
-    float32 (float64 for float64 inputs). At α = 0 it is ``z_ref`` exactly, at α = 1 ``z_dpo``."""
+def dera_logits(ref_logits: Tensor, dpo_logits: Tensor, alpha: float | Tensor) -> Tensor:
+    """``(1 − α) · z_ref + α · z_dpo``. ref_logits, dpo_logits: ``(..., V)``; `alpha`: a float or
+    a tensor broadcasting against ``(..., 1)`` (one α per row). Returns ``(..., V)`` float32
+    (float64 for float64 inputs). Where α = 0 it is ``z_ref`` exactly, where α = 1 ``z_dpo``."""
     dtype = torch.float64 if ref_logits.dtype == torch.float64 else torch.float32
     ref, dpo = ref_logits.to(dtype), dpo_logits.to(dtype)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(device=ref.device, dtype=dtype)
+        mixed = torch.where(alpha == 1, dpo, (1.0 - alpha) * ref + alpha * dpo)
+        return torch.where(alpha == 0, ref, mixed)  # exact, even where z_dpo is -inf
     if alpha == 0:  # exact, even where z_dpo is -inf (0 · -inf would be NaN)
         return ref
     if alpha == 1:

@@ -20,19 +20,24 @@ from alignheads.models.guided import guided_decode
 __all__ = ["genarm_generate", "genarm_logits"]
 
 
-def genarm_logits(base_logits: Tensor, reward_logits: Tensor, alpha: float) -> Tensor:
+def genarm_logits(base_logits: Tensor, reward_logits: Tensor, alpha: float | Tensor) -> Tensor:
     """Logits of ``π_α ∝ π_base · π_r^α``: ``log_softmax(z_base) + α · log_softmax(z_r)``.
 
-    base_logits, reward_logits: ``(..., V)`` (any float dtype). Returns ``(..., V)`` float32
-    (or float64 for float64 inputs), unnormalised (softmax of it is ``π_α``). At α = 0 it is
-    ``log_softmax(z_base)`` exactly, even where ``z_r`` is −inf (``0 · −inf`` would be NaN).
+    base_logits, reward_logits: ``(..., V)`` (any float dtype); `alpha`: a float, or a tensor
+    broadcasting against ``(..., 1)`` (one α per row: ``(B, 1)`` for ``(B, V)`` logits). Returns
+    ``(..., V)`` float32 (or float64 for float64 inputs), unnormalised (softmax of it is ``π_α``).
+    Where α = 0 it is ``log_softmax(z_base)`` exactly, even where ``z_r`` is −inf (``0 · −inf``
+    would be NaN).
     """
     dtype = torch.float64 if base_logits.dtype == torch.float64 else torch.float32
     base = torch.log_softmax(base_logits.to(dtype), dim=-1)
-    if alpha == 0:  # exact, as in dera_logits: π_r^0 = 1 also where π_r = 0
+    if not isinstance(alpha, Tensor) and alpha == 0:  # exact: π_r^0 = 1 also where π_r = 0
         return base
     reward = torch.log_softmax(reward_logits.to(dtype), dim=-1)
-    return base + alpha * reward
+    if not isinstance(alpha, Tensor):
+        return base + alpha * reward
+    alpha = alpha.to(device=base.device, dtype=dtype)
+    return torch.where(alpha == 0, base, base + alpha * reward)
 
 
 def genarm_generate(

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from alignheads.models.losses import exact_kl
+from alignheads.models.row_sampling import warpers as sampling_warpers
 
 __all__ = ["CombineRule", "GuidedOutput", "guided_decode"]
 
@@ -39,20 +40,6 @@ class GuidedOutput:
 
     sequences: Tensor
     kl_to_base: Tensor
-
-
-def _warpers(do_sample: bool, temperature: float, top_p: float) -> list[Any]:
-    """The sampling processors `generate()` would use for these settings (none when greedy)."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
-    if not do_sample:
-        return []
-    out: list[Any] = []
-    if temperature != 1.0:
-        out.append(TemperatureLogitsWarper(temperature))
-    if top_p < 1.0:
-        out.append(TopPLogitsWarper(top_p))
-    return out
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -88,13 +75,16 @@ def guided_decode(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    logits_processor: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
 ) -> GuidedOutput:
     """Decode ``input_ids (B, P)`` (left-padded, ``attention_mask (B, P)``) for at most
     ``max_new_tokens`` steps, each from ``combine(base logits, other logits)``.
 
     Stops early once every row has produced an EOS (any of ``eos_token_id``); later tokens of a
     finished row are ``pad_token_id``. ``generator``: the RNG of the multinomial draws (None: the
-    global one, as transformers uses).
+    global one, as transformers uses). ``logits_processor``: called as ``p(sequences (B, T),
+    scores (B, V)) -> (B, V)`` after the warpers, as in `generate()` (a
+    `models.row_sampling.RowSeededSampler` with ``do_sample=False`` samples with one seed per row).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -105,7 +95,7 @@ def guided_decode(
     )
     if eos and pad_token_id is None:
         raise ValueError("pad_token_id is needed to pad rows that finished (eos_token_id is set)")
-    warpers = _warpers(do_sample, temperature, top_p)
+    warpers = [*(sampling_warpers(temperature, top_p) if do_sample else []), *logits_processor]
     eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     mask = attention_mask.long()
     positions = _positions(mask)

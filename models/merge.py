@@ -21,6 +21,7 @@ from torch import nn
 import alignheads
 from alignheads.models.head_io import CONFIG_FILE, load_head, read_head_file
 from alignheads.models.iav import IAVHead
+from alignheads.storage.atomic import follow_umask
 
 __all__ = ["MERGE_RECORD", "merge_iav", "merged_lm_head"]
 
@@ -86,7 +87,7 @@ def merge_iav(
             "checkpoint (CALM's modulation depends on context and position, not a fixed lm_head)"
         )
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or allow overwriting")
+        raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True (--overwrite) to replace it")
     source = str(base_model) if base_model is not None else record.base_model.name_or_path
     if source is None:
         raise ValueError(f"{heads_dir / CONFIG_FILE}: no base model id recorded; pass base_model")
@@ -129,6 +130,7 @@ def merge_iav(
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        follow_umask(out)  # readable by others as the umask says (mkdtemp made it 0700)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -65,9 +65,10 @@ from alignheads.models.trainees import (
 
 __all__ = ["METHODS", "Method", "enabled_methods", "method"]
 
-# Decoding of a batch for the common-random-numbers sampling loop:
-# (input_ids (B, P), attention_mask (B, P)) -> (sequences (B, P + N), recorded {name: (B, N)})
-Decode = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+# Decoding of a batch for the sampling loop (tasks.sampling): (input_ids (B, P), attention_mask
+# (B, P), α per row (B,), seed per row [B]) -> (sequences (B, P + N), recorded {name: (B, N)}).
+# Each row samples from its own seed (models.row_sampling), so rows of any α can share a batch.
+Decode = Callable[[Tensor, Tensor, Tensor, list[int]], tuple[Tensor, dict[str, Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Method:
     trainee: Callable[[nn.Module, PreferenceTrainConfig, Any], Trainee]  # (frozen LM, settings, device)
     save: Callable[..., None]  # (trainee, directory, base model, training info) -> None
     load: Callable[..., Any]  # (directory, base model, model source) -> loaded
-    decoder: Callable[..., tuple[Decode, Callable[[], None]]]  # (loaded, α, decoding) -> (decode, done)
+    decoder: Callable[..., tuple[Decode, Callable[[], None]]]  # (loaded, decoding) -> (decode, done)
     # (loaded, batch, alphas, settings) -> {α: unscaled log-ratio margins (B,)} (module docstring)
     score: Callable[..., dict[float, Tensor]]
     key_excludes: Callable[[PreferenceTrainConfig], set[str]]  # settings that do not change the result
@@ -117,23 +118,27 @@ def _load_head(directory: Path, model: nn.Module, source: dict) -> LoadedHead:
     return LoadedHead(load_head(directory, model).eval(), model)
 
 
-def _head_decoder(loaded: LoadedHead, alpha: float, settings: dict[str, Any]):
-    """Decode with the head installed as the LM's output layer at α (per-token KL to the base
-    and the head's statistics recorded) through transformers' `generate`, with the model's own
-    generation defaults set aside: decoding follows `settings` only."""
+def _head_decoder(loaded: LoadedHead, settings: dict[str, Any]):
+    """Decode with the head installed as the LM's output layer, one α per row (per-token KL to
+    the base and the head's statistics recorded), through transformers' `generate` with the
+    model's own generation defaults set aside: decoding follows `settings` only."""
     from contextlib import ExitStack
 
-    from alignheads.models.aligned import AlignedLM, generate_kwargs, plain_generation_config
+    from alignheads.models.aligned import AlignedLM, plain_generation_config
+    from alignheads.models.row_sampling import seeded_generate_kwargs
 
-    hf = generate_kwargs(settings)
-    aligned = AlignedLM(loaded.model, loaded.head, alpha=alpha)
+    fixed = {k: settings[k] for k in ("max_new_tokens", "eos_token_id", "pad_token_id")}
+    aligned = AlignedLM(loaded.model, loaded.head, alpha=0.0)
     stack = ExitStack()
     stack.callback(aligned.remove)
     stack.enter_context(plain_generation_config(loaded.model))
 
-    def decode(input_ids: Tensor, mask: Tensor):
+    def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
+        sampling = seeded_generate_kwargs(
+            seeds, do_sample=settings["do_sample"], temperature=settings["temperature"], top_p=settings["top_p"]
+        )
         with aligned.recording() as recorder:
-            out = aligned.generate(input_ids, attention_mask=mask, alpha=alpha, **hf)
+            out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **fixed, **sampling)
         return out, recorder.stacked()
 
     return decode, stack.close
@@ -209,14 +214,23 @@ def _load_lm(combine, directory: Path, model: nn.Module, source: dict) -> Loaded
     return LoadedLM(model, tuned.to(next(model.parameters()).device), combine)
 
 
-def _lm_decoder(loaded: LoadedLM, alpha: float, settings: dict[str, Any]):
-    """Decode base and tuned LM side by side (two KV caches), their logits combined at α."""
+def _lm_decoder(loaded: LoadedLM, settings: dict[str, Any]):
+    """Decode base and tuned LM side by side (two KV caches), their logits combined at each
+    row's α, each row sampling from its own seed."""
     from alignheads.models.guided import guided_decode
+    from alignheads.models.row_sampling import seeded_generate_kwargs
 
-    combine = partial(loaded.combine, alpha=alpha)
+    fixed = {k: settings[k] for k in ("max_new_tokens", "eos_token_id", "pad_token_id")}
 
-    def decode(input_ids: Tensor, mask: Tensor):
-        out = guided_decode(loaded.base, loaded.tuned, input_ids, mask, combine, **settings)
+    def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
+        combine = partial(loaded.combine, alpha=alphas.to(input_ids.device)[:, None])
+        sampling = seeded_generate_kwargs(
+            seeds, do_sample=settings["do_sample"], temperature=settings["temperature"], top_p=settings["top_p"]
+        )
+        out = guided_decode(
+            loaded.base, loaded.tuned, input_ids, mask, combine,
+            **fixed, do_sample=False, logits_processor=sampling.get("logits_processor", ()),
+        )  # fmt: skip
         return out.sequences, {"kl_to_base": out.kl_to_base}
 
     return decode, lambda: None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignheads.storage.atomic import fsync_dir
+from alignheads.storage.atomic import follow_umask, fsync_dir
 from alignheads.storage.manifest import (
     MANIFEST,
     ArtifactError,
@@ -163,6 +163,7 @@ def _ensure_artifact(
         staging.mkdir(parents=True)
         try:
             content = build(staging)
+            follow_umask(staging)  # weights are written 0600 by safetensors: readable like the rest
             shard_paths = {s.path for shards in content.tables.values() for s in shards}
             files: list[FileInfo] = describe_files(staging, exclude=(MANIFEST, *shard_paths))
             manifest = write_manifest(

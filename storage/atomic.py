@@ -22,6 +22,37 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says (Linux), else by
+    setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give `root` and everything under it the permissions a plain `open`/`mkdir` would have
+    given (0666 / 0777 less the umask), as transformers' own files have. Some writers create
+    private files whatever the umask (safetensors writes weights 0600; `tempfile.mkdtemp` makes
+    0700 directories), which other users of a shared machine then cannot read. Links are left
+    alone."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = dir_mode if path.is_dir() else file_mode
+        if path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
 def temp_name(path: Path) -> Path:
     """A hidden sibling of `path` unique to this process: readers never mistake it for the real file."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")

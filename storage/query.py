@@ -1,7 +1,8 @@
 """Read-only DuckDB over the store: one view per table name, built from complete manifests only.
 
 Each view is the union of that table's shards across every complete artifact in the store,
-with an `artifact` column holding the artifact key (several configs can share one store).
+with an `artifact` column holding the artifact key (several configs can share one store);
+`train_metrics` also has a `method` column, the method its train artifact trained.
 Shards not listed in a manifest (a killed run's leftovers) are never seen.
 """
 
@@ -15,7 +16,16 @@ import pyarrow as pa
 
 from alignheads.storage.manifest import MANIFEST, ArtifactError, read_manifest
 
-VIEW_NAMES = ("pairs", "rejects", "tokenized", "refcache", "generations", "scores", "summary")
+VIEW_NAMES = (
+    "pairs",
+    "rejects",
+    "tokenized",
+    "refcache",
+    "train_metrics",
+    "generations",
+    "scores",
+    "summary",
+)
 ALLOWED_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 
 
@@ -25,6 +35,21 @@ class QueryError(ValueError):
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
+
+
+def train_methods(store: Path) -> dict[str, str]:
+    """{train artifact key: method name} (the manifest's `kind`) of the store's complete train
+    artifacts: the `train_metrics` view's `method` column."""
+    methods = {}
+    for manifest_path in sorted(Path(store).glob(f"train/*/{MANIFEST}")):
+        if manifest_path.parent.name.startswith("."):
+            continue
+        try:
+            manifest = read_manifest(manifest_path.parent)
+        except ArtifactError:
+            continue
+        methods[manifest.key] = str(manifest.info.get("kind", ""))
+    return methods
 
 
 def table_shards(store: Path) -> dict[str, dict[str, list[Path]]]:
@@ -54,11 +79,14 @@ def open_store(store: Path) -> duckdb.DuckDBPyConnection:
     con.execute("SET autoinstall_known_extensions=false")
     con.execute("SET autoload_known_extensions=false")
     files: list[str] = []
+    methods = train_methods(store)
     for name, by_key in sorted(table_shards(store).items()):
         parts = []
         for key, paths in sorted(by_key.items()):
             listed = ", ".join(_sql_str(str(p)) for p in paths)
-            parts.append(f"SELECT {_sql_str(key)} AS artifact, * FROM read_parquet([{listed}])")
+            # train_metrics: which method each artifact trained, next to its key
+            method = f", {_sql_str(methods.get(key, ''))} AS method" if name == "train_metrics" else ""
+            parts.append(f"SELECT {_sql_str(key)} AS artifact{method}, * FROM read_parquet([{listed}])")
             files.extend(str(p) for p in paths)
         con.execute(f'CREATE VIEW "{name}" AS ' + " UNION ALL BY NAME ".join(parts))
     # Views read their files lazily, so allow exactly those files, then forbid everything else

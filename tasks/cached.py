@@ -53,6 +53,17 @@ class StageResult(BaseModel):
     def directory(self) -> Path:
         return Path(self.path)
 
+    @property
+    def location(self) -> Path:
+        """Where the result a user opens is: the artifact directory, and for a train result the
+        directory in it that holds the trained method (`<key>/head`, or `<key>/model` for the
+        fine-tuned-LM methods: the method's `saved_as`)."""
+        if self.stage == "train" and "kind" in self.info:
+            from alignheads.models.methods import method
+
+            return self.directory / method(self.info["kind"]).saved_as
+        return self.directory
+
 
 def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str]:
     """Prefect cache key of a stage's task: the stage's artifact key."""
@@ -63,10 +74,30 @@ def stage_cache_key(stage: str) -> Callable[[Any, dict[str, Any]], str]:
     return key_fn
 
 
-def task_options(stage: str) -> dict[str, Any]:
-    """`@task(**task_options(stage))`: named after the stage, cached on its artifact key."""
+def method_run_name(stage: str) -> Callable[..., str]:
+    """A `task_options` run name for a task over one method's `plan` or `plans`: the stage, the
+    method (the plans' `head` or `kind`) and, when the plans have one, each α:
+    ``generate-calm-a1.0``, ``generate-iav-a0.0,1.0``, ``calibrate-genarm``."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        plans = parameters.get("plans") or [parameters["plan"]]
+        method = plans[0].get("head") or plans[0].get("kind")
+        alphas = [str(float(plan["alpha"])) for plan in plans if "alpha" in plan]
+        return f"{stage}-{method}" + (f"-a{','.join(alphas)}" if alphas else "")
+
+    return name
+
+
+def task_options(stage: str, run_name: str | Callable[..., str] | None = None) -> dict[str, Any]:
+    """`@task(**task_options(stage))`: named after the stage, cached on its artifact key.
+
+    `run_name` names each task run (Prefect's `task_run_name`): a template over the task's
+    parameters, e.g. ``"train-{plan[kind]}"`` gives ``train-iav``, or a function of them
+    (`method_run_name`); by default a run is named after its stage.
+    """
     return {
         "name": stage,
+        "task_run_name": run_name or stage,
         "cache_key_fn": stage_cache_key(stage),
         "persist_result": True,
         "result_serializer": "json",
@@ -101,7 +132,7 @@ def with_status(state: Any) -> StageResult:
 class RunOutcome(BaseModel):
     """What a pipeline (or stage-only) flow run returns: each stage's result, typed.
 
-    `train` is keyed by method name; `generate` holds one result per (method, α) in sweep order
+    `train` and `calibrate` are keyed by method name; `generate` holds one result per (method, α) in sweep order
     (each result's info names its `head` and `alpha`); `mlflow_run` is the MLflow parent run id
     (None with tracking off).
     """
@@ -111,6 +142,7 @@ class RunOutcome(BaseModel):
     tokenize: StageResult | None = None
     refpass: StageResult | None = None
     train: dict[str, StageResult] = {}
+    calibrate: dict[str, StageResult] = {}
     generate: list[StageResult] = []
     evaluate: StageResult | None = None
     report: StageResult | None = None
@@ -125,6 +157,7 @@ class RunOutcome(BaseModel):
             ("refpass", self.refpass),
         ]
         named += [(f"train {name}", result) for name, result in self.train.items()]
+        named += [(f"calibrate {name}", result) for name, result in self.calibrate.items()]
         named += [(f"generate {g.info['head']} α={g.info['alpha']:g}", g) for g in self.generate]
         named += [("evaluate", self.evaluate), ("report", self.report)]
         return [(name, result) for name, result in named if result is not None]

@@ -1,4 +1,9 @@
-"""Data stage: read the train and test preference pairs into the `pairs` and `rejects` tables."""
+"""Data stage: read the train and test preference pairs into the `pairs` and `rejects` tables.
+
+Held-out means unseen: a test pair whose prompt is word for word a training prompt is dropped
+(`data.train_overlap: drop`, the default) or kept (`keep`); the manifest's info counts them
+either way (`overlap`), and the run warns when there are any.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from alignheads.storage.tables import write_table
 from alignheads.tasks.cached import StageResult, task_options
 
 STAGE = "data"
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: test pairs repeating a training prompt are counted (and dropped by default)
 SPLITS = ("train", "test")
 
 
@@ -28,6 +33,7 @@ class DataPlan:
     sources: dict[str, SourceConfig]
     format: str
     on_bad_rows: str
+    train_overlap: str
     config: dict
     inputs: dict[str, str]
 
@@ -62,6 +68,7 @@ def plan_data(data: DataConfig, world_dir: Path | None, world_key: str | None, t
     config = {
         "format": data.format,
         "on_bad_rows": data.on_bad_rows,
+        "train_overlap": data.train_overlap,
         "sources": {split: source_fingerprint(src) for split, src in sources.items()},
     }
     # The tokenizer renders conversational rows (chat template), so it is an input of this stage.
@@ -69,7 +76,22 @@ def plan_data(data: DataConfig, world_dir: Path | None, world_key: str | None, t
     if world_key is not None and any(getattr(data, s) is None for s in SPLITS):
         inputs["world"] = world_key
     key = artifact_key(STAGE, config, inputs, DATA_VERSION)
-    return DataPlan(key, sources, data.format, data.on_bad_rows, config, inputs)
+    return DataPlan(key, sources, data.format, data.on_bad_rows, data.train_overlap, config, inputs)
+
+
+def drop_train_overlap(train: pa.Table, test: pa.Table, policy: str) -> tuple[pa.Table, dict[str, Any]]:
+    """The test pairs, without those whose prompt is a training prompt when `policy` is 'drop';
+    and the counts (`test_pairs_with_train_prompt`, `dropped`, `policy`)."""
+    import pyarrow.compute as pc
+
+    seen = pc.is_in(test.column("prompt"), value_set=pa.array(sorted(set(train.column("prompt").to_pylist()))))
+    overlapping = int(pc.sum(seen).as_py() or 0)
+    kept = test.filter(pc.invert(seen)) if policy == "drop" else test
+    return kept, {
+        "test_pairs_with_train_prompt": overlapping,
+        "dropped": test.num_rows - kept.num_rows,
+        "policy": policy,
+    }
 
 
 def run_data(store: Path, plan: DataPlan, tokenizer) -> ArtifactResult:
@@ -77,15 +99,16 @@ def run_data(store: Path, plan: DataPlan, tokenizer) -> ArtifactResult:
     from alignheads.tasks.ingest import load_pairs
 
     def build(staging: Path) -> ArtifactContent:
-        pairs, rejects, info = [], [], {"pairs": {}, "rejects": {}}
+        pairs, rejects, info = {}, [], {"pairs": {}, "rejects": {}}
         for split, src in plan.sources.items():
             p, r = load_pairs(src, split, plan.format, plan.on_bad_rows, tokenizer)
-            pairs.append(p)
+            pairs[split] = p
             rejects.append(r)
-            info["pairs"][split] = p.num_rows
             info["rejects"][split] = r.num_rows
+        pairs["test"], info["overlap"] = drop_train_overlap(pairs["train"], pairs["test"], plan.train_overlap)
+        info["pairs"] = {split: t.num_rows for split, t in pairs.items()}
         tables = {
-            "pairs": write_table(pa.concat_tables(pairs), staging, "pairs"),
+            "pairs": write_table(pa.concat_tables(pairs.values()), staging, "pairs"),
             "rejects": write_table(pa.concat_tables(rejects), staging, "rejects"),
         }
         return ArtifactContent(tables=tables, info=info)

@@ -1,15 +1,24 @@
-"""Evaluate stage: score every generation of an α sweep and summarise it per (head, α).
+"""Evaluate stage: score every generation of an α sweep and summarise it per (head, α), with
+confidence intervals, at the calibrated α of each target KL, and as paired comparisons.
 
-Input: one or more generation artifacts (table `generations`, one artifact per (head, α)).
-Output artifact `<store>/evaluate/<key>/` with two tables:
+Input: one or more generation artifacts (table `generations`, one artifact per (head, α)) and
+the calibrate stage's choice of α per (method, target KL). Output artifact
+`<store>/evaluate/<key>/` with four tables:
 
 - `scores` (`SCORES_SCHEMA`, one row per generation): its reward, its outcome against α = 0
   of the same head on the same prompt, sample and seed, and its text statistics;
-- `summary` (`SUMMARY_SCHEMA`, one row per (head, α)): means and rates over those rows, the
-  run id, and each trained method's held-out preference accuracy at that α (computed here, one
-  model load per method, all of its α at once). Its `kl` is the mean over responses of each
-  response's mean per-token KL to the base (`metrics.KL_DEFINITION`, the column's description
-  in the schema; why: `metrics.summarize_group`).
+- `summary` (`SUMMARY_SCHEMA`, one row per (head, α)): means and rates over those rows, their
+  95 % bootstrap intervals over prompts (``reward_lo/hi``, ``win_rate_lo/hi``, ``kl_lo/hi``; each
+  prompt first reduced to the mean over its samples, `models.intervals`), ``n_prompts`` and
+  ``n_samples``, the run id, and each trained method's held-out preference accuracy at that α
+  (computed here, one model load per method, all of its α at once). Its `kl` is the mean over
+  responses of each response's mean per-token KL to the base (`metrics.KL_DEFINITION`, the
+  column's description in the schema; why: `metrics.summarize_group`);
+- `calibrated` (`CALIBRATED_SCHEMA`, one row per (method, target KL)): the summary row at the
+  α calibrated to that KL, with the KL the calibration measured on its own prompts;
+- `comparisons` (`COMPARISONS_SCHEMA`): at each target KL, the paired reward difference of
+  every two methods, and of each method against α = 0, with its paired interval (the arms
+  share prompts and seeds: common random numbers make the per-prompt differences a valid pair).
 
 The metric definitions (words, distinct-n, repetition, ties) are in `alignheads.models.metrics`.
 Rewards come from the tiny world's ground truth (`reward="world"`) or a Hugging Face
@@ -28,6 +37,7 @@ import pyarrow.compute as pc
 from prefect import task
 
 from alignheads.models import metrics
+from alignheads.models.intervals import mean_interval, paired_difference, per_prompt_means
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
@@ -38,7 +48,7 @@ from alignheads.tasks.generate import TABLE as GENERATIONS_TABLE
 from alignheads.tasks.rewards import WORLD_REWARD, compute_rewards, reward_spec
 
 STAGE = "evaluate"
-EVALUATE_VERSION = 1
+EVALUATE_VERSION = 2  # 2: intervals, the calibrated and comparisons tables
 
 # columns that may be null (per-head statistics); every other column must be filled
 _NULLABLE = {"kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean"}
@@ -72,13 +82,21 @@ SUMMARY_SCHEMA = pa.schema(
         ("head_key", pa.string()),
         ("alpha", pa.float64()),
         ("reward", pa.float64()),
+        ("reward_lo", pa.float64()),
+        ("reward_hi", pa.float64()),
         ("reward_std", pa.float64()),
         ("win_rate", pa.float64()),
+        ("win_rate_lo", pa.float64()),
+        ("win_rate_hi", pa.float64()),
         ("tie_rate", pa.float64()),
         ("lose_rate", pa.float64()),
         ("n_compared", pa.int64()),
         pa.field("kl", pa.float64(), metadata={"description": metrics.KL_DEFINITION}),
+        ("kl_lo", pa.float64()),
+        ("kl_hi", pa.float64()),
         ("n", pa.int64()),
+        ("n_prompts", pa.int64()),
+        ("n_samples", pa.int64()),
         ("length", pa.float64()),
         ("distinct_1", pa.float64()),
         ("distinct_2", pa.float64()),
@@ -90,6 +108,56 @@ SUMMARY_SCHEMA = pa.schema(
         ("reward_source", pa.string()),
     ]
 )
+
+
+# One row per (method, target KL): the α calibrated to it, measured on the evaluation prompts.
+CALIBRATED_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("target_kl", pa.float64()),
+        ("head", pa.string()),
+        ("alpha", pa.float64()),
+        ("calibration_kl", pa.float64()),  # the KL the calibration measured (calibration prompts)
+        ("converged", pa.bool_()),
+        ("kl", pa.float64()),
+        ("kl_lo", pa.float64()),
+        ("kl_hi", pa.float64()),
+        ("reward", pa.float64()),
+        ("reward_lo", pa.float64()),
+        ("reward_hi", pa.float64()),
+        ("win_rate", pa.float64()),
+        ("win_rate_lo", pa.float64()),
+        ("win_rate_hi", pa.float64()),
+        ("n_prompts", pa.int64()),
+        ("n_samples", pa.int64()),
+    ]
+)
+
+# One row per (target KL, pair of arms): the paired reward difference a − b over shared prompts.
+# Arm b is another method at its calibrated α, or the same method at α = 0 (`head_b` "α=0").
+COMPARISONS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("target_kl", pa.float64()),
+        ("head_a", pa.string()),
+        ("alpha_a", pa.float64()),
+        ("kl_a", pa.float64()),
+        ("head_b", pa.string()),
+        ("alpha_b", pa.float64()),
+        ("kl_b", pa.float64()),
+        ("reward_diff", pa.float64()),
+        ("diff_lo", pa.float64()),
+        ("diff_hi", pa.float64()),
+        ("significant", pa.bool_()),  # the interval excludes 0
+        ("n_prompts", pa.int64()),
+    ]
+)
+BASE_ARM = "α=0"
+
+
+def statistics_settings(evaluate: Any, seed: int) -> dict[str, Any]:
+    """The bootstrap settings of `evaluate` (an EvaluateConfig), seeded from the sweep's seed."""
+    return {"confidence": evaluate.confidence, "n_resamples": evaluate.bootstrap_resamples, "seed": int(seed)}
 
 
 @dataclass(frozen=True)
@@ -107,6 +175,8 @@ class EvaluatePlan:
     reward: dict
     run_id: str
     trained: dict
+    calibration: dict
+    statistics: dict
     batch_size: int
     config: dict
     inputs: dict[str, str]
@@ -139,6 +209,8 @@ def plan_evaluate(
     *,
     run_id: str = "",
     trained: dict[str, tuple[dict, str]] | None = None,
+    calibration: dict[str, list[dict]] | None = None,
+    statistics: dict[str, Any] | None = None,
     reward_revision: str | None = None,
     reward_dtype: str = "float32",
     reward_max_length: int = 1024,
@@ -151,7 +223,9 @@ def plan_evaluate(
     `trained`: ``{method: (TrainPlan as a dict, its complete train artifact)}``. `run_id` (the
     pipeline's MLflow parent run id, or '') is not in the key: a rerun that finds the artifact
     complete reuses it, and its summary keeps the run id of the run that computed it.
-    `reward_batch_size` is not (scores do not depend on it).
+    `reward_batch_size` is not (scores do not depend on it). `calibration`: ``{method: [{target,
+    alpha, kl, converged, steps}]}`` from the calibrate stage (the α generated for each target
+    KL); `statistics`: the bootstrap's confidence, n_resamples and seed (both in the key).
     """
     if not generation_paths:
         raise ValueError("plan_evaluate needs at least one generation artifact")
@@ -170,7 +244,14 @@ def plan_evaluate(
     keys = sorted(by_key)
     spec = reward_spec(reward, reward_revision, reward_dtype, reward_max_length, trust_remote_code)
     trained = dict(sorted((trained or {}).items()))
-    config = {"reward": spec, "tie_tolerance": metrics.TIE_TOLERANCE}
+    statistics = dict(statistics or {"confidence": 0.95, "n_resamples": 2000, "seed": 0})
+    calibration = {name: list(rows) for name, rows in sorted((calibration or {}).items())}
+    config = {
+        "reward": spec,
+        "tie_tolerance": metrics.TIE_TOLERANCE,
+        "statistics": statistics,
+        "calibration": calibration,
+    }
     inputs = {f"generations[{i}]": k for i, k in enumerate(keys)}
     inputs |= {f"train[{name}]": plan["key"] for name, (plan, _) in trained.items()}
     return EvaluatePlan(
@@ -179,6 +260,8 @@ def plan_evaluate(
         reward={**spec, "revision": reward_revision} if spec["kind"] == "model" else spec,
         run_id=str(run_id or ""),
         trained={name: [dict(plan), str(path)] for name, (plan, path) in trained.items()},
+        calibration=calibration,
+        statistics=statistics,
         batch_size=int(reward_batch_size),
         config=config,
         inputs=inputs,
@@ -270,15 +353,62 @@ def score_table(generations: pa.Table, rewards: list[float], reward_source: str)
     return pa.Table.from_pydict(data, schema=SCORES_SCHEMA)
 
 
-def summary_table(scores: pa.Table, run_id: str = "", preference_accuracy: dict | None = None) -> pa.Table:
-    """The `summary` table: one row per (head, α) of the scores, sorted by head then α."""
-    pref = normalize_preference_accuracy(preference_accuracy)
+def _arm_means(members: list[dict]) -> dict[str, dict[str, float]]:
+    """Per-prompt means of one (head, α) group's rows: ``{"reward"|"kl"|"win": {prompt_id: mean}}``
+    (`win`: the share of its compared samples that won against α = 0; prompts without any
+    compared sample, and responses without a KL, are left out of that metric)."""
+    ids = [r["prompt_id"] for r in members]
+    compared = [r for r in members if r["outcome"] is not None]
+    with_kl = [r for r in members if r["kl_mean"] is not None]
+    return {
+        "reward": per_prompt_means(ids, [r["reward"] for r in members]),
+        "kl": per_prompt_means([r["prompt_id"] for r in with_kl], [r["kl_mean"] for r in with_kl]),
+        "win": per_prompt_means(
+            [r["prompt_id"] for r in compared], [1.0 if r["outcome"] == "win" else 0.0 for r in compared]
+        ),
+    }
+
+
+def _interval_columns(means: dict[str, dict[str, float]], statistics: dict[str, Any]) -> dict[str, Any]:
+    """``reward_lo/hi, win_rate_lo/hi, kl_lo/hi`` of one arm: bootstrap over its prompts."""
+    out: dict[str, Any] = {}
+    for metric, column in (("reward", "reward"), ("win", "win_rate"), ("kl", "kl")):
+        values = list(means[metric].values())
+        if not values:
+            out |= {f"{column}_lo": None, f"{column}_hi": None}
+            continue
+        ci = mean_interval(values, **statistics)
+        out |= {f"{column}_lo": _finite(ci.lo), f"{column}_hi": _finite(ci.hi)}
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _groups(scores: pa.Table) -> dict[tuple[str, float], list[dict]]:
     groups: dict[tuple[str, float], list[dict]] = {}
     for row in scores.to_pylist():
         groups.setdefault((row["head"], row["alpha"]), []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def summary_table(
+    scores: pa.Table,
+    run_id: str = "",
+    preference_accuracy: dict | None = None,
+    statistics: dict[str, Any] | None = None,
+) -> pa.Table:
+    """The `summary` table: one row per (head, α) of the scores, sorted by head then α, with
+    bootstrap intervals over prompts (`models.intervals`) for reward, win rate and KL."""
+    pref = normalize_preference_accuracy(preference_accuracy)
+    statistics = statistics or {}
     rows = []
-    for (head, alpha), members in sorted(groups.items()):
+    for (head, alpha), members in _groups(scores).items():
         agg = metrics.summarize_group(members)
+        if agg["kl"] is not None:  # KL >= 0: a negative mean is float roundoff
+            agg["kl"] = max(agg["kl"], 0.0)
+        means = _arm_means(members)
         rows.append(
             {
                 "run_id": run_id,
@@ -286,11 +416,91 @@ def summary_table(scores: pa.Table, run_id: str = "", preference_accuracy: dict 
                 "head_key": members[0]["head_key"],
                 "alpha": alpha,
                 **agg,
+                **_interval_columns(means, statistics),
+                "n_prompts": len(means["reward"]),
+                "n_samples": len({r["sample_index"] for r in members}),
                 "preference_accuracy": pref.get(head, {}).get(_alpha_key(alpha)),
                 "reward_source": members[0]["reward_source"],
             }
         )
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+def calibrated_table(
+    summary: pa.Table, calibration: dict[str, list[dict]], run_id: str = ""
+) -> pa.Table:
+    """The `calibrated` table: for each method and target KL, its summary row at the α the
+    calibration chose (measured on the evaluation prompts), sorted by target then head."""
+    by_arm = {(r["head"], r["alpha"]): r for r in summary.to_pylist()}
+    rows = []
+    for head, found in calibration.items():
+        for c in found:
+            s = by_arm.get((head, float(c["alpha"])))
+            if s is None:
+                raise ValueError(f"no generations of {head} at its calibrated α = {c['alpha']:g}")
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "target_kl": float(c["target"]),
+                    "head": head,
+                    "alpha": float(c["alpha"]),
+                    "calibration_kl": float(c["kl"]),
+                    "converged": bool(c["converged"]),
+                    **{k: s[k] for k in CALIBRATED_SCHEMA.names if k in s and k not in ("run_id", "head", "alpha")},
+                }
+            )
+    rows.sort(key=lambda r: (r["target_kl"], r["head"]))
+    return pa.Table.from_pylist(rows, schema=CALIBRATED_SCHEMA)
+
+
+def comparisons_table(
+    scores: pa.Table,
+    calibration: dict[str, list[dict]],
+    run_id: str = "",
+    statistics: dict[str, Any] | None = None,
+) -> pa.Table:
+    """The `comparisons` table: at each target KL, every pair of methods at their calibrated α
+    (each unordered pair once, a before b by name), and each method against its own α = 0, with
+    the reward difference a − b over their shared prompts and its paired bootstrap interval."""
+    statistics = statistics or {}
+    groups = _groups(scores)
+    means = {arm: _arm_means(members) for arm, members in groups.items()}
+    kls = {arm: metrics.mean(r["kl_mean"] for r in members) for arm, members in groups.items()}
+    at: dict[float, dict[str, float]] = {}
+    for head, found in calibration.items():
+        for c in found:
+            at.setdefault(float(c["target"]), {})[head] = float(c["alpha"])
+    rows = []
+
+    def add(target: float, a: tuple[str, float], b: tuple[str, float], label_b: str) -> None:
+        ci = paired_difference(means[a]["reward"], means[b]["reward"], **statistics)
+        rows.append(
+            {
+                "run_id": run_id,
+                "target_kl": target,
+                "head_a": a[0],
+                "alpha_a": a[1],
+                "kl_a": kls[a],
+                "head_b": label_b,
+                "alpha_b": b[1],
+                "kl_b": max(kls[b] or 0.0, 0.0) if b[1] == 0 else kls[b],
+                "reward_diff": ci.mean,
+                "diff_lo": _finite(ci.lo),
+                "diff_hi": _finite(ci.hi),
+                "significant": ci.excludes_zero,
+                "n_prompts": ci.n,
+            }
+        )
+
+    for target, alphas in sorted(at.items()):
+        heads = sorted(h for h in alphas if (h, alphas[h]) in groups)
+        for i, ha in enumerate(heads):
+            for hb in heads[i + 1 :]:
+                add(target, (ha, alphas[ha]), (hb, alphas[hb]), hb)
+        for h in heads:
+            if (h, 0.0) in groups:
+                add(target, (h, alphas[h]), (h, 0.0), BASE_ARM)
+    return pa.Table.from_pylist(rows, schema=COMPARISONS_SCHEMA)
 
 
 def held_out_accuracy(plan: Any, artifact: str | Path, alphas: list[float]) -> dict[str, float]:
@@ -353,11 +563,22 @@ def run_evaluate(store: Path, plan: EvaluatePlan, device: str | None = None) -> 
         )
         scores = score_table(generations, rewards, reward_info["source"])
         accuracy = preference_accuracies(plan.trained, generations)
-        summary = summary_table(scores, plan.run_id, accuracy)
-        info = {"rows": scores.num_rows, "reward": reward_info, "summary": summary.to_pylist()}
+        summary = summary_table(scores, plan.run_id, accuracy, plan.statistics)
+        calibrated = calibrated_table(summary, plan.calibration, plan.run_id)
+        comparisons = comparisons_table(scores, plan.calibration, plan.run_id, plan.statistics)
+        info = {
+            "rows": scores.num_rows,
+            "reward": reward_info,
+            "statistics": plan.statistics,
+            "summary": summary.to_pylist(),
+            "calibrated": calibrated.to_pylist(),
+            "comparisons": comparisons.to_pylist(),
+        }
         tables = {
             "scores": write_table(scores, staging, "scores"),
             "summary": write_table(summary, staging, "summary"),
+            "calibrated": write_table(calibrated, staging, "calibrated"),
+            "comparisons": write_table(comparisons, staging, "comparisons"),
         }
         return ArtifactContent(tables=tables, info=info)
 

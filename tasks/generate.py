@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,19 @@ from prefect import task
 from alignheads.config import SweepConfig
 from alignheads.models.methods import METHODS
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
-from alignheads.storage.fingerprint import artifact_key
+from alignheads.storage.fingerprint import artifact_key, fingerprint
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.tables import write_table
-from alignheads.tasks.cached import StageResult, task_options
-from alignheads.tasks.prompts import Prompt, prompt_fingerprint
+from alignheads.tasks.cached import StageResult, is_complete, task_options
+from alignheads.tasks.prompts import Prompt, prompt_set_identity, read_prompt_set
 from alignheads.tasks.sampling import decoding_settings, eos_ids, sample_batches
 
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
 # 2: one train stage for heads and baselines (inputs name a `train` artifact for every method)
-GENERATE_VERSION = 2
+# 3: one seed per row (models.row_sampling): rows no longer depend on their batch
+GENERATE_VERSION = 3
 TABLE = "generations"
 
 GENERATIONS_SCHEMA = pa.schema(
@@ -85,7 +87,7 @@ class GeneratePlan:
     head_key: str  # its train artifact's key
     train_path: str
     alpha: float
-    prompts: list[list[str]]
+    prompts_path: str  # a `tasks.prompts.save_prompt_set` artifact
     sweep: dict
     model: dict
     config: dict
@@ -99,17 +101,16 @@ class GeneratePlan:
 def plan_generate(
     train_path: str | Path,
     alpha: float,
-    prompts: Sequence[Prompt],
+    prompts_path: str | Path,
     sweep: SweepConfig,
     model_source: dict[str, Any],
 ) -> GeneratePlan:
     """Key = hash(train artifact key, method, α, prompt-set fingerprint, decoding settings,
-    model dtype, version). `model_source`: name_or_path, revision, trust_remote_code, dtype of
-    the run's model (the train stage's `model` dict)."""
+    model dtype, version). `prompts_path`: the prompt set (`tasks.prompts.save_prompt_set`);
+    `model_source`: name_or_path, revision, trust_remote_code, dtype of the run's model (the
+    train stage's `model` dict)."""
     from alignheads.tasks.train import STAGE as TRAIN_STAGE
 
-    if not prompts:
-        raise ValueError("the prompt set is empty")
     manifest = read_manifest(Path(train_path), TRAIN_STAGE)
     kind = manifest.info.get("kind")
     if kind not in METHODS:
@@ -120,7 +121,7 @@ def plan_generate(
     config = {
         "head": kind,
         "alpha": alpha,
-        "prompts": {"sha256": prompt_fingerprint(prompts), "n": len(prompts)},
+        "prompts": prompt_set_identity(prompts_path),
         "decoding": sweep.decoding(),
         "dtype": model_source.get("dtype", "float32"),
     }
@@ -131,7 +132,7 @@ def plan_generate(
         head_key=manifest.key,
         train_path=str(train_path),
         alpha=alpha,
-        prompts=[[pid, text] for pid, text in prompts],
+        prompts_path=str(prompts_path),
         sweep=sweep.model_dump(mode="json"),
         model=dict(model_source),
         config=config,
@@ -174,60 +175,103 @@ def _summary(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def run_generate(
-    store: Path,
-    plan: GeneratePlan,
+@contextmanager
+def method_sampler(
+    head: str,
+    train_path: str | Path,
+    model_source: dict[str, Any],
+    sweep: SweepConfig,
     *,
-    model: Any = None,
-    tokenizer: Any = None,
     device: str = "auto",
     progress: bool = True,
-) -> ArtifactResult:
-    """Generate the plan's (method, α) responses unless the artifact is already complete.
-
-    `model`/`tokenizer`: an already loaded base model and tokenizer to reuse across α (a head is
-    installed for this call and removed after; the model stays where it is); by default both
-    are loaded from `plan.model` and the model is put on `device` ('auto': CUDA when visible).
-    """
+) -> Iterator[Callable[[Sequence[Prompt], Sequence[float], str], list[dict[str, Any]]]]:
+    """The trained method at `train_path` loaded once (base model, tokenizer and the method's
+    trained part) for any number of sampling calls: yields ``sample(prompts, alphas, desc) ->
+    rows`` (`tasks.sampling.sample_batches` rows: every (α, prompt, sample), all α batched
+    together with one α per row). The model is put on `device` ('auto': CUDA when visible)."""
     from alignheads.models.methods import method
     from alignheads.tasks.train import load_run_model
 
-    entry = method(plan.head)
+    entry = method(head)
+    model, tokenizer, _ = load_run_model(model_source)
+    model = model.to(resolve_device(device))
+    loaded = entry.load(Path(train_path) / entry.saved_as, model, model_source)
+    stops = eos_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    decode, done = entry.decoder(loaded, decoding_settings(sweep, stops, pad_id))
 
-    def build(staging: Path) -> ArtifactContent:
-        nonlocal model, tokenizer
-        if model is None or tokenizer is None:
-            loaded_model, loaded_tokenizer, _ = load_run_model(plan.model)
-            model = model if model is not None else loaded_model.to(resolve_device(device))
-            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-        loaded = entry.load(Path(plan.train_path) / entry.saved_as, model, plan.model)
-        stops = eos_ids(tokenizer, model)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-        sweep = plan.sweep_config
-        decode, done = entry.decoder(loaded, plan.alpha, decoding_settings(sweep, stops, pad_id))
-        started = time.perf_counter()
-        try:
-            rows = sample_batches(
-                decode, tokenizer, [(pid, text) for pid, text in plan.prompts], sweep, stops, pad_id,
-                model, progress, f"generate {plan.head} α={plan.alpha:g}",
-            )  # fmt: skip
-        finally:
-            done()
-        seconds = time.perf_counter() - started
-        table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
-        info = {"head": plan.head, "alpha": plan.alpha, "prompts": len(plan.prompts), **_summary(table)}
-        # decoding cost, for the comparison of methods at matched KL (tasks.reporting.matched_kl)
-        info |= {
-            "lm_forwards_per_token": entry.lm_forwards_per_token,
-            "decode_seconds": seconds,
-            "generated_tokens": sum(r["n_tokens"] for r in rows),
-        }
-        return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
+    def sample(prompts: Sequence[Prompt], alphas: Sequence[float], desc: str) -> list[dict[str, Any]]:
+        return sample_batches(decode, tokenizer, prompts, alphas, sweep, stops, pad_id, model, progress, desc)
 
-    return ensure_artifact(store, STAGE, plan.key, GENERATE_VERSION, plan.config, plan.inputs, build)
+    try:
+        yield sample
+    finally:
+        done()
+
+
+def run_generate(
+    store: Path, plans: Sequence[GeneratePlan], *, device: str = "auto", progress: bool = True
+) -> list[ArtifactResult]:
+    """The (method, α) artifacts of `plans` (one method, one prompt set, one sweep), building
+    those not yet complete in one sampling pass over the model loaded once (batches of one α
+    each: an α's rows do not depend on which others are missing). Returns one result per plan,
+    in order."""
+    if not plans:
+        return []
+    first = plans[0]
+    for plan in plans[1:]:
+        same = (plan.head, plan.train_path, plan.prompts_path, plan.sweep, plan.model)
+        if same != (first.head, first.train_path, first.prompts_path, first.sweep, first.model):
+            raise ValueError("run_generate builds one method's sweep at a time (one prompt set and sweep)")
+    entry = METHODS[first.head]
+    missing = [p for p in plans if not is_complete(store, STAGE, p.key)]
+    rows_by_alpha: dict[float, list[dict[str, Any]]] = {}
+    seconds = 0.0
+    if missing:
+        with method_sampler(first.head, first.train_path, first.model, first.sweep_config,
+                            device=device, progress=progress) as sample:  # fmt: skip
+            started = time.perf_counter()
+            alphas = sorted({p.alpha for p in missing})
+            desc = f"generate {first.head} α={', '.join(f'{a:g}' for a in alphas)}"
+            for row in sample(read_prompt_set(first.prompts_path), alphas, desc):
+                rows_by_alpha.setdefault(row["alpha"], []).append(row)
+            seconds = time.perf_counter() - started
+    all_tokens = sum(r["n_tokens"] for rows in rows_by_alpha.values() for r in rows) or 1
+
+    def builder(plan: GeneratePlan):
+        def build(staging: Path) -> ArtifactContent:
+            rows = rows_by_alpha[plan.alpha]
+            table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
+            tokens = sum(r["n_tokens"] for r in rows)
+            info = {"head": plan.head, "alpha": plan.alpha, "prompts": plan.config["prompts"]["n"], **_summary(table)}
+            # decoding cost, for the comparison of methods (the pass's time, shared out by
+            # generated tokens)
+            info |= {
+                "lm_forwards_per_token": entry.lm_forwards_per_token,
+                "decode_seconds": seconds * tokens / all_tokens,
+                "generated_tokens": tokens,
+            }
+            return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
+
+        return build
+
+    results = []
+    for plan in plans:
+        if plan.alpha not in rows_by_alpha and not is_complete(store, STAGE, plan.key):
+            raise RuntimeError(f"generate {plan.head} α={plan.alpha:g}: its artifact went missing while building")
+        results.append(
+            ensure_artifact(store, STAGE, plan.key, GENERATE_VERSION, plan.config, plan.inputs, builder(plan))
+        )
+    return results
+
+
+def sweep_key(plans: Sequence[GeneratePlan]) -> str:
+    """The cache key of one method's generate task: its (method, α) artifact keys."""
+    return fingerprint(sorted(p.key for p in plans))[:32]
 
 
 @task(**task_options(STAGE))
-def generate_task(store: str, key: str, plan: dict[str, Any]) -> StageResult:
-    """The generate stage of one (method, α) as a cached Prefect task."""
-    return StageResult.of(run_generate(Path(store), GeneratePlan(**plan)))
+def generate_task(store: str, key: str, plans: list[dict[str, Any]]) -> list[StageResult]:
+    """The generate stage of one method (all its α) as a cached Prefect task."""
+    results = run_generate(Path(store), [GeneratePlan(**p) for p in plans])
+    return [StageResult.of(r) for r in results]

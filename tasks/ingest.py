@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from alignheads.config import SourceConfig
+from alignheads.config import RunConfig, SourceConfig
 from alignheads.tasks.formats import (
     FORMATS,
     DataError,
@@ -36,6 +36,7 @@ __all__ = [
     "DataError",
     "EmptyDatasetError",
     "FormatDetectionError",
+    "check_sources",
     "detect_format",
     "load_pairs",
 ]
@@ -263,6 +264,36 @@ def source_rows(source: SourceConfig, split: str) -> Iterator[_RawRow]:
     if not path.exists() and _looks_local(source.path):
         raise FileNotFoundError(f"{shown}: preference data file not found")
     return _read_hub(source, split)  # a Hub id, or a local dataset directory
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """Check, before any stage runs, every local file the run will read: the preference data
+    sources (`data.train`, `data.test`) and the sweep's `prompts_file`. Raises FileNotFoundError
+    naming each missing one with its setting (a source that does not look like a local path is a
+    Hugging Face dataset id, found or not when the data stage loads it), and DataError for a file
+    of a type no reader takes. Relative paths are read from the working directory, as the stages
+    read them."""
+    missing: list[tuple[str, str]] = []  # (what, path as configured)
+    for split in ("train", "test"):
+        source = getattr(cfg.data, split)
+        if source is None:
+            continue  # the tiny world's pairs
+        path = Path(source.path).expanduser()
+        if path.is_file() and not path.name.lower().endswith(LOCAL_SUFFIXES):
+            raise DataError(
+                f"data.{split}: {source.path}: unsupported file type (expected "
+                f"{', '.join(LOCAL_SUFFIXES)}, or a Hugging Face dataset id or directory)"
+            )
+        if not path.exists() and _looks_local(source.path):
+            missing.append((f"data.{split}: preference data file", source.path))
+    prompts_file = cfg.sweep.prompts_file
+    if prompts_file and not Path(prompts_file).expanduser().is_file():
+        missing.append(("sweep.prompts_file: prompts file", prompts_file))
+    if missing:
+        text = "; ".join(f"{what} {path} not found" for what, path in missing)
+        if any(not Path(path).expanduser().is_absolute() for _, path in missing):
+            text += f" (relative paths are read from {Path.cwd()})"
+        raise FileNotFoundError(text)
 
 
 # ------------------------------------------------------------------------------------------ ingest

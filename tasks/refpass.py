@@ -248,10 +248,29 @@ def _reference(plan: RefPassPlan, reference: ReferenceModel | None) -> Reference
     return reference
 
 
+class _Ticking:
+    """A ReferenceModel whose `score_batch` advances a progress bar by the batch's sequences
+    (everything else is the model's own)."""
+
+    def __init__(self, reference: ReferenceModel, bar: Any) -> None:
+        self._reference, self._bar = reference, bar
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reference, name)
+
+    def score_batch(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        scores = self._reference.score_batch(batch, *args, **kwargs)
+        self._bar.update(len(scores.seq_logprobs))
+        return scores
+
+
 def compute_refpass_shard(
-    plan: RefPassPlan, index: int, reference: ReferenceModel | None = None
+    plan: RefPassPlan, index: int, reference: ReferenceModel | None = None, progress: bool = True
 ) -> ShardData:
-    """Score shard `index`'s pairs (chosen and rejected) and build its refcache rows."""
+    """Score shard `index`'s pairs (chosen and rejected) and build its refcache rows, with a
+    progress bar over the shard's sequences (`progress`)."""
+    from tqdm.auto import tqdm
+
     reference = _reference(plan, reference)
     start, stop = plan.shard_rows(index)
     pairs = read_table_rows(Path(plan.tokenize_path), "tokenized", start, stop)
@@ -268,11 +287,13 @@ def compute_refpass_shard(
     # sequences interleaved chosen/rejected per pair: the row order of the refcache table
     seq_prompts = [p for p in prompts for _ in range(2)]
     seq_responses = [r for pair in zip(chosen, rejected, strict=True) for r in pair]
-    # padding id 0: right padding is never attended to by a causal model, any valid id will do
-    scores = score_sequences(
-        reference, seq_prompts, seq_responses, plan.k, plan.batch_size, 0, plan.store_hidden,
-        plan.hidden_dtype,
-    )  # fmt: skip
+    desc = f"reference pass, shard {index + 1}/{plan.n_shards}"
+    with tqdm(total=len(seq_responses), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+        # padding id 0: right padding is never attended to by a causal model, any valid id will do
+        scores = score_sequences(
+            _Ticking(reference, bar), seq_prompts, seq_responses, plan.k, plan.batch_size, 0,
+            plan.store_hidden, plan.hidden_dtype,
+        )  # fmt: skip
     table = build_rows(pairs, start, scores, plan.k, plan.dtype)
     info = {
         "index": index,
@@ -361,7 +382,13 @@ def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"refpass-{parameters['key']}-shard-{parameters['index']:05d}"
 
 
-@task(name="refpass-shard", cache_key_fn=shard_cache_key, persist_result=True, result_serializer="json")
+@task(
+    name="refpass-shard",
+    task_run_name="refpass-shard-{index}",
+    cache_key_fn=shard_cache_key,
+    persist_result=True,
+    result_serializer="json",
+)
 def refpass_shard_task(store: str, key: str, plan: dict[str, Any], index: int) -> dict[str, Any]:
     """One shard of the reference pass as a cached Prefect task (mapped over the task runner)."""
     outcome = run_refpass_shard(Path(store), RefPassPlan(**plan), index)

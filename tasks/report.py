@@ -1,10 +1,12 @@
 """Report stage: what people look at after an α sweep, as a cached artifact.
 
-From the evaluate artifact's `summary` table and the generation artifacts' decoding costs, the
-artifact `<store>/report/<key>/` holds the plots (reward vs α, reward vs KL, win rate vs α; PNG),
-the reward-at-matched-KL table (`matched_kl.parquet`, `matched_kl.md`) and the summary as
-markdown (`summary.md`); its manifest lists each file with its checksum, and its info carries the
-summary rows and the matched-KL rows for the console and the trackers.
+From the evaluate artifact's `summary`, `calibrated` and `comparisons` tables and the generation
+artifacts' decoding costs, the artifact `<store>/report/<key>/` holds the plots (reward vs α,
+the reward–KL frontier with the calibrated points marked, win rate vs α, and the paired
+difference against the strongest baseline; PNG, all with 95 % intervals), the reward-at-matched-KL
+table (`matched_kl.parquet`, `matched_kl.md`), the paired comparisons (`comparisons.md`) and the
+summary as markdown (`summary.md`); its manifest lists each file with its checksum, and its info
+carries the summary, matched-KL and comparison rows for the console and the trackers.
 
 Key = hash(the evaluate artifact's key, the generation artifacts' keys, format version).
 """
@@ -25,7 +27,7 @@ from alignheads.storage.tables import read_table
 from alignheads.tasks.cached import StageResult, task_options
 
 STAGE = "report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: intervals, calibrated matched-KL points, paired comparisons
 SUMMARY_MARKDOWN = "summary.md"
 
 
@@ -81,14 +83,18 @@ def run_report(store: Path, plan: ReportPlan) -> ArtifactResult:
     from alignheads.tasks.reporting.printing import summary_markdown
 
     def build(staging: Path) -> ArtifactContent:
-        summary = read_table(Path(plan.evaluate_path), "summary").to_pylist()
+        evaluate = Path(plan.evaluate_path)
+        summary = read_table(evaluate, "summary").to_pylist()
+        tables_in = read_manifest(evaluate, "evaluate").tables
+        calibrated = read_table(evaluate, "calibrated").to_pylist() if "calibrated" in tables_in else []
+        comparisons = read_table(evaluate, "comparisons").to_pylist() if "comparisons" in tables_in else []
         infos = [read_manifest(Path(p), "generate").info for p in plan.generation_paths]
-        plots = save_summary_plots(summary, staging)
-        matched = matched_kl_rows(summary, decoding_costs(infos))
-        tables = save_matched_kl(matched, staging)
+        plots = save_summary_plots(summary, staging, calibrated, comparisons)
+        matched = matched_kl_rows(calibrated, decoding_costs(infos))
+        tables = save_matched_kl(matched, comparisons, staging)
         write_bytes_atomic(staging / SUMMARY_MARKDOWN, summary_markdown(summary).encode("utf-8"))
         files = {name: path.name for name, path in (plots | tables).items()}
-        info = {"summary": summary, "matched_kl": matched, "files": files}
+        info = {"summary": summary, "matched_kl": matched, "comparisons": comparisons, "files": files}
         return ArtifactContent(info=info)
 
     return ensure_artifact(store, STAGE, plan.key, REPORT_VERSION, plan.config, plan.inputs, build)

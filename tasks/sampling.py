@@ -1,14 +1,16 @@
 """The sweep's sampling loop, shared by every method: prompts in, rows of the `generations`
 table out, with common random numbers.
 
-Common random numbers. Every (prompt, sample) gets the same random draws at every α and for
-every head, so that differences between α come from α, not from sampling noise. Hugging Face
-`generate` has no per-row seeds, so the batches are made identical instead: prompts in a fixed
-order, fixed batch boundaries (`batch_size`), the same left padding, and
-`torch.manual_seed(batch_seed(seed, sample_index, batch_index))` right before each batch's
-`generate` call. Sampling draws the same number of random numbers per step whatever the
-probabilities are, so with a head whose Δ is zero every α (and the plain base model) produces
-identical text. The seed used is recorded per row.
+Common random numbers. Every (prompt, sample) row samples from its own seed,
+``row_seed(sweep.seed, prompt text, sample index)`` (`models.row_sampling`: Gumbel-max noise from
+one generator per row, decoded greedily), so it draws the same random numbers at every α, for
+every method and in whatever batch it lands. Differences between α and between methods then
+come from α and the method, not from sampling noise. A method's whole sweep is one pass over
+the model loaded once. With a head whose Δ is zero, every α (and the plain base model) produces
+identical text. The seed used is recorded per row. Batch composition changes results only
+through float roundoff (padding widths, matmul blocking), which is why `batch_size` stays in
+the cache key and why a batch holds one α only: an α's rows are then the same bits whichever
+other α share the pass, so a resumed sweep equals an uninterrupted one exactly.
 
 Decoding is fully determined by the sweep settings: the model's own `generation_config.json`
 defaults (top-k, repetition penalty, ...) are set aside during generation, and top-k is off.
@@ -18,25 +20,11 @@ Generation stops at EOS: the tokenizer's EOS plus any EOS ids of the model's gen
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from alignheads.config import SweepConfig
-from alignheads.storage.fingerprint import fingerprint
 from alignheads.tasks.prompts import Prompt
-
-# Sampling draws from torch's global RNG (transformers' generate takes no generator). Generation
-# tasks running in threads of one process (the threads runner, an in-process Dask cluster) would
-# interleave their draws and break common random numbers, so seeding and decoding a batch hold
-# this lock; separate processes (Dask workers on a cluster) still decode in parallel.
-SAMPLING_LOCK = threading.Lock()
-
-
-def batch_seed(seed: int, sample_index: int, batch_index: int) -> int:
-    """The seed of one generate() call: depends only on these three numbers (< 2**60)."""
-    return int(fingerprint({"seed": seed, "sample": sample_index, "batch": batch_index})[:15], 16)
-
 
 def decoding_settings(sweep: SweepConfig, stops: list[int], pad_id: int) -> dict[str, Any]:
     """What every method's decoder takes: length, sampling, and where to stop and pad."""
@@ -100,7 +88,8 @@ def _row_stats(recorded: dict, row: int, n: int) -> dict[str, float | None]:
         ("kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean")
     )
     if "kl_to_base" in recorded:
-        kl = recorded["kl_to_base"][row, :n].double()
+        # KL is >= 0; a tiny negative value is float roundoff of two equal distributions
+        kl = recorded["kl_to_base"][row, :n].double().clamp_min(0.0)
         stats["kl_sum"] = kl.sum().item()
         stats["kl_mean"] = kl.mean().item()
     if "strength" in recorded:
@@ -123,34 +112,44 @@ def sample_responses(
 ) -> list[dict[str, Any]]:
     """Responses to `prompts` with common random numbers (see the module docstring).
 
-    `lm`: an `AlignedLM` (generated at `alpha`, with per-token KL to the base and the head's
-    statistics recorded) or a plain transformers causal LM (statistics null). Returns one dict
-    per (prompt, sample), ordered by prompt then sample, with the generations table's
-    per-row columns plus `token_ids` (the counted generated tokens).
+    `lm`: an `AlignedLM` (generated at `alpha`, default its current α, with per-token KL to the
+    base and the head's statistics recorded) or a plain transformers causal LM (statistics null).
+    Returns one dict per (prompt, sample), ordered by prompt then sample, with the generations
+    table's per-row columns plus `token_ids` (the counted generated tokens).
     """
-    from alignheads.models.aligned import AlignedLM, generate_kwargs, plain_generation_config
+    from alignheads.models.aligned import AlignedLM, plain_generation_config
+    from alignheads.models.row_sampling import seeded_generate_kwargs
 
     aligned = lm if isinstance(lm, AlignedLM) else None
     model = aligned.model if aligned is not None else lm
     stops = eos_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    settings = generate_kwargs(decoding_settings(sweep, stops, pad_id))
+    settings = decoding_settings(sweep, stops, pad_id)
+    fixed = {k: settings[k] for k in ("max_new_tokens", "eos_token_id", "pad_token_id")}
 
-    def decode(input_ids, mask):
+    def decode(input_ids, mask, alphas, seeds):
+        sampling = seeded_generate_kwargs(
+            seeds, do_sample=sweep.do_sample, temperature=sweep.temperature, top_p=sweep.top_p
+        )
         if aligned is None:
-            return model.generate(input_ids, attention_mask=mask, **settings), {}
+            return model.generate(input_ids, attention_mask=mask, **fixed, **sampling), {}
         with aligned.recording() as recorder:
-            out = aligned.generate(input_ids, attention_mask=mask, alpha=alpha, **settings)
+            out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **fixed, **sampling)
         return out, recorder.stacked()
 
+    at = float(alpha) if alpha is not None else (float(aligned.alpha) if aligned is not None else 0.0)
     with plain_generation_config(model):
-        return sample_batches(decode, tokenizer, prompts, sweep, stops, pad_id, model, progress, desc)
+        rows = sample_batches(decode, tokenizer, prompts, [at], sweep, stops, pad_id, model, progress, desc)
+    for row in rows:
+        del row["alpha"]
+    return rows
 
 
 def sample_batches(
-    decode: Callable[[Any, Any], tuple[Any, dict[str, Any]]],
+    decode: Callable[[Any, Any, Any, list[int]], tuple[Any, dict[str, Any]]],
     tokenizer: Any,
     prompts: Sequence[Prompt],
+    alphas: Sequence[float],
     sweep: SweepConfig,
     stops: list[int],
     pad_id: int,
@@ -158,58 +157,67 @@ def sample_batches(
     progress: bool,
     desc: str,
 ) -> list[dict[str, Any]]:
-    """The sweep's sampling loop, whatever decodes a batch: for each sample index and batch of
-    prompts (left-padded), seed torch from (seed, sample, batch) and call ``decode(input_ids
-    (B, P), attention_mask (B, P)) -> (sequences (B, P + N), recorded {name: (B, N)})``; the
-    rows of `sample_responses`, with the recorded per-token statistics summarised per row."""
+    """The sweep's sampling loop, whatever decodes a batch: every (sample, prompt, α) row, its
+    seed ``row_seed(sweep.seed, prompt text, sample)`` (the same at every α), in batches of at
+    most `sweep.batch_size` rows of one α each (left-padded), each decoded by
+    ``decode(input_ids (B, P), attention_mask (B, P), alphas (B,), seeds [B]) -> (sequences
+    (B, P + N), recorded {name: (B, N)})``. Returns the rows ordered by α, prompt, sample, with
+    the recorded per-token statistics summarised per row."""
     import torch
     from tqdm.auto import tqdm
 
+    from alignheads.models.row_sampling import row_seed
+
     device = next(model.parameters()).device
     prompts = list(prompts)
+    alphas = [float(a) for a in alphas]
     texts = [text for _, text in prompts]
     encoded = encode_prompts(tokenizer, texts, sweep.max_prompt_length)
+    seeds = {(i, sample): row_seed(sweep.seed, texts[i], sample) for sample in range(sweep.n_samples) for i in range(len(prompts))}
+    # batches never mix α: an α's rows then do not depend on which other α share the pass (float
+    # roundoff follows the batch shape), so a resumed or partial sweep equals a whole one bit for bit
     bs = sweep.batch_size
-    starts = list(range(0, len(prompts), bs))
+    batches = []
+    for a in range(len(alphas)):
+        jobs = [(sample, i, a, seeds[(i, sample)]) for sample in range(sweep.n_samples) for i in range(len(prompts))]
+        batches += [jobs[start : start + bs] for start in range(0, len(jobs), bs)]
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=sweep.n_samples * len(starts), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="response", disable=not progress, leave=False)
     eos_set = set(stops)
     with torch.inference_mode():
-        for sample in range(sweep.n_samples):
-            for batch_index, start in enumerate(starts):
-                input_ids, mask = left_pad(encoded[start : start + bs], pad_id, device)
-                seed = batch_seed(sweep.seed, sample, batch_index)
-                with SAMPLING_LOCK:
-                    torch.manual_seed(seed)
-                    out, recorded = decode(input_ids, mask)
-                generated = out[:, input_ids.shape[1] :].cpu().tolist()
-                if recorded and recorded["kl_to_base"].shape[1] != len(generated[0]):
-                    raise RuntimeError(
-                        f"recorded {recorded['kl_to_base'].shape[1]} steps for {len(generated[0])} "
-                        "generated tokens: the output layer was not called once per token"
-                    )
-                kept = []
-                for row, ids in enumerate(generated):
-                    counted, ended = until_eos(ids, eos_set)
-                    n = len(counted)
-                    kept.append(counted)
-                    rows.append(
-                        {
-                            "_order": (start + row, sample),
-                            "prompt_id": prompts[start + row][0],
-                            "sample_index": sample,
-                            "seed": seed,
-                            "prompt": texts[start + row],
-                            "n_tokens": n,
-                            "finish_reason": "eos" if ended else "length",
-                            "token_ids": counted,
-                            **_row_stats(recorded, row, n),
-                        }
-                    )
-                responses = tokenizer.batch_decode(kept, skip_special_tokens=True)
-                for row, text in zip(rows[-len(kept) :], responses, strict=True):
-                    row["response"] = text
-                bar.update(1)
+        for batch in batches:
+            input_ids, mask = left_pad([encoded[i] for _, i, _, _ in batch], pad_id, device)
+            row_alphas = torch.tensor([alphas[a] for _, _, a, _ in batch], dtype=torch.float32)
+            out, recorded = decode(input_ids, mask, row_alphas.to(device), [seed for *_, seed in batch])
+            generated = out[:, input_ids.shape[1] :].cpu().tolist()
+            if recorded and recorded["kl_to_base"].shape[1] != len(generated[0]):
+                raise RuntimeError(
+                    f"recorded {recorded['kl_to_base'].shape[1]} steps for {len(generated[0])} "
+                    "generated tokens: the output layer was not called once per token"
+                )
+            kept = []
+            for row, ((sample, i, a, seed), ids) in enumerate(zip(batch, generated, strict=True)):
+                counted, ended = until_eos(ids, eos_set)
+                n = len(counted)
+                kept.append(counted)
+                rows.append(
+                    {
+                        "_order": (a, i, sample),
+                        "alpha": alphas[a],
+                        "prompt_id": prompts[i][0],
+                        "sample_index": sample,
+                        "seed": seed,
+                        "prompt": texts[i],
+                        "n_tokens": n,
+                        "finish_reason": "eos" if ended else "length",
+                        "token_ids": counted,
+                        **_row_stats(recorded, row, n),
+                    }
+                )
+            responses = tokenizer.batch_decode(kept, skip_special_tokens=True)
+            for row, text in zip(rows[-len(kept) :], responses, strict=True):
+                row["response"] = text
+            bar.update(len(batch))
     bar.close()
     rows.sort(key=lambda r: r.pop("_order"))
     return rows

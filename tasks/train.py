@@ -143,6 +143,26 @@ def trained_settings(artifact: str | Path) -> tuple[Method, PreferenceTrainConfi
     return entry, entry.settings.model_validate(config)
 
 
+def trained_base(artifact: str | Path) -> tuple[str, str | None]:
+    """(name_or_path, revision) of the model a complete train artifact was trained on, from the
+    manifest of the reference cache it was trained over (in the same store): the run's own model
+    when it was the reference. Raises ValueError when the cache scored another reference model
+    and names the run's model by its weights only (a local directory): then give the base."""
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact, STAGE)
+    refpass = read_manifest(artifact.parent.parent / "refpass" / manifest.inputs["refpass"], "refpass")
+    identity = refpass.config.get("model", {})
+    if identity.get("own", True):
+        return str(refpass.info["model"]), refpass.info.get("revision")
+    run_model = identity.get("run_model") or {}
+    if run_model.get("kind") == "hub":
+        return str(run_model["id"]), run_model.get("revision")
+    raise ValueError(
+        f"{artifact}: trained over the cache of another reference model; its run model is a local "
+        "directory the cache names by its weights only: pass the base model (--base DIR)"
+    )
+
+
 def checkpoint_dir(store: Path, key: str) -> Path:
     return Path(store) / "checkpoints" / STAGE / key
 
@@ -303,7 +323,7 @@ def metric_logger(tracking: dict[str, str] | None):
     return log
 
 
-@task(**task_options(STAGE))
+@task(**task_options(STAGE, run_name="train-{plan[kind]}"))
 def train_task(store: str, key: str, plan: dict[str, Any], tracking: dict[str, str] | None) -> StageResult:
     """The train stage as a cached Prefect task; metrics go to the MLflow run `tracking` names."""
     return StageResult.of(run_train(Path(store), TrainPlan(**plan), log=metric_logger(tracking)))

@@ -84,6 +84,7 @@ def test_malformed_jsonl_line_ends_the_run_in_one_line_without_tracebacks(bad_da
     assert len(finals) == 1 and "Flow run" in finals[0] and "BadRowError" in finals[0], done.stderr
     assert "Task run failed with exception" not in done.stderr
     assert "Encountered exception during execution" not in done.stderr
+    assert "Flow run failed" not in done.stderr  # the flow's own log of the reason: the API's only
     # a few lines in all: the flow run's start and end, MLflow creating its database, the error
     assert len(lines) <= 8, done.stderr
 
@@ -95,7 +96,8 @@ def test_verbose_shows_the_tracebacks(bad_data_config, api_url):
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("Traceback (most recent call last)") >= 2, done.stderr
     assert "Task run failed with exception" in done.stderr
-    assert "Encountered exception during execution" in done.stderr
+    # the flow run ends in a Failed state with the one-line reason, logged with its traceback
+    assert "Flow run failed: BadRowError: pairs.jsonl: row 1 (line 2): malformed JSON" in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(ERROR_LINE), done.stderr
 
 

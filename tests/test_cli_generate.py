@@ -141,10 +141,10 @@ def test_newest_head_of_a_kind(tmp_path):
         _newest_head(tmp_path / "empty", "calm")
 
 
-def _read_until(fd: int, needle: str, buffer: list[str], timeout: float = 60.0) -> str:
-    """Read from the pty master until `needle` appears in the text read so far."""
+def _read_until(fd: int, needle: str, buffer: list[str], timeout: float = 60.0, count: int = 1) -> str:
+    """Read from the pty master until `needle` appears (`count` times) in the text read so far."""
     deadline = time.monotonic() + timeout
-    while needle not in "".join(buffer):
+    while "".join(buffer).count(needle) < count:
         left = deadline - time.monotonic()
         if left <= 0:
             raise AssertionError(f"timed out waiting for {needle!r}; output so far:\n{''.join(buffer)}")
@@ -173,9 +173,19 @@ def test_interactive_through_a_pseudo_terminal(world, expected):
         os.execv(argv[0], argv)
     out: list[str] = []
     try:
-        _read_until(fd, "[alpha=3]> ", out)
+        banner = _read_until(fd, "[alpha=3]> ", out)
+        for command in (":alpha X", ":alpha (show it)", ":compare", ":info", ":help", ":q"):
+            assert command in banner  # every command is listed (issue 21, item 7)
         os.write(fd, (expected["prompts"][0] + "\n").encode())
         _read_until(fd, expected["a3"][0] + "\n", out)
+        os.write(fd, b":alpha\n")  # no value: says the current alpha
+        _read_until(fd, "alpha = 3\n", out)
+        # wait for readline to be reading again: keys typed before are echoed by the terminal
+        _read_until(fd, "[alpha=3]> ", out, count=3)
+        # readline: Up twice recalls the first prompt, which gets the same reply again (greedy)
+        os.write(fd, b"\x1b[A\x1b[A\n")
+        _read_until(fd, expected["a3"][0] + "\n", out, count=2)
+        assert "^[[A" not in "".join(out)
         os.write(fd, b":alpha 0\n")
         _read_until(fd, "[alpha=0]> ", out)
         os.write(fd, (expected["prompts"][1] + "\n").encode())
@@ -208,3 +218,16 @@ def test_interactive_through_a_pseudo_terminal(world, expected):
     # at alpha 0 a CALM head is the base: the compared pair is the same text twice
     assert text.count(f"\n{expected['a0'][2]}\n") >= 2
     assert "Traceback" not in text
+
+
+def test_generate_help_lists_every_chat_command():
+    import subprocess
+
+    exe = Path(sys.executable).parent / "alignheads"
+    env = dict(os.environ, COLUMNS="400")  # argparse wraps help at the terminal's width
+    out = subprocess.run(
+        [str(exe), "generate", "--help"], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    interactive = next(line for line in out.splitlines() if line.lstrip().startswith("--interactive"))
+    for command in (":alpha X", ":alpha (show it)", ":compare", ":info", ":help", ":q"):
+        assert command in interactive, interactive

@@ -16,6 +16,7 @@ from alignheads.config import (
     read_config,
     shipped_config,
     shipped_config_names,
+    with_overrides,
 )
 
 
@@ -81,7 +82,32 @@ def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert message in str(info.value)
-    assert "tiny.yaml" in str(info.value)
+    # the mistake is the --set item's, not the config file's (issue 21, item 5)
+    assert str(info.value).startswith(f"invalid configuration (--set {override}):")
+    assert "tiny.yaml" not in str(info.value)
+
+
+def test_a_misspelt_key_names_the_closest_one_and_where_it_came_from(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("name: x\ntokenize: {max_promt_length: 3}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config, ["data.train={path: pairs.jsonl, lmit: 3}", "refpass.k=8"])
+    assert str(info.value).splitlines() == [
+        f"invalid configuration ({config}, --set data.train={{path: pairs.jsonl, lmit: 3}}):",
+        "  data.train.lmit: unknown key; did you mean 'limit'? (from --set data.train={path: pairs.jsonl, lmit: 3})",
+        "  tokenize.max_promt_length: unknown key; did you mean 'max_prompt_length'?",
+    ]
+    with pytest.raises(ConfigError, match=r"  stor: unknown key; did you mean 'store'\?$"):
+        load_config(None, ["stor=elsewhere"])
+    with pytest.raises(ConfigError, match=r"  train\.xyz: unknown key$"):  # nothing close
+        load_config(None, ["train.xyz=1"])
+    # the pipeline flow's `overrides` parameter is blamed the same way
+    with pytest.raises(ConfigError) as info:
+        with_overrides(load_config(None), ["sweep.alphaz=[1]"])
+    assert str(info.value).splitlines() == [
+        "invalid configuration (overrides item sweep.alphaz=[1]):",
+        "  sweep.alphaz: unknown key; did you mean 'alphas'?",
+    ]
 
 
 def test_yaml_problems_name_the_file(tmp_path):
@@ -174,5 +200,20 @@ def test_a_plain_path_source_has_the_mapping_forms_cache_key(tmp_path):
     mapping = DataConfig.model_validate({"train": {"path": train}, "test": {"path": test, "limit": 5}})
     plain = DataConfig.model_validate({"train": train, "test": {"path": test, "limit": 5}})
     key = plan_data(mapping, None, None, "tokenizer-fp").key
-    assert key == "b3138a7c6b861fcc"  # the key of this data before the change
+    assert key == "ca1ccab9a47e1491"  # pinned (data format version 2: test pairs repeating a train prompt are dropped)
     assert plan_data(plain, None, None, "tokenizer-fp").key == key
+
+
+def test_the_comparison_config_reuses_the_embedded_defaults_trained_artifacts():
+    """configs/compare.yaml differs from the embedded default only in its evaluation, so running
+    it after `alignheads run` reuses the world, data, reference pass and every trained method."""
+    from pathlib import Path
+
+    from alignheads.config import read_config
+
+    compare, tiny = read_config(Path(__file__).parents[1] / "configs" / "compare.yaml"), read_config()
+    for section in ("store", "world", "model", "data", "tokenize", "refpass", "train"):
+        assert getattr(compare, section) == getattr(tiny, section), section
+    assert compare.sweep.prompt_set == "tiny-world" and compare.sweep.n_prompts * compare.sweep.n_samples >= 4 * (
+        tiny.sweep.n_prompts * tiny.sweep.n_samples
+    )

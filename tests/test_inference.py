@@ -127,10 +127,10 @@ def test_analyze_modulation_patterns_calm(calm):
     assert stats["responses"] == generate(aligned, tok, PROMPTS, alpha=1.0, seed=5, **SAMPLED)
 
     # the same numbers as strength_stats over the recorded strengths of the counted tokens
-    from alignheads.inference import _new_tokens
+    from alignheads.inference import _new_tokens, prompt_seeds
 
     with aligned.use_alpha(1.0), aligned.recording() as rec:
-        rows = _new_tokens(aligned.model, tok, PROMPTS, 5, dict(SAMPLED))
+        rows = _new_tokens(aligned.model, tok, PROMPTS, prompt_seeds(5, PROMPTS), dict(SAMPLED))
     strength = rec.stacked()["strength"]
     mask = torch.zeros_like(strength, dtype=torch.bool)
     for i, ids in enumerate(rows):

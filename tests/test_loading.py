@@ -37,3 +37,27 @@ def test_concurrent_loads_leave_tying_and_init_in_place(tmp_path):
     tied = tiny_llama(tied=True)  # built after the loads: tied and initialised as configured
     assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
     assert tied.model.layers[0].self_attn.q_proj.weight.abs().sum() > 0
+
+
+def test_library_progress_bars_are_off_only_inside_the_pipelines_block(tmp_path, capsys):
+    """The pipeline (flows) and the CLI verbs run inside `library_progress_bars_off`: no
+    "Writing model shards" / "Loading weights" bars from transformers there; outside (a notebook
+    importing the package) the library's bars are as they were (issue 21, item 4)."""
+    from transformers.utils import logging as hf_logging
+
+    from alignheads.loading import library_progress_bars_off
+
+    assert hf_logging.is_progress_bar_enabled()
+    model = tiny_llama(tied=False)
+    with library_progress_bars_off():
+        with library_progress_bars_off():  # nested (flows inside the CLI, threads)
+            model.save_pretrained(tmp_path / "quiet")
+        assert not hf_logging.is_progress_bar_enabled()
+        load_causal_lm(str(tmp_path / "quiet"))
+    quiet = capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    model.save_pretrained(tmp_path / "loud")
+    load_causal_lm(str(tmp_path / "loud"))
+    loud = capsys.readouterr().err
+    assert "Writing model shards" in loud and "Loading weights" in loud
+    assert "Writing model shards" not in quiet and "Loading weights" not in quiet

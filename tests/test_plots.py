@@ -88,7 +88,7 @@ def test_print_sweep_summary_shows_every_head_and_alpha():
     print_sweep_summary(pa.Table.from_pylist(_report_rows()), console=console)
     text = console.export_text()
     assert "run run-1" in text
-    for header in ("head", "α", "reward", "Δ reward", "win rate", "KL", "length", "pref. acc."):
+    for header in ("method", "α", "reward [95 %]", "Δ", "win [95 %]", "KL [95 %]", "len", "pref"):
         assert header in text
     lines = [line for line in text.splitlines() if "│ iav" in line or "│ calm" in line]
     assert len(lines) == 10
@@ -104,13 +104,13 @@ def test_summary_markdown_table():
 
     md = summary_markdown(_report_rows())
     lines = md.strip().splitlines()
-    assert lines[0] == "| head | α | n | reward | Δ reward | win rate | KL | length | pref. acc. |"
+    assert lines[0] == "| method | α | n | reward [95 %] | Δ | win [95 %] | KL [95 %] | len | pref |"
     assert lines[1] == "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     assert len(lines) == 12  # header, rule, 10 rows; calm first
     assert lines[2] == "| calm | 0 | 40 | -0.500 | +0.000 | - | 0.000 | 12.2 | - |"
     assert lines[9] == "| iav | 1 | 40 | 0.300 | +0.800 | 0.700 | 0.300 | 12.2 | 0.930 |"
     two_runs = summary_markdown(make_summary("r1") + make_summary("r2"))
-    assert two_runs.splitlines()[0].startswith("| run | head |") and "| r2 | iav | 2 |" in two_runs
+    assert two_runs.splitlines()[0].startswith("| run | method |") and "| r2 | iav | 2 |" in two_runs
 
 
 def test_reward_vs_kl_axis_and_printed_summary_name_the_summary_kl(tmp_path, monkeypatch):
@@ -137,4 +137,42 @@ def test_reward_vs_kl_axis_and_printed_summary_name_the_summary_kl(tmp_path, mon
     console = Console(record=True, width=200)
     print_sweep_summary(pa.Table.from_pylist(_report_rows()), console=console)
     text = " ".join(console.export_text().split())
-    assert f"KL: {KL_DEFINITION}." in text
+    assert f"KL: {KL_DEFINITION};" in text
+
+
+def test_printed_summary_shows_intervals_and_counts():
+    from rich.console import Console
+
+    from alignheads.tasks.reporting.printing import print_sweep_summary
+
+    rows = _report_rows()
+    for r in rows:
+        r.update(reward_lo=r["reward"] - 0.1, reward_hi=r["reward"] + 0.2, kl_lo=-1e-9, kl_hi=r["kl"] + 0.01,
+                 n_prompts=20, n_samples=2)  # fmt: skip
+    console = Console(record=True, width=200)
+    print_sweep_summary(pa.Table.from_pylist(rows), console=console)
+    text = console.export_text()
+    iav1 = next(line for line in text.splitlines() if "│ iav " in line and "│   1 │" in line)
+    assert "0.300 [0.200, 0.500]" in iav1 and "20×2" in iav1
+    assert "0.300 [0.000, 0.310]" in iav1  # KL: a roundoff-negative bound prints as 0
+
+
+def test_frontier_and_paired_difference_plots_with_intervals(tmp_path):
+    from alignheads.tasks.reporting.plots import plot_paired_differences, strongest_baseline
+
+    rows = make_summary()
+    for r in rows:
+        r.update(reward_lo=r["reward"] - 0.1, reward_hi=r["reward"] + 0.1, kl_lo=r["kl"] * 0.9,
+                 kl_hi=r["kl"] * 1.1, n_prompts=20, n_samples=2)  # fmt: skip
+    calibrated = [
+        {"target_kl": 0.1, "head": "iav", "alpha": 0.5, "reward": 0.0},
+        {"target_kl": 0.1, "head": "genarm", "alpha": 0.4, "reward": 1.0},
+        {"target_kl": 0.1, "head": "dpo-dera", "alpha": 0.6, "reward": 0.5},
+    ]
+    assert strongest_baseline(calibrated, ("genarm", "dpo-dera")) == "genarm"
+    _assert_png(plot_reward_vs_kl(rows, tmp_path / "f.png", calibrated))
+    comparisons = [
+        {"target_kl": 0.1, "head_a": "genarm", "alpha_a": 0.4, "head_b": "iav", "alpha_b": 0.5,
+         "reward_diff": 1.0, "diff_lo": 0.5, "diff_hi": 1.5, "significant": True, "n_prompts": 20},
+    ]  # fmt: skip
+    _assert_png(plot_paired_differences(comparisons, calibrated, tmp_path / "d.png"), min_bytes=5_000)

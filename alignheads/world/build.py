@@ -105,7 +105,8 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
     )
     pair_kw = {"held_out_fraction": cfg.held_out_fraction, "multi_turn_prob": cfg.multi_turn_prob}
     train = corpus.preference_pairs(cfg.n_train_pairs, cfg.seed, "train", **pair_kw)
-    test = corpus.preference_pairs(cfg.n_test_pairs, cfg.seed, "test", **pair_kw)
+    train_prompts = {p["prompt"] for p in train}
+    test = corpus.preference_pairs(cfg.n_test_pairs, cfg.seed, "test", exclude=train_prompts, **pair_kw)
 
     tokenizer = build_tokenizer(texts, cfg.vocab_size, cfg.max_position_embeddings)
     model = make_model(cfg, tokenizer)
@@ -136,7 +137,6 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
     n_train = len(train)
     chosen_test, rejected_test = _mean(r_chosen[n_train:]), _mean(r_rejected[n_train:])
     base_mean = _mean(base_r)
-    train_prompts = {p["prompt"] for p in train}
 
     report: dict[str, Any] = {
         "seed": cfg.seed,
@@ -151,6 +151,7 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
         "final_loss": round(_mean(losses[-20:]), 4),
         "n_train_pairs": len(train),
         "n_test_pairs": len(test),
+        "test_prompts_distinct": len({p["prompt"] for p in test}),
         "test_prompts_unseen_in_train": sum(p["prompt"] not in train_prompts for p in test),
         "reward_chosen_mean": chosen_test,
         "reward_rejected_mean": rejected_test,
@@ -181,7 +182,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"final pretraining loss {report['final_loss']:.3f} after {report['pretrain_steps']} steps",
         f"  corpus: {report['corpus_dialogues']:,} dialogues, {report['corpus_tokens']:,} tokens",
         f"  pairs: {report['n_train_pairs']} train, {report['n_test_pairs']} test "
-        f"({report['test_prompts_unseen_in_train']} test prompts unseen in train)",
+        f"({report['test_prompts_distinct']} distinct test prompts, "
+        f"{report['test_prompts_unseen_in_train']} of the pairs' prompts unseen in train)",
         f"  ground-truth reward ranks chosen above rejected on {report['pair_accuracy']:.1%} of pairs",
         "  mean ground-truth reward (test prompts):",
         f"    chosen     {report['reward_chosen_mean']:+.3f}",

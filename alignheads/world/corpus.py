@@ -434,24 +434,39 @@ def preference_pairs(
     held_out_fraction: float = 0.2,
     multi_turn_prob: float = 0.15,
     max_tries: int = 100,
+    exclude: frozenset[str] | set[str] = frozenset(),
 ) -> list[dict[str, str]]:
     """``n`` pairs ``{"prompt", "chosen", "rejected"}``: chosen good-style, rejected bad-style.
 
-    Train prompts never use a held-out question; test prompts come from the whole question
-    space, so part of the test set is text the training pairs never showed. Each pair is
-    checked against the ground-truth reward and re-drawn until chosen scores strictly
-    higher (by construction it almost always does on the first draw).
+    Train prompts never use a held-out question. Test prompts come from the whole question
+    space but are unseen: each is distinct from every other test prompt and from the prompts in
+    `exclude` (pass the training prompts), so held-out accuracy and the α sweep never score text
+    the training pairs showed. Each pair is checked against the ground-truth reward and re-drawn
+    until chosen scores strictly higher (by construction it almost always does on the first
+    draw). Raises RuntimeError when the question space runs out of unseen prompts.
     """
     from alignheads.world.reward import reward  # the reward imports the tables above
 
     rng = _stream_rng(seed, f"pairs-{split}")
-    pairs = []
+    pairs: list[dict[str, str]] = []
+    used: set[str] = set()
+    draws = 0
     while len(pairs) < n:
+        draws += 1
+        if draws > 1000 * n:
+            raise RuntimeError(
+                f"only {len(pairs)} unseen {split} prompts found in {draws - 1} draws (asked for {n}): "
+                "lower world.n_test_pairs"
+            )
         history = _history(rng, multi_turn_prob)
         q = sample_question(rng)
         if split == "train" and is_held_out(q, seed, held_out_fraction):
             continue
         prompt = format_prompt(q.text, history)
+        if split == "test":
+            if prompt in exclude or prompt in used:
+                continue
+            used.add(prompt)
         for _ in range(max_tries):
             chosen = make_response(q, rng.choice(GOOD_STYLES), rng)
             rejected = make_response(q, rng.choices(BAD_STYLES, weights=BAD_STYLE_WEIGHTS)[0], rng)
@@ -461,3 +476,19 @@ def preference_pairs(
             raise RuntimeError(f"no pair with chosen > rejected for {prompt!r} after {max_tries} tries")
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
+
+
+def evaluation_prompts(n: int, multi_turn_prob: float = 0.15) -> list[str]:
+    """``n`` distinct prompts drawn from the world's question templates (single- and multi-turn,
+    like the pairs' prompts), from a stream of their own: the tiny world's named evaluation prompt
+    set, as large as an evaluation needs. Raises RuntimeError when the templates run out."""
+    rng = _stream_rng(0, "evaluation-prompts")
+    seen: dict[str, None] = {}
+    draws = 0
+    while len(seen) < n:
+        draws += 1
+        if draws > 1000 * max(n, 1):
+            raise RuntimeError(f"only {len(seen)} distinct prompts in {draws - 1} draws (asked for {n})")
+        history = _history(rng, multi_turn_prob)
+        seen.setdefault(format_prompt(sample_question(rng).text, history), None)
+    return list(seen)

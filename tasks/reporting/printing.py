@@ -14,24 +14,30 @@ from alignheads.tasks.cached import RunOutcome
 
 
 def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | None = None) -> None:
-    """One row per stage: status, artifact key, tables with row counts, path; then the trained
-    methods, the sweep's summary, the matched-KL table, the report's files and the store."""
+    """A compact row per stage (status, short artifact key, tables with row counts); then the
+    trained methods, the sweep's summary with its intervals and legend, the matched-KL table,
+    which paired differences are significant, the report's files, and where the MLflow runs and
+    the store are."""
+    from alignheads.storage.tracking import default_tracking_uri
+
     console = console or Console()
-    table = Table(title=f"alignheads run '{cfg.name}'")
-    for col in ("stage", "status", "key", "tables (rows)", "path"):
+    table = Table(title=f"alignheads run '{cfg.name}' (artifacts: <store>/<stage>/<key>/)")
+    for col in ("stage", "status", "key", "tables (rows)"):
         table.add_column(col, overflow="fold")
     stages = outcome.stages()
     for stage, result in stages:
         tables = ", ".join(f"{n} ({r})" for n, r in result.tables.items()) or "-"
-        table.add_row(stage, result.status, result.key, tables, result.path)
+        table.add_row(stage, result.status, result.key[:12], tables)
     console.print(table)
     print_head_summary(outcome, console)
     if outcome.report is not None:
-        print_sweep_summary(outcome.report.info["summary"], console)
-        if outcome.report.info.get("matched_kl"):
-            print_matched_kl(outcome.report.info["matched_kl"], console)
-        for name, file in outcome.report.info.get("files", {}).items():
-            console.print(f"{name}: {outcome.report.directory / file}")
+        info = outcome.report.info
+        print_sweep_summary(info["summary"], console)
+        if info.get("matched_kl"):
+            print_matched_kl(info["matched_kl"], console)
+        if info.get("comparisons") is not None:
+            print_significant(info["comparisons"], console)
+        console.print(f"Report (plots, matched_kl.md, comparisons.md, summary.md): {outcome.report.directory}")
     rejected = sum(outcome.data.info.get("rejects", {}).values()) if outcome.data is not None else 0
     if rejected:
         console.print(
@@ -45,8 +51,10 @@ def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | No
         tail = f"; reused from the store: {', '.join(reused)}" if reused else ""
         console.print(f"Computed: {', '.join(done)}{tail}.")
     if outcome.mlflow_run is not None:  # the run this flow run logged to (a cached run points on)
-        console.print(f"MLflow run: {outcome.mlflow_run} (experiment '{cfg.name}')")
-    console.print(f"Store: {cfg.store}")
+        uri = cfg.tracking.uri or default_tracking_uri(cfg.store)
+        console.print(f"MLflow run id: {outcome.mlflow_run} (experiment '{cfg.name}')")
+        console.print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    console.print(f"Store: {cfg.store}   (tables: alignheads query \"SELECT * FROM summary\")")
 
 
 def print_head_summary(outcome: RunOutcome, console: Console) -> None:
@@ -54,8 +62,8 @@ def print_head_summary(outcome: RunOutcome, console: Console) -> None:
     if not outcome.train:
         return
     table = Table(title="trained methods (held-out pairs, alpha = 1)")
-    for col in ("method", "steps", "train loss", "preference accuracy", "reward margin"):
-        table.add_column(col, justify="right")
+    for col in ("method", "steps", "train loss", "preference accuracy", "reward margin", "saved in"):
+        table.add_column(col, justify="right" if col != "saved in" else "left", overflow="fold")
     for name, result in outcome.train.items():
         info = result.info
         ev, final = info.get("eval", {}), info.get("final", {})
@@ -65,6 +73,7 @@ def print_head_summary(outcome: RunOutcome, console: Console) -> None:
             _fmt(final.get("loss")),
             _fmt(ev.get("eval/rewards/accuracies")),
             _fmt(ev.get("eval/rewards/margins")),
+            "/".join(result.location.parts[-3:]),  # train/<key>/head (or /model)
         )
     console.print(table)
 
@@ -95,19 +104,24 @@ def _cell(value: Any, width: int = 120) -> str:
 
 # --- the α sweep's evaluation summary ---------------------------------------------------------
 
-# What the table's KL column is (the summary's `kl`), said under the table.
-KL_NOTE = f"KL: {KL_DEFINITION}."
+# The legend printed under the summary table.
+LEGEND = (
+    "reward: mean ground-truth (or reward-model) reward, [95 % bootstrap interval over prompts]; "
+    "Δ: change from α = 0; win: share of samples whose reward beats α = 0's on the same prompt "
+    f"and seed; KL: {KL_DEFINITION}; len: mean generated tokens; pref: held-out preference "
+    "accuracy of the method's implicit reward; n = prompts × samples per prompt."
+)
 
 _SWEEP_COLUMNS = (
-    ("head", "head"),
+    ("head", "method"),
     ("alpha", "α"),
     ("n", "n"),
-    ("reward", "reward"),
-    ("reward_delta", "Δ reward"),
-    ("win_rate", "win rate"),
-    ("kl", "KL"),
-    ("length", "length"),
-    ("preference_accuracy", "pref. acc."),
+    ("reward", "reward [95 %]"),
+    ("reward_delta", "Δ"),
+    ("win_rate", "win [95 %]"),
+    ("kl", "KL [95 %]"),
+    ("length", "len"),
+    ("preference_accuracy", "pref"),
 )
 
 
@@ -127,36 +141,42 @@ def _sweep_rows(summary_rows: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _sweep_cell(col: str, value: Any) -> str:
+def _sweep_cell(col: str, value: Any, row: dict[str, Any] | None = None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and abs(value) < 5e-4:
         value = 0.0  # no "-0.000"
+    row = row or {}
     if col == "head":
         return str(value)
     if col == "alpha":
-        return f"{float(value):g}"
+        return f"{float(value):.3g}"
     if col == "n":
-        return str(int(value))
+        prompts, samples = row.get("n_prompts"), row.get("n_samples")
+        return f"{prompts}×{samples}" if prompts and samples else str(int(value))
     if col == "reward_delta":
         return f"{value:+.3f}"
     if col == "length":
         return f"{value:.1f}"
+    interval = {"reward": "reward", "win_rate": "win_rate", "kl": "kl"}.get(col)
+    lo, hi = (row.get(f"{interval}_lo"), row.get(f"{interval}_hi")) if interval else (None, None)
+    if lo is not None and hi is not None:
+        return f"{value:.3f} [{max(lo, 0.0) if col == 'kl' else lo:.3f}, {hi:.3f}]"
     return f"{value:.3f}"
 
 
 def print_sweep_summary(summary_rows: Any, console: Console | None = None) -> None:
-    """The α sweep as a table, one row per (head, α): n, mean reward and its change from α = 0 (Δ),
-    win rate against α = 0, KL to the base (`KL_NOTE`, printed under the table), mean length
-    (tokens), held-out preference accuracy. `summary_rows`: the `summary` table (Arrow) or its
-    rows as dicts."""
+    """The α sweep as a table, one row per (method, α): prompts × samples, mean reward with its
+    95 % interval and its change from α = 0 (Δ), win rate against α = 0, KL to the base, mean
+    length (tokens), held-out preference accuracy; `LEGEND` under it. `summary_rows`: the
+    `summary` table (Arrow) or its rows as dicts."""
     console = console or Console()
     rows = _sweep_rows(summary_rows)
     runs = sorted({str(r.get("run_id") or "") for r in rows})
-    title = "evaluation summary (head × α)"
+    title = "evaluation summary (method × α)"
     if len(runs) == 1 and runs[0]:
         title += f", computed in MLflow run {runs[0]}"
-    table = Table(title=title, caption=KL_NOTE, caption_justify="left")
+    table = Table(title=title, caption=LEGEND, caption_justify="left")
     several = len(runs) > 1
     if several:
         table.add_column("run", overflow="fold")
@@ -168,7 +188,7 @@ def print_sweep_summary(summary_rows: Any, console: Console | None = None) -> No
         if previous_head is not None and head != previous_head:
             table.add_section()
         previous_head = head
-        cells = [_sweep_cell(col, r.get(col)) for col, _ in _SWEEP_COLUMNS]
+        cells = [_sweep_cell(col, r.get(col), r) for col, _ in _SWEEP_COLUMNS]
         table.add_row(*([str(r.get("run_id") or "-")] if several else []), *cells)
     console.print(table)
     if not rows:
@@ -184,36 +204,63 @@ def summary_markdown(summary_rows: Any) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     for r in rows:
         cells = ([str(r.get("run_id") or "-")] if several else []) + [
-            _sweep_cell(col, r.get(col)).replace("|", "\\|") for col, _ in _SWEEP_COLUMNS
+            _sweep_cell(col, r.get(col), r).replace("|", "\\|") for col, _ in _SWEEP_COLUMNS
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def print_matched_kl(rows: list[dict[str, Any]], console: Console | None = None) -> None:
-    """Each method's reward at matched KL to the base (interpolated along its α sweep, with the
-    α it takes) and its decoding cost (see `alignheads.tasks.reporting.matched_kl`)."""
+    """Each method's reward at its α calibrated to each target KL (measured on the evaluation
+    prompts, with 95 % intervals, the α and the KL reached) and its decoding cost (see
+    `alignheads.tasks.reporting.matched_kl`)."""
     console = console or Console()
-    levels = sorted({r["kl"] for r in rows})
-    table = Table(title="reward at matched KL to the base (interpolated along α)")
+    targets = sorted({r["target_kl"] for r in rows})
+    table = Table(title="reward at matched KL to the base (α calibrated to each target KL)")
     table.add_column("method")
-    for k in levels:
-        table.add_column(f"KL {k:.3f}: reward (α)", justify="right")
-    table.add_column("LM forwards / token", justify="right")
-    table.add_column("ms / token", justify="right")
+    for t in targets:
+        table.add_column(f"KL {t:g}: reward [95 %] (α; KL)", justify="right")
+    table.add_column("LM fwd/tok", justify="right")
+    table.add_column("ms/tok", justify="right")
     heads: dict[str, dict[float, dict[str, Any]]] = {}
     for r in rows:
-        heads.setdefault(r["head"], {})[r["kl"]] = r
-    for head, by_level in heads.items():
+        heads.setdefault(r["head"], {})[r["target_kl"]] = r
+    for head, by_target in heads.items():
         cells = []
-        for k in levels:
-            r = by_level.get(k, {})
-            cells.append("-" if r.get("reward") is None else f"{r['reward']:.3f} ({r['alpha']:.2f})")
-        first = next(iter(by_level.values()))
+        for t in targets:
+            r = by_target.get(t)
+            if r is None or r.get("reward") is None:
+                cells.append("-")
+                continue
+            mark = "" if r.get("converged", True) else "†"
+            cells.append(
+                f"{_sweep_cell('reward', r['reward'], r)} (α {r['alpha']:.3g}; {r['kl']:.3f}{mark})"
+            )
+        first = next(iter(by_target.values()))
         forwards, ms = first.get("lm_forwards_per_token"), first.get("ms_per_token")
         table.add_row(
             head, *cells, "-" if forwards is None else str(forwards), "-" if ms is None else f"{ms:.2f}"
         )
     console.print(table)
-    if not levels:
-        console.print("No KL level is reached by every method's sweep.")
+    if any(not r.get("converged", True) for r in rows):
+        console.print("† the calibration stopped short of this KL: the closest α it measured.")
+
+
+def print_significant(comparisons: list[dict[str, Any]], console: Console | None = None) -> None:
+    """One line per paired difference whose 95 % interval excludes 0 (the `comparisons` table),
+    then how many did not."""
+    console = console or Console()
+    if not comparisons:
+        return
+    hits = [r for r in comparisons if r["significant"]]
+    lines = [
+        f"  KL {r['target_kl']:g}: {r['head_a']} − {r['head_b']} = {r['reward_diff']:+.3f} "
+        f"[{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]"
+        for r in hits
+    ]
+    console.print(
+        f"Paired differences at matched KL whose 95 % interval excludes 0: {len(hits)} of {len(comparisons)}"
+        + (" (the others are within noise):" if hits else "; every gap is within noise.")
+    )
+    for line in lines:
+        console.print(line)

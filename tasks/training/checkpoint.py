@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignheads.storage.atomic import fsync_dir
+from alignheads.storage.atomic import follow_umask, fsync_dir
 
 TENSORS = "state.safetensors"
 META = "state.json"
@@ -83,6 +83,7 @@ def save_checkpoint(
         "extra": extra or {},
     }
     (tmp / META).write_text(json.dumps(meta, indent=1, default=float))
+    follow_umask(tmp)  # safetensors writes 0600
     for path in tmp.iterdir():
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())

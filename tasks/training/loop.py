@@ -35,6 +35,11 @@ from alignheads.tasks.training.checkpoint import (
 
 MetricsSink = Callable[[dict[str, float], int], None]
 
+# Held-out metrics kept in the results (the artifact's info and `train_metrics`) but not sent to
+# the metrics sink (MLflow) at every evaluation: `eval/pairs`, the held-out set's size, is the
+# same number each time.
+NOT_LOGGED = frozenset({"eval/pairs"})
+
 
 class NonFiniteError(RuntimeError):
     """The loss or gradient became NaN/inf; the message names the step and the last good checkpoint."""
@@ -244,7 +249,7 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
                 )
                 module.train()
                 if accelerator.is_main_process and eval_metrics:
-                    job.log(eval_metrics, step)
+                    job.log({k: v for k, v in eval_metrics.items() if k not in NOT_LOGGED}, step)
             if step % cfg.checkpoint_every == 0 or step == total:
                 checkpoint(step, DataPosition(epoch, next_index))
             if step >= total:

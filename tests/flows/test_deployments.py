@@ -184,6 +184,7 @@ def _test_size_config(store: Path) -> dict:
             "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 1, "rank": 4, "eval_every": 4},
         },
         "sweep": {"alphas": [0, 1], "n_prompts": 6, "max_new_tokens": 8, "batch_size": 4},
+        "evaluate": {"target_kls": []},  # no α calibration here (tested on its own)
     }
 
 
@@ -296,3 +297,28 @@ def test_ui_custom_run_form_in_headless_chromium(server, deployed, tmp_path):
     head = shot.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", head[16:24]) == (1280, 1600)
+
+
+def test_a_failed_deployment_run_says_why_in_its_state_and_under_watch(server, deployed, tmp_path):
+    """`prefect deployment run … --watch` on a stage given a key that names nothing: the run ends
+    Failed with the one-line reason as its state message (the UI shows it), and `--watch` prints
+    that reason before the final state (issue 21, item 9)."""
+    done = subprocess.run(
+        [PREFECT, "deployment", "run", "alignheads-train/train", "-p", 'refpass_key="deadbeef"',
+         "-p", f"store={tmp_path / 'store'}", "--watch", "--watch-timeout", "240"],
+        cwd=REPO, env=server["env"], capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Flow run finished in state 'Failed'" in out, out[-3000:]
+    reason = "MissingArtifactError: refpass_key='deadbeef': no complete refpass artifact in the store"
+    # the run's own event, just before the final state: `alignheads.flow-run.failed * <run>: <reason>`
+    events = " ".join(out.split())  # rich wraps long lines
+    assert "alignheads.flow-run.failed" in events and f": {reason}" in events, out[-3000:]
+    assert events.index("alignheads.flow-run.failed") < events.index("prefect.flow-run.Failed")
+    found = httpx.post(
+        f"{server['api']}/flow_runs/filter",
+        json={"deployments": {"id": {"any_": [deployed["train"]["id"]]}}, "sort": "START_TIME_DESC"},
+        timeout=30,
+    ).json()
+    assert found and found[0]["state"]["type"] == "FAILED"
+    assert found[0]["state"]["message"].startswith(reason), found[0]["state"]

@@ -51,6 +51,7 @@ def small_config(store: Path) -> RunConfig:
                 "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 1, "rank": 4, "eval_every": 2},
             },
             "sweep": {"alphas": [0, 1], "n_prompts": 4, "max_new_tokens": 8, "batch_size": 4},
+            "evaluate": {"target_kls": []},  # no α calibration here (tested on its own)
         }
     ).resolved()
 
@@ -206,3 +207,151 @@ def test_the_first_write_to_a_store_it_cannot_create_is_one_clear_line(prefect_h
     ], done.stderr[-3000:]
     assert "PermissionError" not in done.stderr.splitlines()[-1]
     assert not (readonly / "a").exists()
+
+
+# --- trained heads as MLflow models (registry, pyfunc, serving) ---------------------------------
+
+PROMPT = "What is 3 plus 4?"
+
+
+def _registered(cfg: RunConfig, method: str):
+    client = _client(cfg)
+    versions = client.search_model_versions(f"name = '{EXPERIMENT}-{method}'")
+    return client, sorted(versions, key=lambda v: int(v.version))
+
+
+def test_every_trained_head_is_a_registered_model_with_newest_and_best_aliases(first):
+    cfg, _, outcome = first
+    for method in ("iav", "calm"):
+        client, versions = _registered(cfg, method)
+        assert versions, method
+        model = client.get_registered_model(f"{EXPERIMENT}-{method}")
+        assert model.aliases["newest"] == versions[-1].version  # the stage flow's calm is version 2
+        accuracy = {v.version: float(v.tags["alignheads.eval_accuracy"]) for v in versions}
+        best = model.aliases["best"]
+        assert accuracy[best] == max(accuracy.values())
+        tied = [v.version for v in versions if accuracy[v.version] == accuracy[best]]
+        assert min(tied) == best  # on a tie the earlier version keeps `best`
+        first_version = versions[0]
+        assert first_version.tags["alignheads.train_key"] == outcome.train[method].key
+        assert first_version.source == f"runs:/{first_version.run_id}/model"
+        run = client.get_run(first_version.run_id)
+        assert run.info.run_name == f"train-{method}"
+        assert run.data.tags["mlflow.parentRunId"] == outcome.mlflow_run
+        names = {a.path for a in client.list_artifacts(first_version.run_id, "model")}
+        assert {"model/MLmodel", "model/artifacts"} <= names
+
+
+def test_best_moves_only_to_a_strictly_better_version_and_newest_always(first):
+    """The registry rule on the real SQLite registry: three more versions of the run's model."""
+    from alignheads.storage.model_registry import register
+    from alignheads.storage.tracking import open_tracker
+
+    cfg, _, outcome = first
+    _, versions = _registered(cfg, "iav")
+    tracker = open_tracker(cfg.store, EXPERIMENT)
+    run_id, name = versions[0].run_id, f"{EXPERIMENT}-rule"
+    seen = [register(tracker, run_id, name, accuracy=a) for a in (0.7, 0.6, 0.7, 0.8)]
+    assert [r.aliases for r in seen] == [("newest", "best"), ("newest",), ("newest",), ("newest", "best")]
+    aliases = tracker.client.get_registered_model(name).aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"newest": seen[-1].version, "best": seen[-1].version}
+
+
+@pytest.fixture(scope="module")
+def served_calm(first):
+    """The registered CALM head loaded through MLflow, with the tiny world's model moved away:
+    the model carries its own base (nothing is read from the store but MLflow's own files)."""
+    import mlflow
+
+    cfg, _, outcome = first
+    world_model = outcome.world.directory / "model"
+    aside = world_model.with_name("model-aside")
+    mlflow.set_tracking_uri(f"sqlite:///{cfg.store / 'mlflow.db'}")
+    world_model.rename(aside)
+    try:
+        yield cfg, outcome, mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}-calm@best"), aside
+    finally:
+        aside.rename(world_model)
+        mlflow.set_tracking_uri(None)
+
+
+def test_the_registered_model_answers_prompts_with_alpha_as_a_parameter(served_calm):
+    from alignheads import inference
+
+    cfg, outcome, model, aside = served_calm
+    schema = {p.name: p.default for p in model.metadata.get_params_schema().params}
+    sweep = cfg.sweep
+    assert schema == {
+        "alpha": 1.0,
+        "max_new_tokens": sweep.max_new_tokens,
+        "temperature": sweep.temperature,
+        "top_p": sweep.top_p,
+        "seed": sweep.seed,
+    }
+    out = model.predict([PROMPT], params={"alpha": 1.5})
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    assert model.predict([PROMPT], params={"alpha": 1.5}) == out  # seeded: the same request, the same answer
+
+    # what the head itself generates, loaded by the project (the world model put back for it)
+    _, versions = _registered(cfg, "calm")
+    best = _client(cfg).get_registered_model(f"{EXPERIMENT}-calm").aliases["best"]
+    key = next(v for v in versions if v.version == best).tags["alignheads.train_key"]
+    aside.rename(outcome.world.directory / "model")
+    try:
+        aligned, tok = inference.load_for_generation(cfg.store / "train" / key / "head")
+    finally:
+        (outcome.world.directory / "model").rename(aside)
+    text = inference.format_prompt(tok, PROMPT)
+    settings = {"max_new_tokens": sweep.max_new_tokens, "do_sample": True, "temperature": sweep.temperature,
+                "top_p": sweep.top_p, "top_k": 0}  # fmt: skip
+    assert out == inference.generate(aligned, tok, [text], 1.5, seed=sweep.seed, **settings)
+    # α = 0 is the plain base model (CALM's modulation is multiplied by α)
+    assert model.predict([PROMPT], params={"alpha": 0.0}) == inference.generate_base(
+        aligned, tok, [text], seed=sweep.seed, **settings
+    )
+    greedy = model.predict([PROMPT, "Hello"], params={"temperature": 0.0, "max_new_tokens": 4})
+    assert greedy == inference.generate(aligned, tok, [text, inference.format_prompt(tok, "Hello")], 1.0,
+                                        seed=sweep.seed, max_new_tokens=4, do_sample=False)  # fmt: skip
+
+
+def test_mlflow_models_serve_answers_invocations_with_params(served_calm, tmp_path):
+    """A real `mlflow models serve` process on 127.0.0.1 answers POST /invocations."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    cfg, _, model, _ = served_calm
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{cfg.store / 'mlflow.db'}",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
+    command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{EXPERIMENT}-calm@best",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        body = json.dumps({"inputs": [PROMPT, "Hello"], "params": {"alpha": 1.5}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert answer == {"predictions": model.predict([PROMPT, "Hello"], params={"alpha": 1.5})}

@@ -37,3 +37,30 @@ def test_every_entrypoint_is_a_prefect_flow():
         module = importlib.import_module("alignheads." + path.removesuffix(".py").replace("/", "."))
         flow = getattr(module, func)
         assert hasattr(flow, "fn") and flow.name.startswith("alignheads-"), name
+
+
+def test_stage_deployments_default_to_the_embedded_default():
+    """Given only the input keys, a stage deployment runs with configs/tiny.yaml's settings, so it
+    finds what the tiny pipeline built instead of building it again under other keys: each
+    parameter that is a section of the run config (or its name, or its store) defaults to that
+    config's value, from the deployment's parameters or else the flow's own default."""
+    import inspect
+
+    tiny = read_config()
+    stage_flows = {n: d for n, d in _deployments().items() if d["entrypoint"].startswith("flows/stages.py")}
+    assert set(stage_flows) == {"refpass", "train", "sweep"}
+    checked = set()
+    for name, deployment in stage_flows.items():
+        path, func = deployment["entrypoint"].split(":")
+        module = importlib.import_module("alignheads." + path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, func)
+        given = deployment.get("parameters") or {}
+        for param in inspect.signature(flow.fn).parameters.values():
+            if param.name not in RunConfig.model_fields:
+                continue  # the input keys
+            default = given.get(param.name, param.default)
+            want = getattr(tiny, param.name)
+            value = want.model_validate(default) if hasattr(want, "model_validate") else type(want)(default)
+            assert value == want, f"{name}: {param.name}"
+            checked.add(param.name)
+    assert {"train", "refpass", "sweep", "model", "evaluate", "tracking", "name", "store"} <= checked

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from alignheads.config import RunConfig
+from alignheads.config import EvaluateConfig, RunConfig
 from alignheads.flows.pipeline import pipeline
 from alignheads.flows.stages import MissingArtifactError, refpass_flow, sweep_flow, train_flow
 from alignheads.storage.manifest import verify_artifact
@@ -42,6 +42,7 @@ def small_config(store: Path) -> RunConfig:
                 "calm": {"lr": 1e-2, "batch_size": 16, "epochs": 1, "rank": 4, "eval_every": 4},
             },
             "sweep": {"alphas": [0, 1], "n_prompts": 4, "max_new_tokens": 8, "batch_size": 4},
+            "evaluate": {"target_kls": []},  # no α calibration here (tested on its own)
         }
     ).resolved()
 
@@ -123,19 +124,43 @@ def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
         name=cfg.name,
         model=cfg.model,
         sweep=cfg.sweep,
+        # α calibrated to a target KL on 4 calibration prompts disjoint from the 4 evaluation ones
+        evaluate=EvaluateConfig(target_kls=[0.05], calibration_prompts=4),
     )
+    (found,) = out.calibrate["dpo-dera"].info["targets"]
+    alpha = found["alpha"]
+    assert 0 < alpha and found["target"] == 0.05
     assert {k: v.status for k, v in out.stages()} == {
         "train dpo-dera": "reused",
+        "calibrate dpo-dera": "computed",
         "generate dpo-dera α=0": "computed",
         "generate dpo-dera α=1": "computed",
+        f"generate dpo-dera α={alpha:g}": "computed",
         "evaluate": "computed",
         "report": "computed",
     }
     rows = run_query(
         cfg.store,
-        f"SELECT head, alpha, kl FROM summary WHERE artifact = '{out.evaluate.key}' ORDER BY alpha",
+        f"SELECT head, alpha, kl, reward, reward_lo, reward_hi, n_prompts FROM summary "
+        f"WHERE artifact = '{out.evaluate.key}' ORDER BY alpha",
     ).to_pylist()
-    assert [(r["head"], r["alpha"]) for r in rows] == [("dpo-dera", 0.0), ("dpo-dera", 1.0)]
+    assert [(r["head"], r["alpha"]) for r in rows] == sorted([("dpo-dera", 0.0), ("dpo-dera", 1.0), ("dpo-dera", alpha)])
+    assert all(r["reward_lo"] <= r["reward"] <= r["reward_hi"] and r["n_prompts"] == 4 for r in rows)
+    # the calibrated point, measured on the evaluation prompts; and its paired comparison with α = 0
+    (point,) = run_query(cfg.store, f"SELECT * FROM calibrated WHERE artifact = '{out.evaluate.key}'").to_pylist()
+    assert (point["head"], point["alpha"], point["calibration_kl"]) == ("dpo-dera", alpha, found["kl"])
+    (pair,) = run_query(cfg.store, f"SELECT * FROM comparisons WHERE artifact = '{out.evaluate.key}'").to_pylist()
+    at = {r["alpha"]: r["reward"] for r in rows}
+    assert (pair["head_a"], pair["head_b"], pair["alpha_b"]) == ("dpo-dera", "α=0", 0.0)
+    assert pair["reward_diff"] == pytest.approx(at[alpha] - at[0.0])
+    assert pair["diff_lo"] <= pair["reward_diff"] <= pair["diff_hi"]
+    by_alpha = {
+        a: {r["prompt_id"] for r in run_query(
+            cfg.store, f"SELECT prompt_id FROM generations WHERE head = 'dpo-dera' AND alpha = {a}").to_pylist()}
+        for a in (0.0, alpha)
+    }  # fmt: skip
+    assert by_alpha[0.0] == by_alpha[alpha] and len(by_alpha[alpha]) == 4  # the evaluation prompts
+    rows = [r for r in rows if r["alpha"] in (0.0, 1.0)]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # DeRa at α = 0 is the reference
     # the same prompts and seeds as the heads' generations
     seeds = run_query(
@@ -163,9 +188,9 @@ def test_sweep_flow_generates_only_new_alphas(filled):
     assert {k: v.status for k, v in out.stages()} == {
         "train iav": "reused",
         "train calm": "reused",
-        "generate iav α=0": "cached",
+        "generate iav α=0": "reused",  # one task per method: it ran for α = 0.5 and found α = 0 built
         "generate iav α=0.5": "computed",
-        "generate calm α=0": "cached",
+        "generate calm α=0": "reused",
         "generate calm α=0.5": "computed",
         "evaluate": "computed",
         "report": "computed",
@@ -200,3 +225,27 @@ def test_stage_flows_name_the_missing_key(filled):
     # a key of another stage is not accepted in its place
     with pytest.raises(MissingArtifactError, match="tokenize_key="):
         refpass_flow(tokenize_key=outcomes.data.key, store=cfg.store, model=cfg.model)
+
+
+def test_task_runs_are_named_after_their_method(filled):
+    """Prefect's task runs say what they did: `train-iav`, `train-calm`, `refpass-shard-0`, … (the
+    names the UI lists), not the task's name with a counter (issue 21, item 9)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def names() -> set[str]:
+        async with get_client() as client:
+            return {run.name for run in await client.read_task_runs(limit=200)}
+
+    seen = asyncio.run(names())
+    assert {"train-iav", "train-calm", "refpass-shard-0", "data", "tokenize"} <= seen, sorted(seen)
+    # the name of a task over one method's plans, with their α (the generate stage's)
+    from alignheads.tasks.cached import method_run_name
+
+    name = method_run_name("generate")
+    assert name(parameters={"plans": [{"head": "calm", "alpha": 1.0}]}) == "generate-calm-a1.0"
+    assert name(parameters={"plans": [{"head": "iav", "alpha": 0}, {"head": "iav", "alpha": 2}]}) == (
+        "generate-iav-a0.0,2.0"
+    )
+    assert method_run_name("calibrate")(parameters={"plan": {"head": "genarm"}}) == "calibrate-genarm"

@@ -61,6 +61,7 @@ def small_run(store: Path, name: str = "reliability", alphas: tuple[float, ...] 
             },
         },
         "sweep": {"alphas": list(alphas), "n_prompts": 8, "max_new_tokens": 16, "batch_size": 4},
+        "evaluate": {"target_kls": []},  # no α calibration here (tested on its own)
     }
 
 

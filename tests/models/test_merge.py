@@ -91,3 +91,42 @@ def test_merge_command_line(tmp_path: Path, capsys) -> None:
     calm_dir = save_head(make_head("calm", model), tmp_path / "calm", base_model=model)
     assert main(["merge", "--heads", str(calm_dir), "--alpha", "1", "--out", str(tmp_path / "x")]) == 1
     assert "only IAV heads merge" in capsys.readouterr().err
+
+
+def test_merge_head_shortcut_permissions_and_overwrite_hint(tmp_path: Path, capsys) -> None:
+    """`merge --head iav` takes the store's newest IAV head; the checkpoint is readable by others
+    as the umask allows (safetensors writes 0600, mkdtemp 0700); a taken --out names --overwrite
+    (issue 21, items 6 and 8)."""
+    import os
+    import stat
+
+    from alignheads.cli import main
+    from alignheads.storage.manifest import write_manifest
+
+    base_dir = base_checkpoint(tmp_path, tied=False)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    artifact = tmp_path / "store" / "train" / "k1"
+    head = randomise(make_head("iav", model))
+    save_head(head, artifact / "head", base_model=model)
+    write_manifest(
+        artifact, stage="train", key="k1", stage_version=1, config={}, inputs={}, info={"kind": "iav"}
+    )
+    out = tmp_path / "merged"
+    store = ["--set", f"store={tmp_path / 'store'}"]
+    previous = os.umask(0o022)
+    try:
+        assert main(["merge", "--head", "iav", "--alpha", "1", "--out", str(out), *store]) == 0
+    finally:
+        os.umask(previous)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    expected = head.base.weight.detach() + head.align.weight.detach()
+    assert torch.allclose(merged.get_output_embeddings().weight, expected, atol=1e-6)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes["merged"] == 0o755 and modes["model.safetensors"] == 0o644, modes
+    assert set(modes.values()) == {0o755, 0o644}, modes
+    capsys.readouterr()
+    assert main(["merge", "--head", "iav", "--alpha", "2", "--out", str(out), *store]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out} exists; choose another --out, or pass --overwrite to replace it"
+    )
+    assert main(["merge", "--alpha", "2", "--out", str(out), *store]) == 2  # neither --heads nor --head

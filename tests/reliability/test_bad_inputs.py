@@ -291,7 +291,10 @@ def test_truncated_head_weights(head_dir):
 
 # --------------------------------------------------------------------------------- configs
 CONFIG_CASES = {
-    "unknown key": ("tokenize.max_prompt_lenght=3", "  tokenize.max_prompt_lenght: unknown key"),
+    "unknown key": (
+        "tokenize.max_prompt_lenght=3",
+        "  tokenize.max_prompt_lenght: unknown key; did you mean 'max_prompt_length'?",
+    ),
     "negative beta": ("train.iav.beta=-0.1", "  train.iav.beta: Input should be greater than 0 (got -0.1)"),
     "empty alpha list": (
         "sweep.alphas=[]",
@@ -313,7 +316,8 @@ def test_impossible_config_names_the_key(tmp_path, case):
     config.write_text("name: bad\n")
     with pytest.raises(ConfigError) as err:
         load_config(config, [override])
-    assert str(err.value).splitlines() == [f"invalid configuration ({config}):", line]
+    # the mistake is the --set item's: blamed on it, not on the config file (issue 21, item 5)
+    assert str(err.value).splitlines() == [f"invalid configuration (--set {override}):", line]
 
 
 # k larger than the vocabulary needs the model: refused by plan_refpass before anything runs

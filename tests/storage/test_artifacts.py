@@ -111,3 +111,31 @@ def test_two_processes_build_one_artifact_once(tmp_path):
     outcomes = sorted((tmp_path / f"out{i}").read_text() for i in range(2))
     assert outcomes == ["computed", "reused"]
     assert list_artifacts(tmp_path, "stage") == [tmp_path / "stage" / "same"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_artifact_files_follow_the_umask(tmp_path, umask):
+    """A writer that makes private files (safetensors writes weights 0600, `tempfile.mkdtemp`
+    makes 0700 directories) does not leave them unreadable to the store's other users: an
+    artifact's files and directories get what the umask gives (issue 21, item 8)."""
+    import os
+    import stat
+    import tempfile
+
+    def build(staging):
+        fd = os.open(staging / "weights.safetensors", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+        inner = Path(tempfile.mkdtemp(dir=staging))
+        (inner / "a.json").write_text("{}")
+        return ArtifactContent()
+
+    previous = os.umask(umask)
+    try:
+        result = ensure_artifact(tmp_path, "train", "k", 1, {}, {}, build)
+    finally:
+        os.umask(previous)
+    files, dirs = 0o666 & ~umask, 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [result.path, *result.path.rglob("*")]}
+    want = {p.name: dirs if p.is_dir() else files for p in [result.path, *result.path.rglob("*")]}
+    assert len(modes) == 5 and modes == want  # the artifact, 2 files, 1 directory, the manifest

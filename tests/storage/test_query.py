@@ -68,3 +68,25 @@ def test_files_outside_the_store_cannot_be_read(store, tmp_path_factory):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(QueryError, match="does not exist"):
         run_query(tmp_path / "nope", "SELECT 1")
+
+
+def test_train_metrics_view_names_the_method_of_each_artifact(tmp_path):
+    metrics = pa.table({"step": [1, 2], "name": ["loss", "loss"], "value": [0.7, 0.6]})
+    for key, kind in (("t1", "iav"), ("t2", "dpo-dera")):
+
+        def build(staging, kind=kind):
+            return ArtifactContent(
+                tables={"train_metrics": write_table(metrics, staging, "train_metrics")}, info={"kind": kind}
+            )
+
+        ensure_artifact(tmp_path, "train", key, 1, {}, {}, build)
+    rows = run_query(
+        tmp_path, "SELECT artifact, method, count(*) AS n FROM train_metrics GROUP BY ALL ORDER BY artifact"
+    ).to_pylist()
+    assert rows == [
+        {"artifact": "t1", "method": "iav", "n": 2},
+        {"artifact": "t2", "method": "dpo-dera", "n": 2},
+    ]
+    assert run_query(tmp_path, "SELECT * FROM train_metrics LIMIT 1").column_names == [
+        "artifact", "method", "step", "name", "value"
+    ]  # fmt: skip

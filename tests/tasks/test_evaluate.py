@@ -348,3 +348,50 @@ def test_summary_kl_is_the_mean_over_responses_and_its_column_says_so(sweep):
     iav1 = _by(stored, "head", "alpha")[("iav", 1.0)]
     assert iav1["kl"] == pytest.approx((0.2 + 0.4 + 0.6 + 0.8) / 4)
     assert iav1["kl"] != pytest.approx(6 / 63)
+
+
+def test_intervals_calibrated_points_and_paired_comparisons_by_hand(sweep):
+    """Per-prompt means first (2 prompts × 2 samples for IAV), then intervals over prompts; the
+    calibrated table picks the summary row of each method's calibrated α; the comparisons pair
+    arms prompt by prompt (numbers worked out from SWEEP)."""
+    store, paths = sweep
+    calibration = {
+        "iav": [{"target": 0.5, "alpha": 1.0, "kl": 0.45, "converged": True, "steps": 1}],
+        "calm": [{"target": 0.5, "alpha": 2.0, "kl": 0.6, "converged": False, "steps": 8}],
+    }
+    plan = plan_evaluate(paths, run_id="r", calibration=calibration)
+    assert plan.key != plan_evaluate(paths, run_id="r").key  # the calibration is in the key
+    result = run_evaluate(store, plan)
+    rows = _by(read_table(result.path, "summary"), "head", "alpha")
+    iav1 = rows[("iav", 1.0)]
+    assert (iav1["n_prompts"], iav1["n_samples"]) == (2, 2)
+    # per-prompt reward means 2.25 (p0) and 0.75 (p1): every bootstrap mean lies between them
+    assert iav1["reward"] == pytest.approx(1.5)
+    assert 0.75 <= iav1["reward_lo"] <= iav1["reward"] <= iav1["reward_hi"] <= 2.25
+    assert 0.3 <= iav1["kl_lo"] <= 0.5 <= iav1["kl_hi"] <= 0.7  # per-prompt KL 0.3 and 0.7
+    assert (iav1["win_rate_lo"], iav1["win_rate"], iav1["win_rate_hi"]) == (0.5, 0.5, 0.5)  # 1/2 per prompt
+    assert rows[("iav", 0.0)]["win_rate_lo"] is None  # no win rate at α = 0
+    calm0 = rows[("calm", 0.0)]
+    assert calm0["n_prompts"] == 1 and calm0["reward_lo"] is None  # one prompt: no interval
+
+    calibrated = read_table(result.path, "calibrated").to_pylist()
+    assert [(r["target_kl"], r["head"], r["alpha"], r["calibration_kl"], r["converged"]) for r in calibrated] == [
+        (0.5, "calm", 2.0, 0.6, False),
+        (0.5, "iav", 1.0, 0.45, True),
+    ]
+    assert calibrated[1]["reward"] == iav1["reward"] and calibrated[1]["kl_hi"] == iav1["kl_hi"]
+
+    comparisons = {(r["head_a"], r["head_b"]): r for r in read_table(result.path, "comparisons").to_pylist()}
+    assert set(comparisons) == {("calm", "iav"), ("iav", "α=0"), ("calm", "α=0")}
+    pair = comparisons[("calm", "iav")]  # per prompt: −0.25 − 2.25 and 0.5 − 0.75
+    assert pair["reward_diff"] == pytest.approx(-1.375) and pair["n_prompts"] == 2
+    assert -2.5 <= pair["diff_lo"] <= pair["diff_hi"] <= -0.25 and pair["significant"]
+    base = comparisons[("iav", "α=0")]  # 1.75 on both prompts: a zero-width interval
+    assert (base["reward_diff"], base["diff_lo"], base["diff_hi"]) == pytest.approx((1.75, 1.75, 1.75))
+    assert base["significant"] and base["kl_b"] == 0.0 and base["alpha_b"] == 0.0
+    lone = comparisons[("calm", "α=0")]  # only p0 is shared
+    assert lone["n_prompts"] == 1 and lone["diff_lo"] is None and not lone["significant"]
+    assert lone["reward_diff"] == pytest.approx(-2.25)
+    # the views answer as the issue asks
+    got = run_query(store, "SELECT head, alpha, reward, reward_lo, reward_hi FROM summary").num_rows
+    assert got == 4 and run_query(store, "SELECT * FROM comparisons").num_rows == 3

@@ -23,6 +23,7 @@ from alignheads.config import (
 from alignheads.loading import load_causal_lm, load_tokenizer
 from alignheads.models import save_head
 from alignheads.models.methods import method
+from alignheads.models.row_sampling import row_seed
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key, tokenizer_fingerprint
 from alignheads.storage.tables import read_table
@@ -90,10 +91,15 @@ def _sweep(**kw) -> SweepConfig:
     return SweepConfig(**({"n_prompts": 12, "max_new_tokens": MAX_NEW, "batch_size": 5} | kw))
 
 
+def _saved(world, prompts) -> Path:
+    """The prompt set as the artifact the generate stage reads."""
+    return sweep_prompts.save_prompt_set(world["store"], prompts)
+
+
 def _run(world, train: str, alpha: float, sweep: SweepConfig):
-    prompts = sweep_prompts.prompt_set(world["data"], sweep)
+    prompts = _saved(world, sweep_prompts.prompt_set(world["data"], sweep))
     plan = gen.plan_generate(world["trains"][train], alpha, prompts, sweep, world["source"])
-    result = gen.run_generate(world["store"], plan, progress=False)
+    (result,) = gen.run_generate(world["store"], [plan], progress=False)
     return plan, result, read_table(result.path, gen.TABLE)
 
 
@@ -103,7 +109,7 @@ def _run(world, train: str, alpha: float, sweep: SweepConfig):
 def test_sweep_config_defaults_and_validation():
     cfg = SweepConfig()
     assert cfg.alphas == [0.0, 0.5, 1.0, 1.5, 2.0]
-    assert (cfg.n_prompts, cfg.n_samples, cfg.max_new_tokens, cfg.seed, cfg.batch_size) == (64, 1, 48, 0, 32)
+    assert (cfg.n_prompts, cfg.n_samples, cfg.max_new_tokens, cfg.seed, cfg.batch_size) == (64, 1, 48, 0, 128)
     assert cfg.do_sample and cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.prompts_file is None
     assert all(f.description for f in SweepConfig.model_fields.values())
     with pytest.raises(ValidationError, match="alphas"):
@@ -193,29 +199,32 @@ def test_schema_one_artifact_per_alpha_and_reuse(world):
     assert (
         set(table.column("head_key").to_pylist()) == {plan0.head_key} == {world["trains"]["calm-random"].name}
     )
-    again = gen.run_generate(world["store"], plan0, progress=False)
+    (again,) = gen.run_generate(world["store"], [plan0], progress=False)
     assert again.computed is False and again.path == first.path
     # another α: a new artifact; the sweep's other α keep theirs (same key, not recomputed)
     plan1, one, _ = _run(world, "calm-random", 1.0, sweep)
     assert one.computed and plan1.key != plan0.key
-    replan0 = gen.plan_generate(world["trains"]["calm-random"], 0, plan0.prompts, sweep, world["source"])
+    replan0 = gen.plan_generate(world["trains"]["calm-random"], 0, plan0.prompts_path, sweep, world["source"])
     assert replan0.key == plan0.key
     # the plan is JSON-able and rebuilds from its __dict__ (how flows pass plans to tasks)
     rebuilt = gen.GeneratePlan(**json.loads(json.dumps(plan0.__dict__)))
-    assert gen.run_generate(world["store"], rebuilt, progress=False).computed is False
+    assert gen.run_generate(world["store"], [rebuilt], progress=False)[0].computed is False
     # decoding settings, prompt set and head are in the key
     assert (
         gen.plan_generate(
-            world["trains"]["calm-random"], 0, plan0.prompts, _sweep(max_new_tokens=5), world["source"]
+            world["trains"]["calm-random"], 0, plan0.prompts_path, _sweep(max_new_tokens=5), world["source"]
         ).key
         != plan0.key
     )
     assert (
-        gen.plan_generate(world["trains"]["calm-random"], 0, plan0.prompts[:3], sweep, world["source"]).key
+        gen.plan_generate(
+            world["trains"]["calm-random"], 0,
+            _saved(world, sweep_prompts.read_prompt_set(plan0.prompts_path)[:3]), sweep, world["source"],
+        ).key
         != plan0.key
     )
     assert (
-        gen.plan_generate(world["trains"]["iav-random"], 0, plan0.prompts, sweep, world["source"]).key
+        gen.plan_generate(world["trains"]["iav-random"], 0, plan0.prompts_path, sweep, world["source"]).key
         != plan0.key
     )
 
@@ -245,10 +254,33 @@ def test_common_random_numbers_across_alpha_and_heads(world):
         model, tok, sweep_prompts.prompt_set(world["data"], sweep), _sweep(n_samples=2, seed=1)
     )
     assert sum(a["response"] != b for a, b in zip(other, base_text, strict=True)) >= 12
-    # seeds depend on (sample, batch) only: prompts 0-4 share batch 0, prompt 5 starts batch 1
-    s = [r["seed"] for r in calm0]
-    assert s[0] == s[8] != s[1] and s[0] != s[10]
+    # one seed per row, from (sweep seed, prompt text, sample): not from the batch it lands in
+    prompts = dict(sweep_prompts.prompt_set(world["data"], sweep))
+    assert [r["seed"] for r in calm0] == [
+        row_seed(sweep.seed, prompts[r["prompt_id"]], r["sample_index"]) for r in calm0
+    ]
+    assert len({r["seed"] for r in calm0}) == len(calm0)
     assert [r["sample_index"] for r in calm0[:4]] == [0, 1, 0, 1]
+
+
+def test_rows_do_not_depend_on_the_batch_or_the_other_alphas_in_it(world):
+    """Per-row seeds: a method's α decoded alone or in one pass with other α gives the same rows
+    bit for bit (batches hold one α), and in other batch sizes the same tokens."""
+    sweep = _sweep(n_prompts=6)
+    prompts = sweep_prompts.prompt_set(world["data"], sweep)
+    train = world["trains"]["calm-random"]
+    with gen.method_sampler("calm", train, world["source"], sweep, progress=False) as sample:
+        together = sample(prompts, [0.0, 1.0, 2.0], "x")
+        alone = sample(prompts, [1.0], "x")
+    with gen.method_sampler("calm", train, world["source"], _sweep(n_prompts=6, batch_size=2), progress=False) as sample:
+        small_batches = sample(prompts, [1.0], "x")
+    at1 = [r for r in together if r["alpha"] == 1.0]
+    assert alone == at1
+    for rows in (alone, small_batches):
+        assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in at1]
+        # the same tokens; the KL up to float roundoff of the batch shape
+        assert [r["kl_mean"] for r in rows] == pytest.approx([r["kl_mean"] for r in at1], rel=1e-5, abs=1e-7)
+    assert [r["alpha"] for r in together] == [0.0] * 6 + [1.0] * 6 + [2.0] * 6  # ordered by α
 
 
 def test_finish_reason_and_token_counts(world):
@@ -327,17 +359,24 @@ def test_generations_schema_is_exact():
     assert gen.generations_table([], "iav", "k", 1.0).schema.equals(expected)
 
 
-def test_run_generate_reuses_a_loaded_model_and_removes_the_head(world):
+def test_run_generate_builds_every_missing_alpha_with_one_model_load(world, monkeypatch):
     sweep = _sweep(seed=7, n_prompts=4)
-    model = load_causal_lm(str(world["model_dir"]))
-    tok = load_tokenizer(str(world["model_dir"]))
-    original = model.get_output_embeddings()
-    prompts = sweep_prompts.prompt_set(world["data"], sweep)
-    texts = []
-    for alpha in (0.0, 2.0):
-        plan = gen.plan_generate(world["trains"]["iav-random"], alpha, prompts, sweep, world["source"])
-        result = gen.run_generate(world["store"], plan, model=model, tokenizer=tok, progress=True)
-        assert result.computed and model.get_output_embeddings() is original
-        texts.append(read_table(result.path, gen.TABLE).column("response").to_pylist())
-        assert result.manifest.info["rows"] == 4 and result.manifest.info["alpha"] == alpha
-    assert texts[0] != texts[1]
+    prompts = _saved(world, sweep_prompts.prompt_set(world["data"], sweep))
+    loads = []
+    real = train_stage.load_run_model
+    monkeypatch.setattr(train_stage, "load_run_model", lambda source: loads.append(1) or real(source))
+    plans = [
+        gen.plan_generate(world["trains"]["iav-random"], alpha, prompts, sweep, world["source"])
+        for alpha in (0.0, 0.5, 2.0)
+    ]
+    (done,) = gen.run_generate(world["store"], plans[:1], progress=False)  # one α first
+    results = gen.run_generate(world["store"], plans, progress=True)  # then the other two together
+    assert len(loads) == 2  # once per call, not once per α
+    assert [r.computed for r in results] == [False, True, True] and results[0].path == done.path
+    assert all(r.manifest.info["rows"] == 4 for r in results)
+    texts = [read_table(r.path, gen.TABLE).column("response").to_pylist() for r in results]
+    assert texts[0] != texts[2]
+    assert gen.run_generate(world["store"], plans, progress=False) and len(loads) == 2  # all complete
+    with pytest.raises(ValueError, match="one method"):
+        other = gen.plan_generate(world["trains"]["calm-random"], 1.0, prompts, sweep, world["source"])
+        gen.run_generate(world["store"], [plans[0], other])

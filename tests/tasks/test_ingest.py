@@ -818,3 +818,32 @@ def test_hf_bad_rows_and_errors(tmp_path: Path, hf_cache: Path) -> None:
         DataError, match=r"cannot load Hugging Face dataset \(split 'validation'\): Unknown split"
     ):
         load_pairs(src(root, split="validation"), "train")
+
+
+def test_check_sources_names_every_missing_file_with_its_setting(tmp_path, monkeypatch):
+    """Checked before any stage runs (issue 21, item 5): each missing local file with the setting
+    that names it; Hub ids and the tiny world's pairs are not files to check."""
+    from alignheads.config import RunConfig
+    from alignheads.tasks.ingest import check_sources
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    (tmp_path / "pairs.csv").write_text("a,b\n")
+    ok = RunConfig.model_validate({"data": {"train": "pairs.jsonl", "test": "org/hh-rlhf"}})
+    check_sources(ok)
+    check_sources(RunConfig())  # the tiny world's pairs
+    bad = RunConfig.model_validate(
+        {
+            "data": {"train": "missing.jsonl", "test": str(tmp_path / "gone" / "test.parquet")},
+            "sweep": {"prompts_file": "prompts.txt"},
+        }
+    )
+    with pytest.raises(FileNotFoundError) as info:
+        check_sources(bad)
+    assert str(info.value) == (
+        "data.train: preference data file missing.jsonl not found; "
+        f"data.test: preference data file {tmp_path / 'gone' / 'test.parquet'} not found; "
+        f"sweep.prompts_file: prompts file prompts.txt not found (relative paths are read from {tmp_path})"
+    )
+    with pytest.raises(DataError, match=r"data\.train: pairs\.csv: unsupported file type"):
+        check_sources(RunConfig.model_validate({"data": {"train": "pairs.csv"}}))

@@ -96,11 +96,21 @@ def test_the_sweep_takes_the_named_set_and_the_config_checks_it(tmp_path):
     for override, message in [
         (
             "sweep.prompt_set=mmlu",
-            "sweep.prompt_set: Input should be 'hh-rlhf', 'alpacaeval' or 'arena-hard'",
+            "sweep.prompt_set: Input should be 'hh-rlhf', 'alpacaeval', 'arena-hard' or 'tiny-world'",
         ),
         ("sweep.prompt_set_source=x.jsonl", "prompt_set_source / prompt_set_revision need a prompt_set"),
+        ("sweep.prompts_file=p.txt", "also set sweep.prompt_set=null"),  # the default's set is named
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
     with pytest.raises(ConfigError, match="either prompts_file or prompt_set"):
         load_config(None, ["sweep.prompt_set=hh-rlhf", "sweep.prompts_file=p.txt"])
+
+
+def test_the_tiny_worlds_own_set_gives_as_many_distinct_prompts_as_asked_for():
+    """`tiny-world`: prompts of the world's templates from a stream of their own, no download."""
+    sweep = SweepConfig(prompt_set="tiny-world", n_prompts=1500)
+    prompts = prompt_set(None, sweep)
+    assert len(prompts) == 1500 == len({t for _, t in prompts})
+    assert prompts[0][0] == "tiny-world-00000" and all(t.endswith("\n\nAssistant:") for _, t in prompts)
+    assert prompt_set(None, SweepConfig(prompt_set="tiny-world", n_prompts=5)) == prompts[:5]  # a prefix

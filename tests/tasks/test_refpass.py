@@ -83,7 +83,9 @@ def setup(tmp_path_factory, bos_tokenizer):
     store = root / "store"
     fp = tokenizer_fingerprint(bos_tokenizer)
     train = SourceConfig(path=str(root / "pairs.jsonl"), limit=N_PAIRS // 2)
-    data = run_data(store, plan_data(DataConfig(train=train, test=train), None, None, fp), bos_tokenizer)
+    # the same file as both splits: keep the held-out pairs that repeat training prompts
+    both = DataConfig(train=train, test=train, train_overlap="keep")
+    data = run_data(store, plan_data(both, None, None, fp), bos_tokenizer)
     tok = run_tokenize(
         store,
         plan_tokenize(TokenizeConfig(max_prompt_length=40, max_response_length=24), data.key, data.path, fp),
@@ -394,3 +396,23 @@ def test_a_model_whose_logits_are_not_its_lm_head_is_refused():
     cfg.final_logit_softcapping = 0.5  # the split path would cap logits the forward does not
     with pytest.raises(ValueError, match=r"not lm_head\(last hidden state\)"):
         ReferenceModel(LlamaForCausalLM(cfg))
+
+
+def test_a_shard_shows_a_progress_bar_over_its_sequences(setup, cache32, capsys):
+    from alignheads.storage.tables import read_table_rows
+    from alignheads.tasks.refpass import compute_refpass_shard
+
+    plan, result = cache32
+    reference = load_reference(str(setup["model_dir"]), device="cpu")
+    data = compute_refpass_shard(plan, 1, reference, progress=True)
+    err = capsys.readouterr().err
+    start, stop = plan.shard_rows(1)
+    n = 2 * (stop - start)  # sequences: each pair's chosen and rejected
+    assert f"reference pass, shard 2/{plan.n_shards}:   0%|          | 0/{n} " in err
+    # the bar only watches: the rows are the cached shard's
+    cached = read_table_rows(result.path, "refcache", 2 * start, 2 * stop)
+    assert data.tables["refcache"].column("seq_logprob").to_pylist() == pytest.approx(
+        cached.column("seq_logprob").to_pylist(), abs=1e-6
+    )
+    compute_refpass_shard(plan, 1, reference, progress=False)
+    assert "reference pass" not in capsys.readouterr().err

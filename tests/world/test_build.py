@@ -62,6 +62,11 @@ def test_pair_files_have_the_configured_counts_and_fields(world: tuple[Path, dic
     train, test = _jsonl(out / "train.jsonl"), _jsonl(out / "test.jsonl")
     assert len(train) == cfg.n_train_pairs == report["n_train_pairs"]
     assert len(test) == cfg.n_test_pairs == report["n_test_pairs"]
+    # held-out means unseen: every test prompt is its own and none is a training prompt
+    train_prompts = {row["prompt"] for row in train}
+    assert report["test_prompts_distinct"] == len({row["prompt"] for row in test}) == cfg.n_test_pairs
+    assert report["test_prompts_unseen_in_train"] == cfg.n_test_pairs
+    assert not train_prompts & {row["prompt"] for row in test}
     for row in train + test:
         assert set(row) == {"prompt", "chosen", "rejected"}
         assert all(isinstance(v, str) and v for v in row.values())

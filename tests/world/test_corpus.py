@@ -81,9 +81,16 @@ def test_held_out_questions_never_reach_training_pairs() -> None:
     }
     train_prompts = {p["prompt"] for p in train}
     assert held and not held & train_prompts
-    # ... while part of the test set is new text (about a fifth of the question space).
+    # Without `exclude`, test prompts may repeat training text (about a fifth of the question
+    # space is held out) ...
     unseen = sum(p["prompt"] not in train_prompts for p in test)
     assert 0 < unseen < len(test)
+    # ... with the training prompts excluded, every test prompt is distinct and unseen.
+    fresh = C.preference_pairs(400, seed=0, split="test", exclude=train_prompts)
+    prompts = [p["prompt"] for p in fresh]
+    assert len(set(prompts)) == 400 and not set(prompts) & train_prompts
+    with pytest.raises(RuntimeError, match="unseen test prompts"):
+        C.preference_pairs(5000, seed=0, split="test", exclude=train_prompts, multi_turn_prob=0.0)
 
 
 def test_chosen_responses_use_only_the_worlds_words() -> None:
