@@ -138,6 +138,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    _prefect_defaults()
+    from alignheads.config import load_search_space, space_trials
+    from alignheads.flows.tune import trials_table, tune
+
+    cfg = _config(args)
+    space = load_search_space(args.space)
+    space_trials(space)  # a space that gives methods unequal trials fails before any flow run
+    verbose = getattr(args, "verbose", False)
+    quiet = contextlib.nullcontext() if verbose else quiet_user_errors_on_console()
+    with quiet:
+        outcome = tune(space=space, config=cfg)
+    print(trials_table(outcome))
+    if outcome.mlflow_run:
+        print(f"MLflow: parent run {outcome.mlflow_run} (experiment {cfg.name}), one child run per trial")
+    return 0
+
+
 def cmd_world(args: argparse.Namespace) -> int:
     from alignheads.loading import library_progress_bars_off
     from alignheads.tasks.world import run_world
@@ -560,6 +578,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline flow on a config", description="Run the pipeline flow.")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "tune",
+        help="search training settings: every method the same number of trials, scored on validation prompts",
+        description="Run the tune flow: train every trial of a search space, score each at the α "
+        "calibrated to a target KL on validation prompts, and tag the best per method in MLflow.",
+    )
+    p.add_argument("--space", type=Path, required=True, help="search space YAML ({method: {setting: [values]}})")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "world",

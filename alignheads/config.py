@@ -682,3 +682,116 @@ def read_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(source), overrides, before)) from exc
     return cfg
+
+
+# --- the search space of `alignheads tune` ------------------------------------------------------
+
+_SPACE_METHODS = ("iav", "calm", "genarm", "dpo")  # the sections of TrainConfig
+
+
+class SearchSpace(_Section):
+    """A search over training settings (`alignheads tune --space space.yaml`): for each method,
+    the values to try of some of its `train.<method>` settings, e.g.
+    ``{kind: random, trials: 4, iav: {lr: [1e-3, 2e-3]}, calm: {rank: [16, 32]}}``."""
+
+    kind: Literal["grid", "random"] = Field(
+        "grid", description="'grid': every combination; 'random': `trials` draws per method"
+    )
+    trials: int | None = Field(
+        None, gt=0, description="Trials per method (random search; a grid's size when empty)"
+    )
+    seed: int = Field(0, description="Seed of the random search's draws")
+    target_kl: float = Field(
+        0.1, gt=0, description="A trial's score is its validation reward at the α calibrated to this KL"
+    )
+    validation_prompts: int = Field(
+        32, gt=0, description="Validation prompts: the prompt source's next ones after the sweep's "
+        "evaluation and calibration prompts (so disjoint from both)",
+    )
+    iav: dict[str, list[Any]] | None = Field(None, description="IAV settings to search")
+    calm: dict[str, list[Any]] | None = Field(None, description="CALM settings to search")
+    genarm: dict[str, list[Any]] | None = Field(None, description="GenARM settings to search")
+    dpo: dict[str, list[Any]] | None = Field(None, description="DPO settings to search")
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> SearchSpace:
+        if not self.methods():
+            raise ValueError(f"name at least one method to search ({', '.join(_SPACE_METHODS)})")
+        for name, settings in self.methods().items():
+            section = TrainConfig.model_fields[name].annotation
+            known = [k for k in section.model_fields if k != "enabled"]
+            for key, values in settings.items():
+                if key not in known:
+                    raise ValueError(f"{name}.{key}: unknown setting" + did_you_mean(key, known))
+                if not values:
+                    raise ValueError(f"{name}.{key}: give at least one value")
+                for i, value in enumerate(values):  # each as the setting's type (YAML reads 1e-3 as text)
+                    try:
+                        values[i] = getattr(section.model_validate({key: value}), key)
+                    except ValidationError as exc:
+                        raise ValueError(f"{name}.{key}[{i}]: {exc.errors()[0]['msg']} (got {value!r})") from None
+        return self
+
+    def methods(self) -> dict[str, dict[str, list[Any]]]:
+        """``{method: {setting: values}}`` of the methods searched, in registry order."""
+        return {m: getattr(self, m) for m in _SPACE_METHODS if getattr(self, m) is not None}
+
+
+def space_trials(space: SearchSpace) -> dict[str, list[dict[str, Any]]]:
+    """``{method: [trial settings]}``: every method gets the same number of trials. A grid is
+    every combination (in the order the values are listed); a random search draws `trials`
+    distinct combinations per method (with repeats only when it has fewer), seeded by
+    (`seed`, method), so the same space gives the same trials."""
+    import itertools
+    import random
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, settings in space.methods().items():
+        keys = list(settings)
+        grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*settings.values())]
+        if space.kind == "grid":
+            out[name] = grid[: space.trials] if space.trials else grid
+            continue
+        rng = random.Random(f"{space.seed}-{name}")
+        n = space.trials or len(grid)
+        out[name] = rng.sample(grid, n) if n <= len(grid) else [rng.choice(grid) for _ in range(n)]
+    sizes = {name: len(trials) for name, trials in out.items()}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(
+            "every method gets the same number of trials, but the grid gives "
+            + ", ".join(f"{name} {n}" for name, n in sizes.items())
+            + ": set `trials` (at most the smallest grid) or use kind: random"
+        )
+    return out
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """A search space from YAML; raises ConfigError with one line per problem naming the key."""
+    source = Path(path)
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read search space {source}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    return parse_search_space(raw, str(source))
+
+
+def parse_search_space(raw: Any, source: str = "search space") -> SearchSpace:
+    """`raw` (a mapping) as a SearchSpace; raises ConfigError naming the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of methods and search settings")
+    try:
+        return SearchSpace.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            key = ".".join(str(p) for p in loc)
+            if err["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown key" + did_you_mean(loc[-1], SearchSpace.model_fields))
+            elif not loc:
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid search space ({source}):\n" + "\n".join(lines)) from exc

@@ -99,9 +99,9 @@ def generations(cfg: RunConfig, plans: list[GeneratePlan]) -> list[StageResult]:
     """Every (method, α) generation of the sweep, cached, one task per method mapped over the
     configured runner; results in the order of `plans`. A cache record whose artifacts left the
     store must not answer: that method's task is refreshed."""
-    by_method: dict[str, list[GeneratePlan]] = {}
-    for plan in plans:
-        by_method.setdefault(plan.head, []).append(plan)
+    by_method: dict[tuple[str, str], list[GeneratePlan]] = {}
+    for plan in plans:  # one task per trained artifact (a search trains a method several times)
+        by_method.setdefault((plan.head, plan.head_key), []).append(plan)
     sweeps = list(by_method.values())
     refresh = [not all(is_complete(cfg.store, GENERATE_STAGE, p.key) for p in group) for group in sweeps]
     results = sweep_generations.with_options(task_runner=task_runner(cfg.runner))(

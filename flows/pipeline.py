@@ -64,6 +64,17 @@ def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None
 
 def run_pipeline(cfg: RunConfig, run: RunTracking) -> RunOutcome:
     """Every stage of `cfg`, in DAG order (inside a flow run)."""
+    outcome, model_source = prepare_inputs(cfg, run)
+    plans = train_methods(cfg.store, cfg.train, outcome.refpass.path, model_source, run, outcome)
+    if plans:
+        sweep_and_report(cfg, plans, outcome.data.path, model_source, run, outcome)
+    return outcome
+
+
+def prepare_inputs(cfg: RunConfig, run: RunTracking) -> tuple[RunOutcome, dict[str, Any]]:
+    """The stages every method's training reads (world, data, tokenize, reference pass), cached;
+    returns the outcome so far and the run's model source (what train, calibrate and generate
+    load)."""
     check_sources(cfg)  # a missing data or prompts file fails now, not after the world is built
     store, outcome = cfg.store, RunOutcome()
     world_dir = None
@@ -111,11 +122,7 @@ def run_pipeline(cfg: RunConfig, run: RunTracking) -> RunOutcome:
     rplan = refpass_stage.plan_refpass(cfg.refpass, cfg.model, model_path, outcome.tokenize.path, tok_fp)
     outcome.refpass = reference_pass(cfg, rplan)
 
-    model_source = tokenizer_source | {"dtype": cfg.model.dtype}
-    plans = train_methods(store, cfg.train, outcome.refpass.path, model_source, run, outcome)
-    if plans:
-        sweep_and_report(cfg, plans, outcome.data.path, model_source, run, outcome)
-    return outcome
+    return outcome, tokenizer_source | {"dtype": cfg.model.dtype}
 
 
 def train_methods(

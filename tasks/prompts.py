@@ -171,6 +171,29 @@ def sweep_prompt_sets(
     return kept[: sweep.n_prompts], kept[sweep.n_prompts : want], counts
 
 
+def validation_prompt_set(
+    data_path: str | Path | None,
+    sweep: SweepConfig,
+    n_calibration: int,
+    n_validation: int,
+    train_overlap: str = "drop",
+) -> list[Prompt]:
+    """The validation prompts of a search (`alignheads tune`): the source's next `n_validation`
+    distinct prompts after the sweep's `sweep.n_prompts` evaluation prompts and its
+    `n_calibration` calibration prompts (as `sweep_prompt_sets` orders them), so disjoint from
+    both. Raises ValueError when the source holds too few."""
+    if n_validation < 1:
+        raise ValueError(f"n_validation must be >= 1, got {n_validation}")
+    ahead = sweep.model_copy(update={"n_prompts": sweep.n_prompts + n_calibration})
+    try:
+        return sweep_prompt_sets(data_path, ahead, n_validation, train_overlap)[1]
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} (a search also takes {n_validation} validation prompts after them: lower the "
+            "search space's validation_prompts)"
+        ) from None
+
+
 PROMPTS_STAGE = "prompts"
 PROMPTS_VERSION = 1
 PROMPTS_TABLE = "prompts"

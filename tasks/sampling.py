@@ -26,6 +26,7 @@ from typing import Any
 from alignheads.config import SweepConfig
 from alignheads.tasks.prompts import Prompt
 
+
 def decoding_settings(sweep: SweepConfig, stops: list[int], pad_id: int) -> dict[str, Any]:
     """What every method's decoder takes: length, sampling, and where to stop and pad."""
     return {

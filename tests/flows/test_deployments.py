@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alignheads.config import RunConfig, read_config
+from alignheads.config import RunConfig, SearchSpace, read_config
 from alignheads.storage.manifest import MANIFEST, verify_artifact
 from alignheads.storage.query import run_query
 from alignheads.world.build import tiny_test_config
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 CHROMIUM = Path("/usr/bin/chromium")
-DEPLOYMENTS = {"tiny", "llama7b-hh", "refpass", "train", "sweep"}
+DEPLOYMENTS = {"tiny", "llama7b-hh", "refpass", "train", "sweep", "tune"}
 
 
 def _free_port() -> int:
@@ -155,6 +155,10 @@ def test_every_deployment_is_registered_with_a_typed_form(server, deployed):
         assert stage["required"] == keys, name
         assert all("store/" in stage["properties"][k]["description"] for k in keys), name
     assert stage["properties"]["train_keys"]["items"]["type"] == "string"
+    # the search: a typed search space, given as the deployment's parameters
+    tune = httpx.get(f"{server['api']}/deployments/{deployed['tune']['id']}").json()
+    assert "SearchSpace" in tune["parameter_openapi_schema"]["definitions"]
+    assert SearchSpace.model_validate(tune["parameters"]["space"]).trials == 6
     # the real-model template: deployed with its parameters, never run here
     real = httpx.get(f"{server['api']}/deployments/{deployed['llama7b-hh']['id']}").json()
     real_cfg = RunConfig.model_validate(real["parameters"]["config"])  # no typo in prefect.yaml

@@ -129,7 +129,7 @@ def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
     )
     (found,) = out.calibrate["dpo-dera"].info["targets"]
     alpha = found["alpha"]
-    assert 0 < alpha and found["target"] == 0.05
+    assert alpha > 0 and found["target"] == 0.05
     assert {k: v.status for k, v in out.stages()} == {
         "train dpo-dera": "reused",
         "calibrate dpo-dera": "computed",

@@ -1,0 +1,118 @@
+"""The tune flow end to end on the 64-pair world: two CALM trials (IAV off) trained, calibrated to
+a target KL and scored on validation prompts; a second search recomputes nothing; the prompts
+are disjoint from the sweep's; MLflow holds one parent run per search and one child per trial.
+
+One search shared by the module (the world, refpass and two short trainings), one cached rerun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignheads.cli import main
+from alignheads.config import RunConfig, parse_search_space
+from alignheads.flows.tune import BEST_TAG, tune
+from alignheads.tasks.prompts import read_prompt_set, sweep_prompt_sets
+from tests.helpers.small_runs import small_run, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SPACE = {"kind": "grid", "calm": {"rank": [2, 4]}, "target_kl": 0.1, "validation_prompts": 8}
+
+
+def tune_config(store: Path) -> RunConfig:
+    raw = small_run(store, name="tune-test")
+    raw["train"]["iav"] = {"enabled": False}
+    raw["train"]["calm"] |= {"epochs": 1}
+    raw["evaluate"] = {"target_kls": [0.05], "calibration_prompts": 4, "calibration_steps": 3,
+                       "bootstrap_resamples": 200}  # fmt: skip
+    return RunConfig.model_validate(raw).resolved()
+
+
+@pytest.fixture(scope="module")
+def searched(prefect_harness, tmp_path_factory):
+    cfg = tune_config(tmp_path_factory.mktemp("tune") / "store")
+    space = parse_search_space(SPACE)
+    first = tune(space=space, config=cfg)
+    second = tune(space=space, config=cfg)
+    return cfg, first, second
+
+
+def _client(cfg: RunConfig):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{cfg.store / 'mlflow.db'}")
+
+
+def test_every_trial_is_a_scored_train_artifact(searched):
+    cfg, first, _ = searched
+    assert [(t.method, t.settings) for t in first.trials] == [("calm", {"rank": 2}), ("calm", {"rank": 4})]
+    assert len({t.train.key for t in first.trials}) == 2
+    for trial in first.trials:
+        assert trial.train.status == "computed" and trial.train.info["kind"] == "calm"
+        assert trial.reward is not None and trial.reward_lo <= trial.reward <= trial.reward_hi
+        assert trial.alpha is not None and trial.alpha > 0
+        assert sorted(g.info["alpha"] for g in trial.generate) == [0.0, trial.alpha]
+    assert sum(t.best for t in first.trials) == 1
+    best = first.best()["calm"]
+    assert best.reward == max(t.reward for t in first.trials)
+
+
+def test_a_second_search_recomputes_nothing(searched):
+    _, first, second = searched
+    statuses = {s.status for t in second.trials for s in t.stages()}
+    statuses |= {s.status for _, s in second.inputs.stages()}
+    assert "computed" not in statuses, statuses
+    assert [(t.train.key, t.reward, t.best) for t in second.trials] == [
+        (t.train.key, t.reward, t.best) for t in first.trials
+    ]
+
+
+def test_validation_prompts_are_disjoint_from_evaluation_and_calibration_prompts(searched):
+    cfg, first, _ = searched
+    validation = read_prompt_set(first.validation_prompts)
+    evaluation, calibration, _ = sweep_prompt_sets(
+        first.inputs.data.path, cfg.sweep, cfg.evaluate.calibration_prompts, cfg.data.train_overlap
+    )
+    assert len(validation) == SPACE["validation_prompts"]
+    texts = {text for _, text in validation}
+    assert not texts & {text for _, text in evaluation}
+    assert not texts & {text for _, text in calibration}
+    for trial in first.trials:  # the trial's generations are on the validation prompts
+        assert trial.generate[0].info["prompts"] == len(validation)
+
+
+def test_mlflow_has_a_parent_run_per_search_and_a_child_run_per_trial(searched):
+    cfg, first, second = searched
+    client = _client(cfg)
+    for outcome, cached in ((first, "false"), (second, "true")):
+        parent = client.get_run(outcome.mlflow_run)
+        assert parent.data.params["tune.calm.rank"] == "[2, 4]"
+        assert parent.data.tags["alignheads.cached"] == cached
+        children = client.search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{outcome.mlflow_run}'"
+        )
+        assert sorted(r.info.run_name for r in children) == ["trial-calm-0", "trial-calm-1"]
+        for run in children:
+            trial = next(t for t in outcome.trials if t.mlflow_run == run.info.run_id)
+            assert run.data.params["train.calm.rank"] == str(trial.settings["rank"])
+            assert run.data.metrics["val_reward"] == pytest.approx(trial.reward)
+            assert run.data.tags[BEST_TAG] == str(trial.best).lower()
+        assert parent.data.tags[f"{BEST_TAG}.calm"] == outcome.best()["calm"].mlflow_run
+    # a trial trained by the search run carries its training history; a cached one only its scores
+    for outcome, history in ((first, True), (second, False)):
+        for trial in outcome.trials:
+            metrics = client.get_run(trial.mlflow_run).data.metrics
+            assert ("eval/rewards/accuracies" in metrics) is history
+
+
+def test_the_command_prints_the_trials_and_the_best(searched, tmp_path, capsys):
+    cfg, first, _ = searched
+    config = write_config(tmp_path / "run.yaml", cfg.model_dump(mode="json"))
+    space = write_config(tmp_path / "space.yaml", SPACE)
+    assert main(["tune", "--space", str(space), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "calm:" in out and "trial 0: rank=2" in out and "trial 1: rank=4" in out
+    assert f"best: calm trial {first.best()['calm'].index}" in out
