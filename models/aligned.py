@@ -297,15 +297,6 @@ class AlignedLM(nn.Module):
             return lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
 
-def generate_kwargs(decoding: dict[str, Any]) -> dict[str, Any]:
-    """transformers `generate()` keywords for decoding settings (max_new_tokens, do_sample,
-    temperature, top_p, eos_token_id, pad_token_id): top-k off; temperature and top-p only when
-    sampling (greedy decoding ignores them)."""
-    sampling = decoding["do_sample"]
-    kwargs = {k: v for k, v in decoding.items() if sampling or k not in ("temperature", "top_p")}
-    return kwargs | {"top_k": 0}
-
-
 @contextmanager
 def plain_generation_config(model: nn.Module) -> Iterator[None]:
     """Inside the block the model's own `generation_config.json` defaults (top-k, repetition

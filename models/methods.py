@@ -125,20 +125,16 @@ def _head_decoder(loaded: LoadedHead, settings: dict[str, Any]):
     from contextlib import ExitStack
 
     from alignheads.models.aligned import AlignedLM, plain_generation_config
-    from alignheads.models.row_sampling import seeded_generate_kwargs
+    from alignheads.models.row_sampling import seeded_decoding
 
-    fixed = {k: settings[k] for k in ("max_new_tokens", "eos_token_id", "pad_token_id")}
     aligned = AlignedLM(loaded.model, loaded.head, alpha=0.0)
     stack = ExitStack()
     stack.callback(aligned.remove)
     stack.enter_context(plain_generation_config(loaded.model))
 
     def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
-        sampling = seeded_generate_kwargs(
-            seeds, do_sample=settings["do_sample"], temperature=settings["temperature"], top_p=settings["top_p"]
-        )
         with aligned.recording() as recorder:
-            out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **fixed, **sampling)
+            out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **seeded_decoding(settings, seeds))
         return out, recorder.stacked()
 
     return decode, stack.close
@@ -218,19 +214,11 @@ def _lm_decoder(loaded: LoadedLM, settings: dict[str, Any]):
     """Decode base and tuned LM side by side (two KV caches), their logits combined at each
     row's α, each row sampling from its own seed."""
     from alignheads.models.guided import guided_decode
-    from alignheads.models.row_sampling import seeded_generate_kwargs
-
-    fixed = {k: settings[k] for k in ("max_new_tokens", "eos_token_id", "pad_token_id")}
+    from alignheads.models.row_sampling import seeded_decoding
 
     def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
         combine = partial(loaded.combine, alpha=alphas.to(input_ids.device)[:, None])
-        sampling = seeded_generate_kwargs(
-            seeds, do_sample=settings["do_sample"], temperature=settings["temperature"], top_p=settings["top_p"]
-        )
-        out = guided_decode(
-            loaded.base, loaded.tuned, input_ids, mask, combine,
-            **fixed, do_sample=False, logits_processor=sampling.get("logits_processor", ()),
-        )  # fmt: skip
+        out = guided_decode(loaded.base, loaded.tuned, input_ids, mask, combine, **seeded_decoding(settings, seeds))
         return out.sequences, {"kl_to_base": out.kl_to_base}
 
     return decode, lambda: None

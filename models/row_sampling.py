@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RowSeededSampler", "row_seed", "seeded_generate_kwargs", "warpers"]
+__all__ = ["RowSeededSampler", "row_seed", "seeded_decoding", "seeded_generate_kwargs", "warpers"]
 
 
 def row_seed(seed: int, *parts: Any) -> int:
@@ -100,3 +100,14 @@ def seeded_generate_kwargs(
         "do_sample": False,
         "logits_processor": LogitsProcessorList([RowSeededSampler(seeds, temperature, top_p)]),
     }
+
+
+def seeded_decoding(decoding: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """Keywords for a decoder (transformers' `generate()` or `models.guided.guided_decode`) from
+    the sweep's decoding settings (max_new_tokens, do_sample, temperature, top_p, eos_token_id,
+    pad_token_id), each row sampling from its own seed (`seeded_generate_kwargs`)."""
+    fixed = {k: decoding[k] for k in ("max_new_tokens", "eos_token_id", "pad_token_id")}
+    sampling = seeded_generate_kwargs(
+        seeds, do_sample=decoding["do_sample"], temperature=decoding["temperature"], top_p=decoding["top_p"]
+    )
+    return fixed | sampling

@@ -464,8 +464,16 @@ def comparisons_table(
     the reward difference a − b over their shared prompts and its paired bootstrap interval."""
     statistics = statistics or {}
     groups = _groups(scores)
-    means = {arm: _arm_means(members) for arm, members in groups.items()}
-    kls = {arm: metrics.mean(r["kl_mean"] for r in members) for arm, members in groups.items()}
+    rewards: dict[tuple[str, float], dict[str, float]] = {}  # per-prompt means of the arms compared
+
+    def reward_means(arm: tuple[str, float]) -> dict[str, float]:
+        if arm not in rewards:
+            rewards[arm] = _arm_means(groups[arm])["reward"]
+        return rewards[arm]
+
+    def kl(arm: tuple[str, float]) -> float | None:
+        return metrics.mean(r["kl_mean"] for r in groups[arm])
+
     at: dict[float, dict[str, float]] = {}
     for head, found in calibration.items():
         for c in found:
@@ -473,17 +481,17 @@ def comparisons_table(
     rows = []
 
     def add(target: float, a: tuple[str, float], b: tuple[str, float], label_b: str) -> None:
-        ci = paired_difference(means[a]["reward"], means[b]["reward"], **statistics)
+        ci = paired_difference(reward_means(a), reward_means(b), **statistics)
         rows.append(
             {
                 "run_id": run_id,
                 "target_kl": target,
                 "head_a": a[0],
                 "alpha_a": a[1],
-                "kl_a": kls[a],
+                "kl_a": kl(a),
                 "head_b": label_b,
                 "alpha_b": b[1],
-                "kl_b": max(kls[b] or 0.0, 0.0) if b[1] == 0 else kls[b],
+                "kl_b": max(kl(b) or 0.0, 0.0) if b[1] == 0 else kl(b),
                 "reward_diff": ci.mean,
                 "diff_lo": _finite(ci.lo),
                 "diff_hi": _finite(ci.hi),

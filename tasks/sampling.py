@@ -119,23 +119,19 @@ def sample_responses(
     table's per-row columns plus `token_ids` (the counted generated tokens).
     """
     from alignheads.models.aligned import AlignedLM, plain_generation_config
-    from alignheads.models.row_sampling import seeded_generate_kwargs
+    from alignheads.models.row_sampling import seeded_decoding
 
     aligned = lm if isinstance(lm, AlignedLM) else None
     model = aligned.model if aligned is not None else lm
     stops = eos_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     settings = decoding_settings(sweep, stops, pad_id)
-    fixed = {k: settings[k] for k in ("max_new_tokens", "eos_token_id", "pad_token_id")}
 
     def decode(input_ids, mask, alphas, seeds):
-        sampling = seeded_generate_kwargs(
-            seeds, do_sample=sweep.do_sample, temperature=sweep.temperature, top_p=sweep.top_p
-        )
         if aligned is None:
-            return model.generate(input_ids, attention_mask=mask, **fixed, **sampling), {}
+            return model.generate(input_ids, attention_mask=mask, **seeded_decoding(settings, seeds)), {}
         with aligned.recording() as recorder:
-            out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **fixed, **sampling)
+            out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **seeded_decoding(settings, seeds))
         return out, recorder.stacked()
 
     at = float(alpha) if alpha is not None else (float(aligned.alpha) if aligned is not None else 0.0)
