@@ -186,6 +186,12 @@ class WorldConfig(_Section):
         128, gt=0, description="Test prompts sampled from the base model for the report"
     )
     report_max_new_tokens: int = Field(96, gt=0, description="Longest base-model sample in the report")
+    n_objective_train_pairs: int = Field(
+        1000, gt=0, description="Training pairs per objective (helpful, polite, concise) for the dials"
+    )
+    n_objective_test_pairs: int = Field(
+        200, gt=0, description="Held-out pairs per objective (each prompt unseen in training)"
+    )
 
 
 # --- training (heads and baselines) -------------------------------------------------------------

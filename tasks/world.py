@@ -12,7 +12,7 @@ from alignheads.storage.fingerprint import artifact_key
 from alignheads.tasks.cached import StageResult, task_options
 
 STAGE = "world"
-WORLD_VERSION = 2  # 2: test prompts are distinct and unseen in the training pairs
+WORLD_VERSION = 3  # 3: per-objective pairs in objectives/ (2: test prompts distinct, unseen in train)
 
 
 def world_config_slice(cfg: WorldConfig) -> dict:

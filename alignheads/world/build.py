@@ -6,6 +6,8 @@ any manifest; nothing here does either)::
     model/         config.json, generation_config.json, model.safetensors, tokenizer files
     train.jsonl    {"prompt", "chosen", "rejected"} per line
     test.jsonl     the same, held-out
+    objectives/<name>/train.jsonl   one objective's pairs (a dial's data), for every name in
+    objectives/<name>/test.jsonl    reward.OBJECTIVES; test prompts unseen in both train sets
     report.json    the dict returned by build_world
 """
 
@@ -24,8 +26,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from alignheads.config import WorldConfig
 from alignheads.world import corpus
 from alignheads.world.pretrain import encode_corpus, make_model, one_thread, pretrain
-from alignheads.world.reward import rewards
+from alignheads.world.reward import OBJECTIVES, TERMS, objective_sums, reward_terms, rewards
 from alignheads.world.tokenizer import build_tokenizer
+
+OBJECTIVES_DIR = "objectives"
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+def objective_pair_files(world_dir: Path, objective: str) -> dict[str, Path]:
+    """Split -> the pair file of ``objective`` in a built world (raises ValueError if unknown)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    return {split: Path(world_dir) / OBJECTIVES_DIR / objective / f"{split}.jsonl" for split in SPLITS}
 
 
 def tiny_test_config(**overrides: Any) -> WorldConfig:
@@ -44,6 +56,8 @@ def tiny_test_config(**overrides: Any) -> WorldConfig:
         "n_pretrain_dialogues": 4000,
         "report_samples": 128,
         "report_max_new_tokens": 64,
+        "n_objective_train_pairs": 128,
+        "n_objective_test_pairs": 64,
     }
     return WorldConfig(**{**base, **overrides})
 
@@ -90,12 +104,56 @@ def _mean(xs: Sequence[float]) -> float:
     return float(statistics.fmean(xs)) if xs else float("nan")
 
 
+def objective_pair_stats(objective: str, pairs: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """How cleanly ``pairs`` isolate ``objective``: the share where chosen beats rejected on it,
+    and for every other reward term the share of exact ties and the mean chosen - rejected."""
+    chosen = [reward_terms(p["prompt"], p["chosen"]) for p in pairs]
+    rejected = [reward_terms(p["prompt"], p["rejected"]) for p in pairs]
+    wins = [
+        objective_sums(c)[objective] > objective_sums(r)[objective]
+        for c, r in zip(chosen, rejected, strict=True)
+    ]
+    others = {
+        term: {
+            "tie_rate": _mean([float(c[term] == r[term]) for c, r in zip(chosen, rejected, strict=True)]),
+            "mean_diff": _mean([c[term] - r[term] for c, r in zip(chosen, rejected, strict=True)]),
+        }
+        for term in TERMS
+        if term not in OBJECTIVES[objective]
+    }
+    return {"chosen_beats_rate": _mean([float(w) for w in wins]), "other_terms": others}
+
+
+def _objective_report(
+    out_dir: Path, cfg: WorldConfig, main_train_prompts: set[str], pair_kw: dict[str, Any]
+) -> dict[str, Any]:
+    """Write every objective's pair files and return the report's ``objectives`` section."""
+    section: dict[str, Any] = {}
+    for objective in OBJECTIVES:
+        train = corpus.objective_pairs(objective, cfg.n_objective_train_pairs, cfg.seed, "train", **pair_kw)
+        seen = main_train_prompts | {p["prompt"] for p in train}
+        test = corpus.objective_pairs(
+            objective, cfg.n_objective_test_pairs, cfg.seed, "test", exclude=seen, **pair_kw
+        )
+        files = objective_pair_files(out_dir, objective)
+        files["train"].parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(files["train"], train)
+        write_jsonl(files["test"], test)
+        section[objective] = {
+            "n_train_pairs": len(train),
+            "n_test_pairs": len(test),
+            **objective_pair_stats(objective, train + test),
+        }
+    return section
+
+
 def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[str, Any]:
     """Generate the corpus and pairs, train tokenizer and base LM, sample it, write everything.
 
     Returns the build report (also written to ``out_dir/report.json``). ``report["between"]``
     says whether the base samples' mean reward lies strictly between the rejected and chosen
-    means of the test pairs, the property the world exists to provide.
+    means of the test pairs, the property the world exists to provide. ``report["objectives"]``
+    gives, per objective, its pair counts and :func:`objective_pair_stats` over all its pairs.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -121,6 +179,7 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
     tokenizer.save_pretrained(model_dir)
     write_jsonl(out_dir / "train.jsonl", train)
     write_jsonl(out_dir / "test.jsonl", test)
+    objectives = _objective_report(out_dir, cfg, train_prompts, pair_kw)
 
     # Base samples on distinct test prompts (cycled when the test set has fewer).
     distinct = list(dict.fromkeys(p["prompt"] for p in test))
@@ -163,6 +222,7 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
         "base_finished_fraction": sum(finished) / len(finished),
         "pair_accuracy": sum(c > r for c, r in zip(r_chosen, r_rejected, strict=True)) / len(all_pairs),
         "between": rejected_test < base_mean < chosen_test,
+        "objectives": objectives,
         "examples": [
             {"prompt": p, "response": r, "reward": s}
             for p, r, s in list(zip(prompts, responses, base_r, strict=True))[:4]
@@ -173,7 +233,8 @@ def build_world(out_dir: Path, cfg: WorldConfig, progress: bool = True) -> dict[
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The build report as printable text: sizes, timing and the three reward means."""
+    """The build report as printable text: sizes, timing, the three reward means, and one line
+    per objective (pair counts, how often chosen wins, the other terms that do not always tie)."""
     lines = [
         "Tiny world build report",
         f"  built in {report['build_seconds']:.1f} s (pretraining {report['pretrain_seconds']:.1f} s, "
@@ -192,6 +253,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"    rejected   {report['reward_rejected_mean']:+.3f}",
         "  base samples lie strictly between rejected and chosen: " + ("yes" if report["between"] else "NO"),
     ]
+    lines.append("  objective pairs (chosen beats rejected on the objective; other terms tied):")
+    for name, obj in report.get("objectives", {}).items():
+        untied = [
+            f"{term} {st['tie_rate']:.1%} (mean diff {st['mean_diff']:+.3f})"
+            for term, st in obj["other_terms"].items()
+            if st["tie_rate"] < 1.0
+        ]
+        lines.append(
+            f"    {name:<8} {obj['n_train_pairs']} train, {obj['n_test_pairs']} test; "
+            f"beats {obj['chosen_beats_rate']:.1%}; ties: "
+            + ("; ".join(untied) + "; others 100%" if untied else "all other terms 100%")
+        )
     for ex in report.get("examples", []):
         question = ex["prompt"].rsplit("Human:", 1)[-1].replace("\n\nAssistant:", "").strip()
         lines.append(f"    e.g. {question!r} -> {ex['response'].strip()!r} ({ex['reward']:+.2f})")

@@ -8,7 +8,11 @@ ground-truth reward (:mod:`alignheads.world.reward`) can recompute from the ques
 Everything is drawn from ``random.Random`` instances seeded from the world seed; no global
 random state is read or changed.
 
-Why about 450 lines: most of it is the task families' templates (data, not logic); splitting them
+Besides the main pairs (good style against bad), :func:`objective_pairs` builds one set of
+pairs per objective of :data:`alignheads.world.reward.OBJECTIVES` (the dials): chosen and
+rejected differ in that objective's terms and, as far as the templates allow, tie on the rest.
+
+Why about 650 lines: most of it is the task families' templates (data, not logic); splitting them
 would scatter the world's vocabulary over several files.
 """
 
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 HUMAN = "\n\nHuman:"
@@ -189,6 +195,14 @@ RAMBLE_FILLERS: tuple[str, ...] = (
     "It is hard to say really.",
     "I think, I think, I think.",
 )
+# Padding for the concise objective's rejected answers: fillers that share no word trigram
+# with themselves, each other or a core answer, even across sentence ends, so any selection of
+# them around a core, in any order, adds length and nothing else (no repetition; all in the
+# lexicon). Left out: "Let me think about it for a while." (shares "let me think about" with
+# the first), "Well, well, well." (next to "Well, let me ..." it repeats "well well well"),
+# "It is hard to say really." (after "... one." it repeats "one it is" with a core "It is X."),
+# "I think, I think, I think." (repeats itself).
+PAD_FILLERS: tuple[str, ...] = tuple(RAMBLE_FILLERS[i] for i in (0, 1, 2, 4, 6, 7))
 
 # Fixed wording of the answer sentences built by `core_answer` (the reward's lexicon reads it).
 ANSWER_PHRASES: tuple[str, ...] = (
@@ -348,6 +362,16 @@ def core_answer(q: Question, rng: random.Random, correct: bool = True) -> str:
     return _capitalise(_join_items(items)) + "."
 
 
+def _wrap(opener: str, core: str, closer: str = "") -> str:
+    """``"opener core closer"``, leaving out the empty parts."""
+    return " ".join(part for part in (opener, core, closer) if part)
+
+
+def _maybe(rng: random.Random, options: Sequence[str], p: float = 0.5) -> str:
+    """One of ``options`` with probability ``p``, else ``""`` (one draw, two when chosen)."""
+    return rng.choice(options) if rng.random() < p else ""
+
+
 def _rambling(rng: random.Random, core: str | None) -> str:
     """A long, repetitive answer; the core answer (if any) is buried in the middle."""
     fillers = [rng.choice(RAMBLE_FILLERS) for _ in range(rng.randint(5, 8))]
@@ -361,21 +385,19 @@ def _rambling(rng: random.Random, core: str | None) -> str:
 
 def make_response(q: Question, style: Style, rng: random.Random) -> str:
     """The response text (with its leading space) answering ``q`` in ``style``."""
+    # Arguments evaluate left to right: each style draws opener, core, closer in that order.
     if style == "concise":
         text = core_answer(q, rng)
     elif style == "polite":
-        text = f"{rng.choice(POLITE_OPENERS)} {core_answer(q, rng)}"
-        if rng.random() < 0.5:
-            text += f" {rng.choice(POLITE_CLOSERS)}"
+        text = _wrap(rng.choice(POLITE_OPENERS), core_answer(q, rng), _maybe(rng, POLITE_CLOSERS))
     elif style == "wrong":
         # Wrong answers come in both tones, so tone alone does not give correctness away.
-        text = core_answer(q, rng, correct=False)
-        if rng.random() < 0.5:
-            text = f"{rng.choice(POLITE_OPENERS)} {text}"
+        core = core_answer(q, rng, correct=False)
+        text = _wrap(_maybe(rng, POLITE_OPENERS), core)
     elif style == "rude":
-        text = f"{rng.choice(RUDE_OPENERS)} {core_answer(q, rng)} {rng.choice(RUDE_CLOSERS)}"
+        text = _wrap(rng.choice(RUDE_OPENERS), core_answer(q, rng), rng.choice(RUDE_CLOSERS))
     elif style == "rude_wrong":
-        text = f"{rng.choice(RUDE_OPENERS)} {core_answer(q, rng, correct=False)} {rng.choice(RUDE_CLOSERS)}"
+        text = _wrap(rng.choice(RUDE_OPENERS), core_answer(q, rng, correct=False), rng.choice(RUDE_CLOSERS))
     elif style == "rambling":
         core = core_answer(q, rng, correct=rng.random() < 0.7) if rng.random() < 0.8 else None
         text = _rambling(rng, core)
@@ -427,6 +449,58 @@ def pretraining_texts(
     return texts
 
 
+def _pair_prompts(
+    rng: random.Random,
+    n: int,
+    seed: int,
+    split: Literal["train", "test"],
+    held_out_fraction: float,
+    multi_turn_prob: float,
+    exclude: frozenset[str] | set[str],
+    setting: str,
+) -> Iterator[tuple[Question, str]]:
+    """Yield ``n`` ``(question, prompt)`` for one split, drawn from ``rng``.
+
+    Train skips held-out questions; test yields distinct prompts outside ``exclude``. The caller
+    draws each pair's responses from the same ``rng`` between yields. Raises RuntimeError
+    (naming the config ``setting`` to lower) when the question space runs out of unseen prompts.
+    """
+    used: set[str] = set()
+    found = draws = 0
+    while found < n:
+        draws += 1
+        if draws > 1000 * n:
+            raise RuntimeError(
+                f"only {found} unseen {split} prompts found in {draws - 1} draws (asked for {n}): "
+                f"lower {setting}"
+            )
+        history = _history(rng, multi_turn_prob)
+        q = sample_question(rng)
+        if split == "train" and is_held_out(q, seed, held_out_fraction):
+            continue
+        prompt = format_prompt(q.text, history)
+        if split == "test":
+            if prompt in exclude or prompt in used:
+                continue
+            used.add(prompt)
+        found += 1
+        yield q, prompt
+
+
+def _ranked_pair(
+    prompt: str,
+    draw: Callable[[], tuple[str, str]],
+    score: Callable[[str, str], float],
+    max_tries: int,
+) -> dict[str, str]:
+    """The first ``draw()`` of ``(chosen, rejected)`` whose chosen scores strictly higher."""
+    for _ in range(max_tries):
+        chosen, rejected = draw()
+        if score(prompt, chosen) > score(prompt, rejected):
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    raise RuntimeError(f"no pair with chosen > rejected for {prompt!r} after {max_tries} tries")
+
+
 def preference_pairs(
     n: int,
     seed: int,
@@ -448,34 +522,122 @@ def preference_pairs(
     from alignheads.world.reward import reward  # the reward imports the tables above
 
     rng = _stream_rng(seed, f"pairs-{split}")
-    pairs: list[dict[str, str]] = []
-    used: set[str] = set()
-    draws = 0
-    while len(pairs) < n:
-        draws += 1
-        if draws > 1000 * n:
-            raise RuntimeError(
-                f"only {len(pairs)} unseen {split} prompts found in {draws - 1} draws (asked for {n}): "
-                "lower world.n_test_pairs"
-            )
-        history = _history(rng, multi_turn_prob)
-        q = sample_question(rng)
-        if split == "train" and is_held_out(q, seed, held_out_fraction):
-            continue
-        prompt = format_prompt(q.text, history)
-        if split == "test":
-            if prompt in exclude or prompt in used:
-                continue
-            used.add(prompt)
-        for _ in range(max_tries):
-            chosen = make_response(q, rng.choice(GOOD_STYLES), rng)
-            rejected = make_response(q, rng.choices(BAD_STYLES, weights=BAD_STYLE_WEIGHTS)[0], rng)
-            if reward(prompt, chosen) > reward(prompt, rejected):
-                break
-        else:
-            raise RuntimeError(f"no pair with chosen > rejected for {prompt!r} after {max_tries} tries")
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return pairs
+
+    def draw(q: Question) -> tuple[str, str]:
+        chosen = make_response(q, rng.choice(GOOD_STYLES), rng)
+        return chosen, make_response(q, rng.choices(BAD_STYLES, weights=BAD_STYLE_WEIGHTS)[0], rng)
+
+    prompts = _pair_prompts(
+        rng, n, seed, split, held_out_fraction, multi_turn_prob, exclude, "world.n_test_pairs"
+    )
+    return [_ranked_pair(prompt, partial(draw, q), reward, max_tries) for q, prompt in prompts]
+
+
+# --- per-objective pairs (the dials) ------------------------------------------------------------
+# Each builder draws (chosen, rejected) for one question from `rng`: the two differ in the
+# objective's terms only, as far as the templates allow.
+
+
+def _polite_tone(rng: random.Random) -> tuple[str, str]:
+    """A polite ``(opener, closer)``; the closer is ``""`` half the time."""
+    return rng.choice(POLITE_OPENERS), _maybe(rng, POLITE_CLOSERS)
+
+
+def _rude_tone(rng: random.Random) -> tuple[str, str]:
+    """A rude ``(opener, closer)``: an opener, a closer or both (one or two rude phrases)."""
+    opener, closer = rng.choice(RUDE_OPENERS), rng.choice(RUDE_CLOSERS)
+    return rng.choice(((opener, ""), ("", closer), (opener, closer)))
+
+
+def _plain_tone(rng: random.Random) -> tuple[str, str]:
+    """No opener, no closer (takes ``rng`` only to share the tone drawers' signature)."""
+    return "", ""
+
+
+def _say(tone: tuple[str, str], core: str) -> str:
+    """The response text (with its leading space): ``core`` in ``tone = (opener, closer)``."""
+    return " " + _wrap(tone[0], core, tone[1])
+
+
+def _helpful_pair(q: Question, rng: random.Random) -> tuple[str, str]:
+    """The same tone on both (plain, or one polite opener/closer); chosen right, rejected wrong."""
+    tone = rng.choice((_plain_tone, _polite_tone))(rng)
+    return _say(tone, core_answer(q, rng)), _say(tone, core_answer(q, rng, correct=False))
+
+
+# The tone contrasts of the polite objective: (chosen tone, rejected tone).
+_TONE_CONTRASTS: tuple[tuple[Callable[[random.Random], tuple[str, str]], ...], ...] = (
+    (_polite_tone, _rude_tone),
+    (_polite_tone, _plain_tone),
+    (_plain_tone, _rude_tone),
+)
+
+
+def _polite_pair(q: Question, rng: random.Random) -> tuple[str, str]:
+    """One core answer in two tones: polite vs rude, polite vs plain, or plain vs rude.
+
+    The core is mostly right, sometimes wrong, and the same on both sides, so correctness ties
+    and tells this dial nothing. Every tone plus the longest core stays within the
+    length penalty's free words, so length ties too.
+    """
+    core = core_answer(q, rng, correct=rng.random() < 0.8)
+    good, bad = rng.choice(_TONE_CONTRASTS)
+    return _say(good(rng), core), _say(bad(rng), core)
+
+
+def _concise_pair(q: Question, rng: random.Random) -> tuple[str, str]:
+    """One right core answer: chosen plain, rejected padded with 3 to 5 distinct fillers.
+
+    Three fillers are at least 17 words, so the padding always pays a length penalty; the
+    fillers carry no answer words and repeat nothing (:data:`PAD_FILLERS`), so correctness,
+    repetition and fluency tie.
+    """
+    core = core_answer(q, rng)
+    padding = rng.sample(PAD_FILLERS, rng.randint(3, 5))
+    padding.insert(rng.randint(0, len(padding)), core)
+    return " " + core, " " + " ".join(padding)
+
+
+OBJECTIVE_PAIR_BUILDERS: dict[str, Callable[[Question, random.Random], tuple[str, str]]] = {
+    "helpful": _helpful_pair,
+    "polite": _polite_pair,
+    "concise": _concise_pair,
+}
+
+
+def objective_pairs(
+    objective: str,
+    n: int,
+    seed: int,
+    split: Literal["train", "test"],
+    held_out_fraction: float = 0.2,
+    multi_turn_prob: float = 0.15,
+    exclude: frozenset[str] | set[str] = frozenset(),
+    max_tries: int = 100,
+) -> list[dict[str, str]]:
+    """``n`` pairs ``{"prompt", "chosen", "rejected"}`` for one objective (one dial's data).
+
+    Prompts follow :func:`preference_pairs`' rules (train never uses a held-out question; test
+    prompts are distinct and outside ``exclude``), from a random stream of their own per
+    objective and split, so the main pairs do not change. Chosen beats rejected strictly on the
+    objective's score (:func:`alignheads.world.reward.objective_scores`; re-drawn until it
+    does) and the two are built to tie on every other reward term where the templates allow.
+    Raises ValueError for an unknown objective, RuntimeError as :func:`preference_pairs` does.
+    """
+    from alignheads.world.reward import objective_scores  # the reward imports the tables above
+
+    if objective not in OBJECTIVE_PAIR_BUILDERS:
+        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVE_PAIR_BUILDERS)}")
+    build = OBJECTIVE_PAIR_BUILDERS[objective]
+    rng = _stream_rng(seed, f"objective-{objective}-{split}")
+
+    def score(prompt: str, response: str) -> float:
+        return objective_scores(prompt, response)[objective]
+
+    prompts = _pair_prompts(
+        rng, n, seed, split, held_out_fraction, multi_turn_prob, exclude, "world.n_objective_test_pairs"
+    )
+    return [_ranked_pair(prompt, partial(build, q, rng), score, max_tries) for q, prompt in prompts]
 
 
 def evaluation_prompts(n: int, multi_turn_prob: float = 0.15) -> list[str]:

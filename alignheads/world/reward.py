@@ -17,12 +17,24 @@ empty          -4 when the response has no words at all (the terms above are the
 
 An empty response thus scores -4 (-5 when it was cut at a new turn). Every term is bounded,
 so any text, garbage included, gets a finite score, between -12 and 2.5.
+
+The dials (one head per objective) are each trained on one slice of the reward.
+:data:`OBJECTIVES` names the terms each objective sums, and :func:`objective_scores` gives
+every objective's score of one response:
+
+=========  ========================  ==================================================
+helpful    correctness               the right answer, not a wrong one
+polite     politeness + rudeness     a polite phrase, no rude ones
+concise    length                    no words beyond the free 16
+=========  ========================  ==================================================
+
+Repetition, fluency, turn_leak and empty belong to no objective: every dial's pairs tie on them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 
 from alignheads.world import corpus as C
@@ -62,6 +74,12 @@ TERMS: tuple[str, ...] = (
     "turn_leak",
     "empty",
 )
+# Objective -> the reward terms it sums; the other terms are what its pairs hold fixed.
+OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "helpful": ("correctness",),
+    "polite": ("politeness", "rudeness"),
+    "concise": ("length",),
+}
 FREE_WORDS = 16  # a response this long or shorter pays no length penalty
 EMPTY_SCORE = -4.0
 
@@ -236,6 +254,16 @@ def reward_terms(prompt: str, response: str) -> dict[str, float]:
     unknown = sum(1 for w in words if w not in known and not w.isdigit() and sorted(w) != target)
     terms["fluency"] = -2.0 * unknown / len(words)
     return terms
+
+
+def objective_sums(terms: Mapping[str, float]) -> dict[str, float]:
+    """Each objective's score: the sum of its :data:`OBJECTIVES` terms in ``terms``."""
+    return {name: float(sum(terms[t] for t in names)) for name, names in OBJECTIVES.items()}
+
+
+def objective_scores(prompt: str, response: str) -> dict[str, float]:
+    """Every objective's score of ``response`` to ``prompt`` (one :func:`reward_terms` call)."""
+    return objective_sums(reward_terms(prompt, response))
 
 
 def reward(prompt: str, response: str) -> float:

@@ -10,8 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignheads.world.build import build_world, format_report, tiny_test_config
-from alignheads.world.reward import reward
+from alignheads.world.build import (
+    OBJECTIVES_DIR,
+    build_world,
+    format_report,
+    objective_pair_files,
+    tiny_test_config,
+)
+from alignheads.world.reward import OBJECTIVES, TERMS, objective_scores, reward, reward_terms
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +34,16 @@ def _jsonl(path: Path) -> list[dict]:
 
 def test_writes_exactly_the_documented_layout(world: tuple[Path, dict]) -> None:
     out, _ = world
-    assert {p.name for p in out.iterdir()} == {"model", "train.jsonl", "test.jsonl", "report.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "model",
+        "train.jsonl",
+        "test.jsonl",
+        "objectives",
+        "report.json",
+    }
+    assert {p.name for p in (out / OBJECTIVES_DIR).iterdir()} == set(OBJECTIVES)
+    for name in OBJECTIVES:
+        assert {p.name for p in (out / OBJECTIVES_DIR / name).iterdir()} == {"train.jsonl", "test.jsonl"}
     files = {p.name for p in (out / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
     # Nothing pickled: no .bin/.pt/.pkl weights anywhere.
@@ -97,3 +112,63 @@ def test_format_report_prints_the_three_means(world: tuple[Path, dict]) -> None:
     for key in ("reward_chosen_mean", "reward_base_mean", "reward_rejected_mean"):
         assert f"{report[key]:+.3f}" in text
     assert "strictly between rejected and chosen: yes" in text
+
+
+def test_objective_pair_files_have_the_configured_counts_and_unseen_test_prompts(
+    world: tuple[Path, dict],
+) -> None:
+    out, _ = world
+    cfg = tiny_test_config()
+    main_train = {row["prompt"] for row in _jsonl(out / "train.jsonl")}
+    for name in OBJECTIVES:
+        files = objective_pair_files(out, name)
+        assert set(files) == {"train", "test"}
+        train, test = _jsonl(files["train"]), _jsonl(files["test"])
+        assert (len(train), len(test)) == (cfg.n_objective_train_pairs, cfg.n_objective_test_pairs)
+        test_prompts = [row["prompt"] for row in test]
+        assert len(set(test_prompts)) == len(test)
+        assert not set(test_prompts) & (main_train | {row["prompt"] for row in train})
+    with pytest.raises(ValueError, match="unknown objective 'funny'"):
+        objective_pair_files(out, "funny")
+
+
+def test_objectives_report_matches_a_recount_of_the_files(world: tuple[Path, dict]) -> None:
+    out, report = world
+    assert set(report["objectives"]) == set(OBJECTIVES)
+    for name, section in report["objectives"].items():
+        files = objective_pair_files(out, name)
+        train, test = _jsonl(files["train"]), _jsonl(files["test"])
+        assert (section["n_train_pairs"], section["n_test_pairs"]) == (len(train), len(test))
+        rows = train + test
+        wins = [
+            objective_scores(r["prompt"], r["chosen"])[name]
+            > objective_scores(r["prompt"], r["rejected"])[name]
+            for r in rows
+        ]
+        assert section["chosen_beats_rate"] == sum(wins) / len(rows) == 1.0
+        assert set(section["other_terms"]) == set(TERMS) - set(OBJECTIVES[name])
+        for term, stats in section["other_terms"].items():
+            diffs = [
+                reward_terms(r["prompt"], r["chosen"])[term] - reward_terms(r["prompt"], r["rejected"])[term]
+                for r in rows
+            ]
+            assert stats["tie_rate"] == pytest.approx(sum(d == 0 for d in diffs) / len(rows))
+            assert stats["mean_diff"] == pytest.approx(sum(diffs) / len(rows), abs=1e-12)
+
+
+def test_format_report_prints_one_line_per_objective(world: tuple[Path, dict]) -> None:
+    _, report = world
+    cfg = tiny_test_config()
+    lines = format_report(report).splitlines()
+    for name in OBJECTIVES:
+        (line,) = [ln for ln in lines if ln.strip().startswith(name + " ")]
+        assert f"{cfg.n_objective_train_pairs} train, {cfg.n_objective_test_pairs} test" in line
+        assert "beats 100.0%" in line
+
+
+def test_format_report_names_the_terms_that_do_not_always_tie(world: tuple[Path, dict]) -> None:
+    _, report = world
+    changed = json.loads(json.dumps(report))
+    changed["objectives"]["helpful"]["other_terms"]["length"] = {"tie_rate": 0.975, "mean_diff": -0.0125}
+    (line,) = [ln for ln in format_report(changed).splitlines() if ln.strip().startswith("helpful ")]
+    assert line.endswith("ties: length 97.5% (mean diff -0.013); others 100%")
