@@ -1,4 +1,4 @@
-"""Decoding benchmark: tokens/s of the base model, the heads and a GenARM-style decoder, side by side.
+"""Decoding benchmark: tokens/s of the base model, the heads, several dials and GenARM-style decoders, side by side.
 
 (A script, not a module of the package: its presets, its measurement and its report stay in one
 file so that one command reproduces a BENCHMARKS.md table.)
@@ -20,20 +20,34 @@ row early), at batch 1 and batch 16, for:
   cache, `log π_base + α log π_r` per step);
 - iav@0, calm@0 (diagnostics): the heads at α = 0, which skip the steering term (IAV's second
   H→V map, CALM's modulation) but keep the rest (the wrapper; CALM's context tracking), so the
-  difference to the base and to α = 1 splits a head's cost into its parts.
+  difference to the base and to α = 1 splits a head's cost into its parts;
+- dials-3: three unmerged IAV dials on one LM (`AlignedLM(model, {name: head})`, `models.dials`)
+  at α = (1, 0.5, 1), one α vector per call: the three `W_a` fold into one matrix, so the step
+  costs one extra H→V map, like one IAV head;
+- dials-3-calm: three CALM dials (rank 32 each) at that α: their D's and U's stacked into one
+  H→3R and one 3R→V map, one context tracked for all;
+- genarm-3: multi-objective GenARM (`models.genarm.multi_genarm_generate`: the base plus three
+  reward LMs of the same size, each with its own KV cache, `log π_base + Σ_i α_i log π_r_i` at
+  α = (1, 0.5, 1)): 4 forwards per token.
 
 Speed does not depend on the weights: the LMs and the heads are randomly initialised (heads from
 `models.registry.new_head`, their zero-initialised parts filled with noise). tokens/s = new tokens
 of the batch / wall time of the call (the prompt's prefill included). The variants are interleaved
 in every repeat, so a slow spell of a shared machine hits all of them; the ratio to the base is
-given as the median of the per-repeat ratios (the best tokens/s are printed beside it).
+given as the median of the per-repeat ratios (the best tokens/s are printed beside it). Checks
+printed with it: the merged IAV decodes the unmerged head's greedy tokens, and three IAV dials
+their merge's (`models.merge.merged_dials_head`, `W_lm + Σ α_i W_a_i`).
 
 α-sweep: 5 values of α decoded in one batched call (`AlignedLM.alpha_sweep_generate`: the
 prompts replicated per α, one α per row) against 5 separate `AlignedLM.generate(alpha=...)` calls.
 
 Profile: forward hooks time the output layer inside one `generate()` call of the base (its
-lm_head), iav and calm (the steered layer: head + frozen lm_head): its share of the call's time
-shows what the head adds per step (an unmerged IAV pays the base's H→V map about once more).
+lm_head), iav, calm, dials-3 and dials-3-calm (the steered layer: head(s) + frozen lm_head): its
+share of the call's time shows what the heads add per step (an unmerged IAV, and three IAV dials,
+pay the base's H→V map about once more).
+
+The targets printed: iav and calm >= 0.95x the base (0.97x on the GPU preset), iav-merged 1.00x,
+each >= 1.8x genarm; dials-3 and dials-3-calm >= 0.90x the base.
 """
 
 from __future__ import annotations
@@ -58,22 +72,38 @@ from common import (
 from torch import Tensor, nn
 
 from alignheads.models import AlignedLM, LogitHead, new_head
-from alignheads.models.merge import merged_lm_head
+from alignheads.models.merge import merged_dials_head, merged_lm_head
 
-VARIANTS = ("base", "iav", "iav-merged", "calm", "genarm", "iav@0", "calm@0")
+VARIANTS = (
+    "base",
+    "iav",
+    "iav-merged",
+    "calm",
+    "genarm",
+    "iav@0",
+    "calm@0",
+    "dials-3",
+    "dials-3-calm",
+    "genarm-3",
+)
 # diagnostics: the heads at α = 0 skip their steering term (IAV: the second H→V map; CALM: the
 # modulation) but keep everything else (the wrapper; CALM's context tracking over the KV cache),
 # so they split a head's cost into its parts
 ALPHA = 1.0
+DIALS_TARGET = 0.90  # 3 dials against the base, tokens/s (CPU preset)
+DIALS = ("helpful", "polite", "brief")
+DIAL_ALPHA = (1.0, 0.5, 1.0)  # one α per dial (and per reward LM of genarm-3), uniform per call
 PAD = 0
 
 
 @dataclass
 class Setup:
     model: nn.Module  # the base LM (heads are installed into it for their calls, then removed)
-    reward_lm: nn.Module  # GenARM's reward LM: same shape, other weights
+    reward_lms: list[nn.Module]  # GenARM's reward LMs (genarm: the first; genarm-3: all three)
     heads: dict[str, LogitHead]
+    dials: dict[str, dict[str, LogitHead]]  # "iav" / "calm": three dials each, named DIALS
     merged: nn.Module  # W_b + α W_a as one nn.Linear
+    merged_dials: nn.Module  # W_lm + Σ α_i W_a_i of the IAV dials as one nn.Linear
     device: torch.device
     description: str
 
@@ -102,16 +132,25 @@ def build(args: argparse.Namespace) -> Setup:
         layers = args.layers or layers
         what = "tiny world's shape (configs/tiny.yaml), random Llama"
     model = random_llama(shape, layers, device, dtype, seed=0)
-    reward_lm = random_llama(shape, layers, device, dtype, seed=1)
+    reward_lms = [random_llama(shape, layers, device, dtype, seed=seed) for seed in (1, 2, 3)]
     # no EOS: every row decodes all the new tokens (random weights would emit EOS at random)
     model.generation_config.eos_token_id = None
     heads = {"iav": noisy_head("iav", model, 1), "calm": noisy_head("calm", model, 2)}
+    # IAV dials keep the LM's lm_head as W_b (new_head copies it; only W_a gets noise)
+    dials = {
+        kind: {name: noisy_head(kind, model, 10 * i + j) for j, name in enumerate(DIALS)}
+        for i, kind in enumerate(("iav", "calm"), start=1)
+    }
     merged = merged_lm_head(heads["iav"], ALPHA)
+    merged_dials = merged_dials_head(
+        model.get_output_embeddings(), dials["iav"], dict(zip(DIALS, DIAL_ALPHA, strict=True))
+    )
     desc = (
         f"{what}: {layers} layers, H = {shape['hidden_size']}, V = {shape['vocab_size']}, {args.dtype}; "
-        f"CALM rank {heads['calm'].config.rank}; GenARM reward LM of the same shape"
+        f"CALM rank {heads['calm'].config.rank}; GenARM reward LMs of the same shape; "
+        f"dials {', '.join(DIALS)} at alpha = {DIAL_ALPHA}"
     )
-    return Setup(model, reward_lm, heads, merged, device, desc)
+    return Setup(model, reward_lms, heads, dials, merged, merged_dials, device, desc)
 
 
 # --------------------------------------------------------------------------- the variants
@@ -135,9 +174,11 @@ def decoders(setup: Setup, new_tokens: int) -> dict[str, Callable[[Tensor, Tenso
     def base(ids: Tensor, mask: Tensor) -> Tensor:
         return model.generate(input_ids=ids, attention_mask=mask, **kw)
 
-    def with_head(kind: str, alpha: float = ALPHA) -> Callable[[Tensor, Tensor], Tensor]:
+    def installed(
+        heads: LogitHead | dict[str, LogitHead], alpha: object
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         def run(ids: Tensor, mask: Tensor) -> Tensor:
-            aligned = AlignedLM(model, setup.heads[kind], alpha=alpha)
+            aligned = AlignedLM(model, heads, alpha=alpha)
             try:
                 return aligned.generate(input_ids=ids, attention_mask=mask, **kw)
             finally:
@@ -145,33 +186,37 @@ def decoders(setup: Setup, new_tokens: int) -> dict[str, Callable[[Tensor, Tenso
 
         return run
 
-    def merged(ids: Tensor, mask: Tensor) -> Tensor:
-        with output_layer(model, setup.merged):
-            return model.generate(input_ids=ids, attention_mask=mask, **kw)
+    def layer(linear: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        def run(ids: Tensor, mask: Tensor) -> Tensor:
+            with output_layer(model, linear):
+                return model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+        return run
+
+    guided = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None, "pad_token_id": PAD}
 
     def genarm(ids: Tensor, mask: Tensor) -> Tensor:
         from alignheads.models.genarm import genarm_generate
 
-        return genarm_generate(
-            model,
-            setup.reward_lm,
-            ids,
-            mask,
-            alpha=ALPHA,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=PAD,
-        )
+        return genarm_generate(model, setup.reward_lms[0], ids, mask, alpha=ALPHA, **guided)
+
+    def genarm_3(ids: Tensor, mask: Tensor) -> Tensor:
+        from alignheads.models.genarm import multi_genarm_generate
+
+        return multi_genarm_generate(model, setup.reward_lms, ids, mask, alphas=list(DIAL_ALPHA), **guided)
 
     return {
         "base": base,
-        "iav": with_head("iav"),
-        "iav-merged": merged,
-        "calm": with_head("calm"),
-        "iav@0": with_head("iav", 0.0),
-        "calm@0": with_head("calm", 0.0),
+        "iav": installed(setup.heads["iav"], ALPHA),
+        "iav-merged": layer(setup.merged),
+        "calm": installed(setup.heads["calm"], ALPHA),
+        "iav@0": installed(setup.heads["iav"], 0.0),
+        "calm@0": installed(setup.heads["calm"], 0.0),
         "genarm": genarm,
+        "dials-3": installed(setup.dials["iav"], DIAL_ALPHA),
+        "dials-3-calm": installed(setup.dials["calm"], DIAL_ALPHA),
+        "genarm-3": genarm_3,
+        "dials-3-merged": layer(setup.merged_dials),  # the check only: not timed
     }
 
 
@@ -229,12 +274,18 @@ def timed(module: nn.Module, device: torch.device) -> Iterator[list[float]]:
 
 def output_layer_shares(setup: Setup, ids: Tensor, mask: Tensor, new_tokens: int) -> dict[str, float]:
     """Share of one `generate()` call's wall time spent in the output layer (forward hooks): the
-    LM's lm_head for the base, the steered layer (head + frozen lm_head) for iav and calm."""
+    LM's lm_head for the base, the steered layer (head(s) + frozen lm_head) for iav, calm and the dials."""
     model = setup.model
     kw = {"max_new_tokens": new_tokens, "do_sample": False, "use_cache": True, "pad_token_id": PAD}
+    installs = {
+        "iav": (setup.heads["iav"], ALPHA),
+        "calm": (setup.heads["calm"], ALPHA),
+        "dials-3": (setup.dials["iav"], DIAL_ALPHA),
+        "dials-3-calm": (setup.dials["calm"], DIAL_ALPHA),
+    }
     shares = {}
-    for name in ("base", "iav", "calm"):
-        aligned = AlignedLM(model, setup.heads[name], alpha=ALPHA) if name != "base" else None
+    for name in ("base", *installs):
+        aligned = AlignedLM(model, installs[name][0], alpha=installs[name][1]) if name != "base" else None
         try:
             with timed(model.get_output_embeddings(), setup.device) as spent:
                 synchronize(setup.device)
@@ -263,8 +314,9 @@ def measure_batch(setup: Setup, args: argparse.Namespace, batch: int) -> dict:
             )
     new = slice(args.prompt_len, None)
     merged_equal = (outputs["iav"][:, new] == outputs["iav-merged"][:, new]).float().mean().item()
+    dials_equal = (outputs["dials-3"][:, new] == outputs["dials-3-merged"][:, new]).float().mean().item()
     times = interleaved(
-        {name: (lambda fn=fn: fn(ids, mask)) for name, fn in runs.items()}, args.repeats, setup.device
+        {name: (lambda fn=runs[name]: fn(ids, mask)) for name in VARIANTS}, args.repeats, setup.device
     )
 
     sweep = {}
@@ -279,7 +331,13 @@ def measure_batch(setup: Setup, args: argparse.Namespace, batch: int) -> dict:
             same,
         )
     shares = output_layer_shares(setup, ids, mask, args.new_tokens)
-    return {"times": times, "merged_equal": merged_equal, "sweep": sweep, "shares": shares}
+    return {
+        "times": times,
+        "merged_equal": merged_equal,
+        "dials_equal": dials_equal,
+        "sweep": sweep,
+        "shares": shares,
+    }
 
 
 def median_ratio(times: dict[str, list[float]], name: str, ref: str = "base") -> float:
@@ -309,6 +367,8 @@ def report(setup: Setup, args: argparse.Namespace, results: dict[int, dict]) -> 
             r_med = median_ratio(times, name)
             if name in ("iav", "calm"):
                 goal = f">= {target:.2f}"
+            elif name in ("dials-3", "dials-3-calm"):
+                goal = f">= {DIALS_TARGET:.2f}"
             elif name == "iav-merged":
                 goal = "1.00"
             else:
@@ -326,7 +386,7 @@ def report(setup: Setup, args: argparse.Namespace, results: dict[int, dict]) -> 
             )
     print_table(
         [
-            ("variant", 10),
+            ("variant", 12),
             ("batch", 5),
             ("tok/s best", 10),
             ("tok/s median", 12),
@@ -338,13 +398,16 @@ def report(setup: Setup, args: argparse.Namespace, results: dict[int, dict]) -> 
     )
     print(
         f"targets: iav and calm >= {target:.2f}x the base, iav-merged 1.00x, each >= 1.8x genarm; "
-        "the medians of the per-repeat ratios are the robust figures on a shared machine"
+        f"dials-3 (3 IAV dials) and dials-3-calm >= {DIALS_TARGET:.2f}x the base; genarm-3 runs 4 LM "
+        "forwards per token; the medians of the per-repeat ratios are the robust figures on a shared machine"
     )
     for batch, res in results.items():
         sh = res["shares"]
         print(
-            f"batch {batch}: iav vs iav-merged greedy tokens equal: {res['merged_equal']:.1%}; profile (share of "
-            f"generate() time in the output layer): base {sh['base']:.1%}, iav {sh['iav']:.1%}, calm {sh['calm']:.1%}"
+            f"batch {batch}: iav vs iav-merged greedy tokens equal: {res['merged_equal']:.1%}; dials-3 vs its "
+            f"merge: {res['dials_equal']:.1%}; profile (share of generate() time in the output layer): base "
+            f"{sh['base']:.1%}, iav {sh['iav']:.1%}, calm {sh['calm']:.1%}, dials-3 {sh['dials-3']:.1%}, "
+            f"dials-3-calm {sh['dials-3-calm']:.1%}"
         )
     print(
         f"alpha sweep: {len(args.alphas)} alphas {args.alphas} in one batched call vs {len(args.alphas)} separate calls"

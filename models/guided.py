@@ -1,13 +1,16 @@
-"""Decoding from two causal LMs at once: each step's next-token logits are a combination of both.
+"""Decoding from several causal LMs at once: each step's next-token logits are a combination of theirs.
 
-GenARM (base LM guided by an autoregressive reward LM) and DeRa (decoding-time realignment of
-a DPO model against its reference) differ only in how they combine the two models' logits, so
-the loop lives here once and takes the combination rule as a function
+GenARM (base LM guided by an autoregressive reward LM, or by K of them: multi-objective GenARM)
+and DeRa (decoding-time realignment of a DPO model against its reference) differ only in how
+they combine the models' logits, so the loop lives here once (:func:`multi_guided_decode`) and
+takes the combination rule as a function ``combine(base_logits (B, V), [other_logits (B, V)] * K)
+-> (B, V)``. :func:`guided_decode` is its two-model case (K = 1), with the rule
 ``combine(base_logits (B, V), other_logits (B, V)) -> (B, V)``.
 
 Each model keeps its own KV cache: the prompt is prefilled once, then every step feeds each
-model only the new token. Positions follow the left padding as in transformers' `generate()`
-(``cumsum(mask) − 1``), so a left-padded batch decodes like each prompt alone.
+model only the new token (K + 1 forwards per token). Positions follow the left padding as in
+transformers' `generate()` (``cumsum(mask) − 1``), so a left-padded batch decodes like each
+prompt alone.
 
 Token selection follows transformers' sampling loop exactly (float32 scores, temperature then
 top-p warpers, softmax, one ``torch.multinomial`` draw per row per step, finished rows padded):
@@ -27,9 +30,10 @@ from torch import Tensor, nn
 from alignheads.models.losses import exact_kl
 from alignheads.models.row_sampling import warpers as sampling_warpers
 
-__all__ = ["CombineRule", "GuidedOutput", "guided_decode"]
+__all__ = ["CombineRule", "GuidedOutput", "MultiCombineRule", "guided_decode", "multi_guided_decode"]
 
 CombineRule = Callable[[Tensor, Tensor], Tensor]
+MultiCombineRule = Callable[[Tensor, list[Tensor]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,35 @@ def _step(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache:
     return out.logits[:, -1].float(), out.past_key_values
 
 
-@torch.inference_mode()
 def guided_decode(
     base: nn.Module,
     other: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     combine: CombineRule,
+    **decoding: Any,
+) -> GuidedOutput:
+    """Decode ``input_ids (B, P)`` (left-padded, ``attention_mask (B, P)``) from
+    ``combine(base logits (B, V), other logits (B, V))`` at each step: :func:`multi_guided_decode`
+    with one other model. ``decoding``: its options (max_new_tokens, do_sample, temperature, top_p,
+    eos_token_id, pad_token_id, generator, logits_processor)."""
+    return multi_guided_decode(
+        base,
+        [other],
+        input_ids,
+        attention_mask,
+        lambda z_base, others: combine(z_base, others[0]),
+        **decoding,
+    )
+
+
+@torch.inference_mode()
+def multi_guided_decode(
+    base: nn.Module,
+    others: Sequence[nn.Module],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    combine: MultiCombineRule,
     *,
     max_new_tokens: int,
     do_sample: bool = False,
@@ -78,7 +104,8 @@ def guided_decode(
     logits_processor: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
 ) -> GuidedOutput:
     """Decode ``input_ids (B, P)`` (left-padded, ``attention_mask (B, P)``) for at most
-    ``max_new_tokens`` steps, each from ``combine(base logits, other logits)``.
+    ``max_new_tokens`` steps, each from ``combine(base logits (B, V), [logits (B, V) of each of
+    others])``, every model continuing its own KV cache.
 
     Stops early once every row has produced an EOS (any of ``eos_token_id``); later tokens of a
     finished row are ``pad_token_id``. ``generator``: the RNG of the multinomial draws (None: the
@@ -100,12 +127,12 @@ def guided_decode(
     mask = attention_mask.long()
     positions = _positions(mask)
     base_logits, base_cache = _step(base, input_ids, mask, positions, None)
-    other_logits, other_cache = _step(other, input_ids, mask, positions, None)
+    steps = [_step(model, input_ids, mask, positions, None) for model in others]
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     kls: list[Tensor] = []
     for step in range(max_new_tokens):
-        scores = combine(base_logits, other_logits).float()
+        scores = combine(base_logits, [logits for logits, _ in steps]).float()
         kls.append(exact_kl(scores, base_logits).cpu())
         for warp in warpers:
             scores = warp(sequences, scores)
@@ -123,5 +150,8 @@ def guided_decode(
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         positions = positions[:, -1:] + 1
         base_logits, base_cache = _step(base, tokens[:, None], mask, positions, base_cache)
-        other_logits, other_cache = _step(other, tokens[:, None], mask, positions, other_cache)
+        steps = [
+            _step(model, tokens[:, None], mask, positions, cache)
+            for model, (_, cache) in zip(others, steps, strict=True)
+        ]
     return GuidedOutput(sequences=sequences, kl_to_base=torch.stack(kls, dim=1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -18,8 +20,10 @@ class StepRecorder:
     :meth:`stacked` gives ``(B, n_steps)`` tensors aligned with the generated tokens:
     ``kl_to_base`` = ``KL(softmax(z(α)) ‖ softmax(z_LM))`` against the LM's own output layer
     (before any sampling processors), plus the head's own summaries (CALM: ``strength``,
-    ``modulation_norm``; IAV: ``align_norm``). Rows follow the batch order; beam search
-    reorders rows between steps, so use it with greedy decoding or sampling.
+    ``modulation_norm``; IAV: ``align_norm``). Several dials on one LM
+    (`models.dials.DialLMHead`) record ``kl_to_base`` for the combined distribution and, per
+    dial, ``strength/<name>`` (CALM) or ``align_norm/<name>`` (IAV). Rows follow the batch
+    order; beam search reorders rows between steps, so use it with greedy decoding or sampling.
     Steps after a sequence finished are recorded too: mask them with the token counts.
     """
 
@@ -27,8 +31,15 @@ class StepRecorder:
         self.steps: list[dict[str, Tensor]] = []
 
     def observe(self, output: SteeringOutput, logits: Tensor, lm_logits: Tensor) -> None:
+        """Record one call of a single head: its ``token_stats()`` and the KL of ``logits`` to
+        ``lm_logits`` (both ``(B, T, V)``), at the last position."""
+        self.observe_stats(output.token_stats(), logits, lm_logits)
+
+    def observe_stats(self, stats: Mapping[str, Tensor], logits: Tensor, lm_logits: Tensor) -> None:
+        """Record one call: ``stats`` ``{name: (B, T)}`` and the KL of the steered ``logits`` to
+        the LM's ``lm_logits`` (both ``(B, T, V)``), each at the last position."""
         with torch.no_grad():
-            step = {name: value[:, -1].detach().float().cpu() for name, value in output.token_stats().items()}
+            step = {name: value[:, -1].detach().float().cpu() for name, value in stats.items()}
             step["kl_to_base"] = exact_kl(logits[:, -1].detach(), lm_logits[:, -1].detach()).cpu()
         self.steps.append(step)
 
