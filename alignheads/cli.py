@@ -130,6 +130,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alignheads.tasks.reporting.printing import print_run_summary
 
     cfg = _config(args)
+    if args.tuned is not None:  # the search's best trials: the pipeline reuses their trainings
+        from alignheads.flows.tuned import find_search, tuned_line, with_tuned
+
+        search = find_search(cfg.store, args.tuned)  # "latest" resolved once, for both
+        cfg = with_tuned(cfg, str(search))
+        print(tuned_line(search))
     verbose = getattr(args, "verbose", False)
     quiet = contextlib.nullcontext() if verbose else quiet_user_errors_on_console()
     with quiet:
@@ -151,6 +157,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with quiet:
         outcome = tune(space=space, config=cfg)
     print(trials_table(outcome))
+    if outcome.search is not None:
+        key = outcome.search.key
+        print(f"search: {outcome.search.path} (run with its best trials: alignheads run --tuned {key})")
     if outcome.mlflow_run:
         print(f"MLflow: parent run {outcome.mlflow_run} (experiment {cfg.name}), one child run per trial")
     return 0
@@ -243,6 +252,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from alignheads.storage.atomic import follow_umask
 
     cfg = _config(args)
+    if args.dials is not None or args.dial:
+        return _merge_dials(args, cfg)
+    if args.alpha is None:
+        print("error: give --alpha A (or --dial NAME=A for dials)", file=sys.stderr)
+        return 2
     if args.heads is None and args.head is None:
         print("error: give --heads DIR or --head iav (the newest IAV head in the store)", file=sys.stderr)
         return 2
@@ -275,6 +289,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         done = log_merged_checkpoint(cfg, out, args.alpha, heads)
         print(f"  logged with mlflow.transformers: models:/{done.name}/{done.version} (alias newest)")
+    return 0
+
+
+def _merge_dials(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """`merge --dial NAME=A ...`: a dial set's IAV dials folded into one plain checkpoint at that α
+    vector (`models.merge.merge_iav_dial_set`)."""
+    from alignheads.loading import library_progress_bars_off
+    from alignheads.models.merge import merge_iav_dial_set
+    from alignheads.tasks.dial_set import STAGE, parse_dial_items, read_dial_set, vector_label
+    from alignheads.tasks.export import newest_artifact
+
+    if args.heads is not None or args.head is not None or args.alpha is not None:
+        print("error: give either dials (--dials / --dial NAME=A) or one head (--heads / --head, --alpha)", file=sys.stderr)
+        return 2
+    try:
+        alpha = parse_dial_items(args.dial)
+        where = args.dials if args.dials is not None else cfg.store / STAGE / newest_artifact(cfg.store, STAGE)
+        heads = {r["name"]: Path(r["train_path"]) / "head" for r in read_dial_set(where)}
+        with library_progress_bars_off():
+            out = merge_iav_dial_set(
+                heads, alpha, args.out, base_model=args.base, dtype=args.dtype,
+                trust_remote_code=cfg.model.trust_remote_code, ignore_base_id=args.ignore_base_id,
+                overwrite=args.overwrite,
+            )  # fmt: skip
+    except (ValueError, FileExistsError) as exc:  # a CALM dial, an unknown dial, output taken
+        return _user_error(exc, getattr(args, "verbose", False), 1)
+    label = vector_label({name: alpha.get(name, 0.0) for name in heads})
+    print(f"merged IAV dials {', '.join(heads)} at {label} into a plain Hugging Face checkpoint: {out}")
+    print(f"  load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -356,17 +399,26 @@ def _label(method: str) -> str:
     return f"{method} head" if SAVED_AS.get(method) == "head" else method
 
 
-def _print_pair(base: str, aligned: str, head_type: str, alpha: float) -> None:
+def _alpha_text(aligned, alpha) -> str:
+    """α as printed: `1.5`, or for dials their non-zero α (`helpful=1,concise=0.5`; `base`)."""
+    from alignheads import inference
+    from alignheads.tasks.dial_set import vector_label
+
+    value = inference.alpha_value(aligned, alpha)
+    return vector_label(value) if isinstance(value, dict) else f"{value:g}"
+
+
+def _print_pair(base: str, aligned: str, head_type: str, alpha_text: str) -> None:
     print("--- base (plain LM) ---")
     print(base)
-    print(f"--- aligned ({_label(head_type)}, alpha={alpha:g}) ---")
+    print(f"--- aligned ({_label(head_type)}, alpha={alpha_text}) ---")
     print(aligned)
 
 
 # The chat loop's commands, as its banner, `:help` and `generate --help` list them.
 CHAT_COMMANDS = (
-    ":alpha X (set alpha), :alpha (show it), :compare (toggle the base's reply), "
-    ":info (head and settings), :help, :q (quit)"
+    ":alpha X (set alpha; with dials X sets every dial, or name=X ... sets those dials), :alpha (show it), "
+    ":compare (toggle the base's reply), :info (head and settings), :help, :q (quit)"
 )
 
 
@@ -393,15 +445,15 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401  (input() gets line editing, and Up/Down recall earlier lines)
 
-    alpha, compare = args.alpha, args.compare
+    alpha, compare = _cli_alpha(aligned, args), args.compare
     head_type = inference.method_name(aligned)
     streams = isinstance(aligned, inference.AlignedLM)  # a two-model method prints its reply whole
     help_text = f"commands: {CHAT_COMMANDS}"
-    print(f"alignheads generate: {_label(head_type)}, alpha={alpha:g}. {help_text}", flush=True)
+    print(f"alignheads generate: {_label(head_type)}, alpha={_alpha_text(aligned, alpha)}. {help_text}", flush=True)
     turn = 0  # each prompt samples from its own seed, (seed, prompt, turn): a new draw every turn
     while True:
         try:
-            line = input(f"[alpha={alpha:g}]> ")
+            line = input(f"[alpha={_alpha_text(aligned, alpha)}]> ")
         except EOFError:
             print()
             return 0
@@ -413,15 +465,15 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
         if command in ("q", "quit", "exit") and len(words) == 1:
             return 0
         if command == "alpha" and len(words) == 1:
-            print(f"alpha = {alpha:g}", flush=True)
+            print(f"alpha = {_alpha_text(aligned, alpha)}", flush=True)
             continue
-        if command == "alpha" and len(words) == 2:
+        if command == "alpha":
             try:
-                alpha = float(words[1])
-            except ValueError:
-                print(f"not a number: {words[1]!r}", flush=True)
+                alpha = _chat_alpha(aligned, alpha, words[1:])
+            except ValueError as exc:
+                print(str(exc), flush=True)
                 continue
-            print(f"alpha = {alpha:g}", flush=True)
+            print(f"alpha = {_alpha_text(aligned, alpha)}", flush=True)
             continue
         if command == "compare" and len(words) == 1:
             compare = not compare
@@ -444,7 +496,7 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
             base = inference.generate_base(aligned, tokenizer, [prompt], seeds=seeds, **settings)[0]
             print("--- base (plain LM) ---")
             print(base, flush=True)
-            print(f"--- aligned ({_label(head_type)}, alpha={alpha:g}) ---", flush=True)
+            print(f"--- aligned ({_label(head_type)}, alpha={_alpha_text(aligned, alpha)}) ---", flush=True)
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         extra = {"streamer": streamer} if streams else {}
         out, info = _responses(
@@ -457,8 +509,37 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
         sys.stdout.flush()
 
 
+def _cli_alpha(aligned, args: argparse.Namespace):
+    """The α the flags ask for: `--alpha`, or with dials the `--dial name=α` items (every other dial
+    at 0; none given: every dial at `--alpha`)."""
+    from alignheads.tasks.dial_set import full_vector, parse_dial_items
+
+    if not getattr(aligned, "dial_names", ()):
+        return args.alpha
+    if not args.dial:
+        return dict.fromkeys(aligned.dial_names, float(args.alpha))
+    return full_vector(aligned.dial_names, parse_dial_items(args.dial))
+
+
+def _chat_alpha(aligned, current, words: list[str]):
+    """The chat loop's new α from `:alpha X` (every dial at X) or `:alpha name=X ...` (those dials;
+    the others keep theirs); ValueError with the message to print."""
+    from alignheads.tasks.dial_set import full_vector, parse_dial_items
+
+    names = getattr(aligned, "dial_names", ())
+    if len(words) == 1 and "=" not in words[0]:
+        try:
+            value = float(words[0])
+        except ValueError:
+            raise ValueError(f"not a number: {words[0]!r}") from None
+        return dict.fromkeys(names, value) if names else value
+    if not names:
+        raise ValueError("one number: this method has one dial (`:alpha 1.5`)")
+    return full_vector(names, {**current, **parse_dial_items(words)})
+
+
 def _responses(
-    aligned, tokenizer, texts: list[str], alpha: float, seeds: list[int], steering: bool, **settings
+    aligned, tokenizer, texts: list[str], alpha, seeds: list[int], steering: bool, **settings
 ):
     """(responses, per-response steering statistics or None) at ``alpha``, each text sampled from
     its seed; the responses are the same with or without the statistics (recording reads the
@@ -487,20 +568,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts = load_prompts_file(args.prompts_file)
         except ValueError as exc:  # malformed rows, no prompts
             return _user_error(exc, getattr(args, "verbose", False), 1)
-    heads = args.heads if args.heads is not None else _newest_head(cfg.store, args.head)
+    dials = args.dials is not None or bool(args.dial)
+    if dials and (args.heads is not None or args.head is not None):
+        print("error: give either dials (--dials / --dial) or one method (--heads / --head)", file=sys.stderr)
+        return 2
+    options = {
+        "base": args.base, "device": args.device, "dtype": cfg.model.dtype,
+        "ignore_base_id": args.ignore_base_id, "trust_remote_code": cfg.model.trust_remote_code,
+    }  # fmt: skip
+    heads = (args.dials or cfg.store) if dials else args.heads or _newest_head(cfg.store, args.head)
     with library_progress_bars_off():
-        aligned, tokenizer = inference.load_trained(
-            heads,
-            base=args.base,
-            device=args.device,
-            dtype=cfg.model.dtype,
-            ignore_base_id=args.ignore_base_id,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        if dials:
+            aligned, tokenizer = inference.load_dials(heads, **options)
+        else:
+            aligned, tokenizer = inference.load_trained(heads, **options)
+    try:
+        alpha = _cli_alpha(aligned, args)
+    except ValueError as exc:  # a malformed or unknown --dial
+        return _user_error(exc, getattr(args, "verbose", False), 2)
     settings = _decoding(args, cfg)
     seed = args.seed if args.seed is not None else cfg.sweep.seed
     head_type = inference.method_name(aligned)
-    print(f"{_label(head_type)}: {heads}", file=sys.stderr)
+    where = f"{', '.join(aligned.dial_names)} from {heads}" if dials else heads
+    print(f"{_label(head_type)}: {where}", file=sys.stderr)
 
     if args.interactive:
         return _interactive(aligned, tokenizer, args, settings, seed)
@@ -512,9 +602,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             chunk = prompts[start : start + bs]
             texts = [inference.format_prompt(tokenizer, t, raw=args.raw) for _, t in chunk]
             seeds = inference.prompt_seeds(seed, texts)  # per prompt: the same in any batch
-            out, info = _responses(
-                aligned, tokenizer, texts, args.alpha, seeds, args.steering_info, **settings
-            )
+            out, info = _responses(aligned, tokenizer, texts, alpha, seeds, args.steering_info, **settings)
             base = (
                 inference.generate_base(aligned, tokenizer, texts, seeds=seeds, **settings)
                 if args.compare
@@ -525,7 +613,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "id": pid,
                     "prompt": text,
                     "head": head_type,
-                    "alpha": args.alpha,
+                    "alpha": inference.alpha_value(aligned, alpha),
                     "response": response,
                 }
                 if args.compare:
@@ -549,12 +637,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt = inference.format_prompt(tokenizer, args.prompt, raw=args.raw)
     seeds = inference.prompt_seeds(seed, [prompt])
-    out, info = _responses(aligned, tokenizer, [prompt], args.alpha, seeds, args.steering_info, **settings)
+    out, info = _responses(aligned, tokenizer, [prompt], alpha, seeds, args.steering_info, **settings)
     response = out[0]
     if args.compare:
         base = inference.generate_base(aligned, tokenizer, [prompt], seeds=seeds, **settings)[0]
         print(f"prompt: {args.prompt}")
-        _print_pair(base, response, head_type, args.alpha)
+        _print_pair(base, response, head_type, _alpha_text(aligned, alpha))
     else:
         print(response)
     if args.steering_info:
@@ -576,6 +664,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("run", help="run the pipeline flow on a config", description="Run the pipeline flow.")
+    p.add_argument(
+        "--tuned",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="SEARCH",
+        help="train each method the search tuned with its best trial's settings (reusing that trial's "
+        "training): a search key, its directory, or 'latest' (the default without a value)",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -585,7 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the tune flow: train every trial of a search space, score each at the α "
         "calibrated to a target KL on validation prompts, and tag the best per method in MLflow.",
     )
-    p.add_argument("--space", type=Path, required=True, help="search space YAML ({method: {setting: [values]}})")
+    p.add_argument(
+        "--space", type=Path, required=True, help="search space YAML ({method: {setting: [values]}})"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_tune)
 
@@ -628,7 +727,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="without --heads: the newest trained IAV head in the store",
     )
-    p.add_argument("--alpha", type=float, required=True, help="alignment strength to bake in")
+    p.add_argument("--alpha", type=float, default=None, help="alignment strength to bake in (one head)")
+    p.add_argument(
+        "--dials", type=Path, default=None, help="a dial set <store>/dials/<key> (default with --dial: the store's newest)"
+    )
+    p.add_argument(
+        "--dial",
+        action="append",
+        default=[],
+        metavar="NAME=ALPHA",
+        help="fold IAV dials instead: one dial's alpha (repeat it; the others are 0)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     p.add_argument(
         "--base", default=None, help="base model id or directory (default: the one the head records)"
@@ -688,6 +797,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --heads: use the newest trained method of this kind in the store",
     )
     p.add_argument("--alpha", type=float, default=1.0, help="alignment strength (default 1.0)")
+    p.add_argument(
+        "--dials",
+        type=Path,
+        default=None,
+        help="a dial set <store>/dials/<key> (several heads on one LM); default with --dial: the "
+        "store's newest",
+    )
+    p.add_argument(
+        "--dial",
+        action="append",
+        default=[],
+        metavar="NAME=ALPHA",
+        help="one dial's alpha (repeat it: --dial helpful=1.0 --dial concise=0.5; the others are 0)",
+    )
     p.add_argument(
         "--interactive", "-i", action="store_true", help=f"chat loop on the terminal; {CHAT_COMMANDS}"
     )

@@ -473,6 +473,97 @@ class EvaluateConfig(_Section):
         return sorted(set(values))
 
 
+# --- dials: several heads on one backbone -----------------------------------------------------
+
+
+WORLD_OBJECTIVES = ("helpful", "polite", "concise")  # the tiny world's objectives (its reward terms)
+
+
+class DialConfig(_Section):
+    """One dial: a head of either family trained on one objective's preference pairs, with its own
+    data, reference pass and training artifact (cached and keyed like the run's own heads)."""
+
+    method: Literal["iav", "calm"] = Field("iav", description="Head family of this dial")
+    objective: str | None = Field(
+        None,
+        description="The tiny world's objective this dial learns and is scored on (helpful, polite, "
+        "concise); empty: the dial's name",
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="This dial's preference pairs; empty train/test: the tiny world's pairs of its objective",
+    )
+    reward: str | None = Field(
+        None,
+        description="How the dial's objective is scored: empty for the tiny world's objective term, "
+        "or a reward model id / directory (one label) for the objective",
+    )
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="train.<method> settings changed for this dial (e.g. {lr: 1e-3, epochs: 3})",
+    )
+
+
+class DialsConfig(_Section):
+    """Several dials on one backbone: `z = z_base + Σ_i α_i Δ_i(h)`, one forward pass of the LM, swept
+    over a grid of α vectors and scored per objective (the dial_summary table, Pareto plots)."""
+
+    enabled: bool = Field(False, description="Train the dials and sweep their α vectors")
+    heads: dict[str, DialConfig] = Field(
+        default_factory=dict, description="The dials by name (the α vector's keys)"
+    )
+    strengths: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0],
+        min_length=1,
+        description="Default grid: each dial alone at these α (the others at 0)",
+    )
+    together: float = Field(
+        1.0, description="Default grid: every pair of dials, and all of them, at this α each"
+    )
+    grid: list[dict[str, float]] | None = Field(
+        None,
+        description="α vectors to sweep instead of the default grid ({dial: α}; missing dials are 0); "
+        "the all-zero vector is always added",
+    )
+    n_prompts: int = Field(
+        256, gt=0, description="Evaluation prompts of the dial sweep (the sweep's first N prompts)"
+    )
+    n_samples: int = Field(2, gt=0, description="Responses per prompt and α vector")
+    genarm: bool = Field(
+        False,
+        description="Also run multi-objective GenARM on the same grid, prompts and seeds: one reward LM "
+        "per dial (train.genarm settings) and log π_base + Σ α_i log π_r_i (K + 1 forwards per token)",
+    )
+
+    @field_validator("heads")
+    @classmethod
+    def _simple_names(cls, heads: dict[str, DialConfig]) -> dict[str, DialConfig]:
+        for name in heads:
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"dial name {name!r}: use letters, digits, '-' and '_' only")
+        return heads
+
+    @model_validator(mode="after")
+    def _grid_names_known(self) -> DialsConfig:
+        if self.enabled and not self.heads:
+            raise ValueError("dials.enabled is true but dials.heads names no dial")
+        for vector in self.grid or []:
+            unknown = sorted(set(vector) - set(self.heads))
+            if unknown:
+                raise ValueError(
+                    f"dials.grid names {', '.join(unknown)}, which dials.heads does not define"
+                    + did_you_mean(unknown[0], self.heads)
+                )
+            bad = [a for a in vector.values() if not math.isfinite(a)]
+            if bad:
+                raise ValueError(f"every α of dials.grid must be a finite number, got {bad}")
+        return self
+
+    def objective_of(self, name: str) -> str:
+        """The objective dial `name` learns (its own name unless `objective` says otherwise)."""
+        return self.heads[name].objective or name
+
+
 class TrackingConfig(_Section):
     """MLflow tracking: a parent run per pipeline run, child runs per trained head."""
 
@@ -500,6 +591,7 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    dials: DialsConfig = Field(default_factory=DialsConfig)
 
     @field_validator("name")
     @classmethod
@@ -518,11 +610,51 @@ class RunConfig(_Section):
 
     @property
     def uses_world_data(self) -> bool:
+        """Whether the run's own pairs (not the dials') come from the tiny world."""
         return self.data.train is None or self.data.test is None
 
     @property
+    def dials_use_world_data(self) -> bool:
+        """Whether an enabled dial trains on the tiny world's pairs of its objective."""
+        dials = self.dials.heads.values() if self.dials.enabled else ()
+        return any(d.data.train is None or d.data.test is None for d in dials)
+
+    @property
     def needs_world(self) -> bool:
-        return self.uses_world_model or self.uses_world_data
+        return self.uses_world_model or self.uses_world_data or self.dials_use_world_data
+
+    def dial_settings(self, name: str) -> HeadTrainConfig:
+        """Dial `name`'s training settings: `train.<method>` with the dial's `settings` applied."""
+        dial = self.dials.heads[name]
+        base = getattr(self.train, dial.method)
+        return type(base).model_validate({**base.model_dump(), **dial.settings, "enabled": True})
+
+    @model_validator(mode="after")
+    def _dials_resolve(self) -> RunConfig:
+        if not self.dials.enabled:
+            return self
+        for name, dial in self.dials.heads.items():
+            objective = self.dials.objective_of(name)
+            world_data = dial.data.train is None or dial.data.test is None
+            if objective not in WORLD_OBJECTIVES and (world_data or dial.reward is None):
+                raise ValueError(
+                    f"dials.heads.{name}: objective {objective!r} is not one of the tiny world's "
+                    f"({', '.join(WORLD_OBJECTIVES)}){did_you_mean(objective, WORLD_OBJECTIVES)}; a dial "
+                    "of another objective needs its own data.train, data.test and reward"
+                )
+            unknown = sorted(set(dial.settings) - set(type(getattr(self.train, dial.method)).model_fields))
+            if unknown:
+                raise ValueError(
+                    f"dials.heads.{name}.settings: {unknown[0]!r} is not a train.{dial.method} setting"
+                    + did_you_mean(unknown[0], type(getattr(self.train, dial.method)).model_fields)
+                )
+            try:
+                self.dial_settings(name)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"dials.heads.{name}.settings.{where}: {first['msg']}") from None
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

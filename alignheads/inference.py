@@ -9,10 +9,14 @@ compare with the plain base model, and summarise what it did.
     generate(aligned, tok, ["What colour is a banana?"], alpha=1.5, max_new_tokens=32)
     compare_with_base(lm, tok, ["Name three fruits."], alpha=1.0, do_sample=True, seed=0)
     analyze_modulation_patterns(aligned, tok, ["What is 3 plus 4?"], alpha=1.0)
+    dials, tok = load_dials("store")                                 # the store's newest dial set
+    generate(dials, tok, ["Name three fruits."], alpha={"helpful": 1.0, "concise": 0.5})
 
 Every function takes either kind of loaded method: an `AlignedLM` (a head installed as the LM's
-output layer: one forward per token) or a `TwoModelLM` (a fine-tuned copy of the LM decoded next
-to the base through its registry decoder: two forwards per token).
+output layer, or several dials read from one hidden state: one forward per token) or a
+`TwoModelLM` (a fine-tuned copy of the LM decoded next to the base through its registry decoder:
+two forwards per token). With dials, α is a mapping ``{dial: α}`` (or one α per dial in
+``aligned.dial_names`` order).
 
 Prompts are passed to the model as given; :func:`format_prompt` wraps plain text in the
 tokenizer's chat template (the command line does this unless ``--raw``). For a head, any Hugging
@@ -31,7 +35,7 @@ method and α, not from sampling noise. ``seeds`` gives one seed per prompt inst
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,8 @@ __all__ = [
     "generate_base",
     "generate_with_steering_info",
     "head_info",
+    "alpha_value",
+    "load_dials",
     "load_for_generation",
     "load_trained",
     "prompt_seeds",
@@ -115,9 +121,64 @@ class TwoModelLM:
             self.alpha = previous
 
 
+DIALS = "dials"  # what method_name calls several dials on one LM
+
+
 def method_name(lm: AlignedLM | TwoModelLM) -> str:
-    """The registry name of a loaded method (`iav`, `calm`, `genarm`, `dpo-dera`)."""
-    return lm.head_type if isinstance(lm, TwoModelLM) else lm.head.head_type
+    """The registry name of a loaded method (`iav`, `calm`, `genarm`, `dpo-dera`), or `dials`."""
+    if isinstance(lm, TwoModelLM):
+        return lm.head_type
+    return DIALS if lm.dial_names else lm.head.head_type
+
+
+def load_dials(
+    path: str | Path,
+    base: str | None = None,
+    device: str = "cpu",
+    *,
+    dtype: str = "float32",
+    ignore_base_id: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[AlignedLM, Any]:
+    """Load a dial set onto its base model: every dial's head on one LM, read from one hidden
+    state (`z = z_base + Σ_i α_i Δ_i(h)`); returns ``(aligned, tokenizer)`` with every α at 0.
+
+    ``path``: a dial-set artifact (``<store>/dials/<key>``) or a store (its newest dial set).
+    Give α per call as a mapping, ``generate(aligned, tok, prompts, alpha={"helpful": 1.0,
+    "concise": 0.5})`` (missing dials at 0, unknown ones refused). ``base`` defaults to the model
+    the first dial's head records.
+    """
+    from alignheads.loading import load_causal_lm, load_tokenizer
+    from alignheads.models.head_io import load_head
+    from alignheads.tasks.dial_set import STAGE, read_dial_set
+    from alignheads.tasks.export import newest_artifact
+
+    path = Path(path)
+    if (path / STAGE).is_dir() and not (path / "manifest.json").is_file():  # a store
+        path = path / STAGE / newest_artifact(path, STAGE)
+    rows = read_dial_set(path)
+    heads_dirs = {r["name"]: Path(r["train_path"]) / "head" for r in rows}
+    record = read_head_file(next(iter(heads_dirs.values())))
+    name = base if base is not None else record.base_model.name_or_path
+    if not name:
+        raise ValueError(f"{path}: the dials' heads record no base model; pass base=...")
+    revision = record.base_model.revision if base is None else None
+    model = load_causal_lm(name, revision, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    tokenizer = _left_padding(load_tokenizer(name, revision, trust_remote_code=trust_remote_code))
+    heads = {n: load_head(d, model, ignore_base_id=ignore_base_id).eval() for n, d in heads_dirs.items()}
+    return AlignedLM(model, heads, alpha=0.0), tokenizer
+
+
+def alpha_value(aligned: AlignedLM | TwoModelLM, alpha: Any) -> Any:
+    """``alpha`` as results report it: a float, or for dials ``{dial: α}`` over every dial."""
+    if isinstance(aligned, AlignedLM) and aligned.dial_names:
+        from alignheads.models.dials import dial_alpha
+
+        vector = dial_alpha(alpha, aligned.dial_names)
+        if vector.dim() != 1:
+            raise ValueError("give the dials one α vector here (a mapping or K numbers), not one per row")
+        return dict(zip(aligned.dial_names, (float(a) for a in vector), strict=True))
+    return float(alpha)
 
 
 def load_trained(
@@ -183,6 +244,20 @@ def head_info(aligned: AlignedLM | TwoModelLM) -> dict[str, Any]:
             "base_model": getattr(base.config, "_name_or_path", None),
             "lm_forwards_per_token": aligned.method.lm_forwards_per_token,
             "tuned_parameters": sum(p.numel() for p in aligned.loaded.tuned.parameters()),
+        }
+    if aligned.dial_names:
+        heads = aligned.heads
+        first = next(iter(heads.values())).config
+        return {
+            "head_type": DIALS,
+            "method": DIALS,
+            "dials": {name: head.head_type for name, head in heads.items()},
+            "vocab_size": first.vocab_size,
+            "hidden_size": first.hidden_size,
+            "alpha": alpha_value(aligned, aligned.alpha),
+            "base_model": getattr(aligned.model.config, "_name_or_path", None),
+            "head_parameters": sum(p.numel() for h in heads.values() for p in h.parameters()),
+            "lm_forwards_per_token": 1,
         }
     cfg = aligned.head.config
     return {
@@ -347,7 +422,7 @@ def generate(
     aligned: AlignedLM | TwoModelLM,
     tokenizer: Any,
     prompts: Sequence[str],
-    alpha: float | Sequence[float],
+    alpha: float | Sequence[float] | Mapping[str, float],
     *,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
@@ -356,7 +431,9 @@ def generate(
     """Responses of the method at ``alpha`` to ``prompts`` (one batch, left padded).
 
     ``alpha`` is one dial for the whole batch, or one per prompt (a sequence as long as
-    ``prompts``): an α grid over the same prompt is then decoded in one batched call.
+    ``prompts``): an α grid over the same prompt is then decoded in one batched call. With dials
+    (:func:`load_dials`) it is ``{dial: α}`` (missing dials at 0), K numbers in
+    ``aligned.dial_names`` order, or one such row per prompt ``(B, K)``.
 
     ``hf_generate_kwargs`` go to ``transformers`` ``generate`` (default ``max_new_tokens`` 64,
     EOS and pad ids from the tokenizer). ``seed``: each prompt samples from its own seed
@@ -411,8 +488,9 @@ def compare_with_base(
     row_seeds = _seeds(prompts, seed, seeds)
     base = generate_base(aligned, tokenizer, prompts, seeds=row_seeds, **kwargs)
     steered = generate(aligned, tokenizer, prompts, alpha, seeds=row_seeds, **kwargs)
+    reported = alpha_value(aligned, alpha)
     return [
-        {"prompt": p, "alpha": float(alpha), "base": b, "aligned": a}
+        {"prompt": p, "alpha": reported, "base": b, "aligned": a}
         for p, b, a in zip(prompts, base, steered, strict=True)
     ]
 
@@ -471,6 +549,13 @@ def _steering_stats(recorded: dict[str, torch.Tensor], mask: torch.Tensor) -> di
             "align_norm_min": n.min,
             "align_norm_max": n.max,
         }
+    for key, values in recorded.items():  # dials: `strength/<dial>`, `align_norm/<dial>`
+        kind, _, dial = key.partition("/")
+        if kind == "strength" and dial:
+            s = strength_stats(values, mask)
+            out |= {f"strength_mean/{dial}": s.mean, f"utilisation/{dial}": s.utilisation}
+        elif kind == "align_norm" and dial:
+            out[f"align_norm_mean/{dial}"] = alignment_norm_stats(values.unsqueeze(-1), mask).mean
     return _nan_to_none(out)
 
 
@@ -500,7 +585,7 @@ def analyze_modulation_patterns(
     rows, recorded, mask = _recorded_generation(aligned, tokenizer, prompts, alpha, row_seeds, kwargs)
     out: dict[str, Any] = {
         "head_type": method_name(aligned),
-        "alpha": float(alpha),
+        "alpha": alpha_value(aligned, alpha),
         "n_prompts": len(prompts),
     }
     out |= _steering_stats(recorded, mask)

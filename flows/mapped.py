@@ -1,5 +1,5 @@
-"""The mapped parts of the DAG: the reference pass's shards and the sweep's generations (one task
-per method, all of its α), each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
+"""The mapped parts of the DAG: the reference pass's shards, the sweep's generations (one task
+per method, all of its α) and the dial sweep's (one task per dial family, all of its α vectors), each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
 via prefect-dask). Items already complete on disk are not recomputed, whichever process made them.
 """
 
@@ -16,6 +16,8 @@ from alignheads.config import RunConfig, RunnerConfig
 from alignheads.tasks.cached import RESULTS_DIR, StageResult, is_complete, run_stage, with_status
 from alignheads.tasks.calibrate import STAGE as CALIBRATE_STAGE
 from alignheads.tasks.calibrate import CalibratePlan, calibrate_task
+from alignheads.tasks.dial_generate import STAGE as DIALGEN_STAGE
+from alignheads.tasks.dial_generate import DialGeneratePlan, dial_generate_task, dial_sweep_key
 from alignheads.tasks.generate import STAGE as GENERATE_STAGE
 from alignheads.tasks.generate import GeneratePlan, generate_task, sweep_key
 from alignheads.tasks.refpass import RefPassPlan, refpass_artifact, refpass_shard_task, refpass_task
@@ -71,17 +73,18 @@ def reference_pass(cfg: RunConfig, plan: RefPassPlan) -> StageResult:
     return run_stage(refpass_task, store, present=present, key=plan.key, plan=asdict(plan))
 
 
-@flow(name="sweep-generations")
-def sweep_generations(store: str, sweeps: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
-    """Submit one generation task per method (all of its α plans, sampled in one pass over the model loaded once)
-    to this flow's task runner (threads or Dask); returns every (method, α) result, in the order
-    of `sweeps`. `refresh[i]` makes method i ignore a cache record."""
+def _grouped_results(
+    stage_task: Any, store: str, groups: list[list[dict[str, Any]]], refresh: list[bool], key_of, name_of
+) -> list[StageResult]:
+    """Submit `stage_task` once per group of plans (``key=key_of(plans)``, run named
+    ``name_of(plans)``) to the running flow's task runner; returns every plan's result, in order.
+    `refresh[i]` makes group i ignore a cache record."""
     results = Path(store) / RESULTS_DIR
     futures = [
-        generate_task.with_options(
-            result_storage=results, refresh_cache=fresh, task_run_name=f"generate-{plans[0]['head']}"
-        ).submit(store=store, key=sweep_key([GeneratePlan(**p) for p in plans]), plans=plans)
-        for plans, fresh in zip(sweeps, refresh, strict=True)
+        stage_task.with_options(result_storage=results, refresh_cache=fresh, task_run_name=name_of(plans)).submit(
+            store=store, key=key_of(plans), plans=plans
+        )
+        for plans, fresh in zip(groups, refresh, strict=True)
     ]
     for future in futures:
         future.wait()
@@ -93,6 +96,44 @@ def sweep_generations(store: str, sweeps: list[list[dict[str, Any]]], refresh: l
             status = "cached" if cached else ("computed" if result.computed else "reused")
             out.append(result.model_copy(update={"status": status}))
     return out
+
+
+@flow(name="sweep-generations")
+def sweep_generations(store: str, sweeps: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
+    """Submit one generation task per method (all of its α plans, sampled in one pass over the model loaded once)
+    to this flow's task runner (threads or Dask); returns every (method, α) result, in the order
+    of `sweeps`. `refresh[i]` makes method i ignore a cache record."""
+    return _grouped_results(
+        generate_task, store, sweeps, refresh,
+        key_of=lambda plans: sweep_key([GeneratePlan(**p) for p in plans]),
+        name_of=lambda plans: f"generate-{plans[0]['head']}",
+    )  # fmt: skip
+
+
+@flow(name="dial-generations")
+def dial_generations_flow(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
+    """Submit one dial generation task per family (its whole α-vector grid, sampled in one pass over
+    the dials loaded once) to this flow's task runner; every (family, vector) result, in order."""
+    return _grouped_results(
+        dial_generate_task, store, grids, refresh,
+        key_of=lambda plans: dial_sweep_key([DialGeneratePlan(**p) for p in plans]),
+        name_of=lambda plans: f"dialgen-{plans[0]['family']}",
+    )  # fmt: skip
+
+
+def dial_generations(cfg: RunConfig, plans: list[DialGeneratePlan]) -> list[StageResult]:
+    """Every (family, α vector) generation of the dial sweep, cached, one task per family mapped
+    over the configured runner; results in the order of `plans`."""
+    by_family: dict[str, list[DialGeneratePlan]] = {}
+    for plan in plans:
+        by_family.setdefault(plan.family, []).append(plan)
+    grids = list(by_family.values())
+    refresh = [not all(is_complete(cfg.store, DIALGEN_STAGE, p.key) for p in group) for group in grids]
+    results = dial_generations_flow.with_options(task_runner=task_runner(cfg.runner))(
+        store=str(cfg.store), grids=[[asdict(p) for p in group] for group in grids], refresh=refresh
+    )
+    by_key = {r.key: r for r in results}
+    return [by_key[p.key] for p in plans]
 
 
 def generations(cfg: RunConfig, plans: list[GeneratePlan]) -> list[StageResult]:

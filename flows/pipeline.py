@@ -4,6 +4,8 @@
     data ──┴─> tokenize ─> reference pass (mapped over shards) ─> train (every enabled method)
               ─> α calibration to target KLs (mapped over methods)
               ─> α-sweep generation (mapped over methods, all α batched) ─> evaluate ─> report
+    and with `dials.enabled`, per dial data ─> tokenize ─> reference pass ─> train, then the dial
+    sweep over α vectors ─> dial evaluate ─> dial report (`flows.dials`)
 
 Each stage's task, plan and cache key live in its module under `alignheads.tasks`; this module
 only wires them together (and `flows.tracking` logs what they did).
@@ -18,23 +20,21 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from alignheads.config import RunConfig, SweepConfig, TrainConfig, read_config, with_overrides
+from alignheads.flows.dials import run_dials
 from alignheads.flows.failures import user_errors_fail_in_one_line
-from alignheads.flows.mapped import calibrations, generations, reference_pass
+from alignheads.flows.inputs import RunInputs, reference_cache, run_inputs
+from alignheads.flows.mapped import calibrations, generations
 from alignheads.flows.tracking import RunTracking, logged, tracked
-from alignheads.loading import library_progress_bars_off, load_tokenizer, model_location
+from alignheads.flows.tuned import find_search, tuned_line, with_tuned
+from alignheads.loading import library_progress_bars_off
 from alignheads.models.methods import enabled_methods
-from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.storage.store_errors import writing
 from alignheads.storage.tracking import flatten
 from alignheads.tasks import calibrate as calibrate_stage
-from alignheads.tasks import data as data_stage
 from alignheads.tasks import evaluate as evaluate_stage
 from alignheads.tasks import generate as generate_stage
-from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import report as report_stage
-from alignheads.tasks import tokenize as tokenize_stage
 from alignheads.tasks import train as train_stage
-from alignheads.tasks import world as world_stage
 from alignheads.tasks.cached import RunOutcome, run_stage
 from alignheads.tasks.ingest import check_sources
 from alignheads.tasks.prompts import save_prompt_set, sweep_prompt_sets
@@ -42,7 +42,9 @@ from alignheads.tasks.prompts import save_prompt_set, sweep_prompt_sets
 
 @flow(name="alignheads-pipeline", log_prints=True)
 @user_errors_fail_in_one_line
-def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None) -> RunOutcome:
+def pipeline(
+    config: RunConfig | None = None, overrides: list[str] | None = None, tuned: str | None = None
+) -> RunOutcome:
     """Run the alignheads pipeline on one run config; returns each stage's artifact and status.
 
     Args:
@@ -50,9 +52,14 @@ def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None
             the package).
         overrides: `key.path=value` settings applied on top of `config`, as `alignheads run --set`
             does (values are YAML), e.g. ["store=/data/run1", "sweep.alphas=[0, 1, 2]"].
+        tuned: Train every method a search tuned with its best trial's settings (reusing that
+            trial's training): a search key in the store, or "latest"; empty keeps the config's.
     """
     config = config if config is not None else read_config()
     cfg = (with_overrides(config, overrides) if overrides else config).resolved()
+    if tuned:
+        cfg = with_tuned(cfg, tuned)
+        get_run_logger().info(tuned_line(find_search(cfg.store, tuned)))
     with writing(cfg.store, cfg.store.parent):  # a read-only or full disk: one clear line
         cfg.store.mkdir(parents=True, exist_ok=True)
     with tracked(cfg, flatten(cfg), "pipeline") as run, library_progress_bars_off():
@@ -64,65 +71,26 @@ def pipeline(config: RunConfig | None = None, overrides: list[str] | None = None
 
 def run_pipeline(cfg: RunConfig, run: RunTracking) -> RunOutcome:
     """Every stage of `cfg`, in DAG order (inside a flow run)."""
-    outcome, model_source = prepare_inputs(cfg, run)
+    outcome, inputs = prepare_inputs(cfg, run)
+    model_source = inputs.model_source
     plans = train_methods(cfg.store, cfg.train, outcome.refpass.path, model_source, run, outcome)
     if plans:
         sweep_and_report(cfg, plans, outcome.data.path, model_source, run, outcome)
+    if cfg.dials.enabled:
+        run_dials(cfg, inputs, outcome.data.path, run, outcome)
     return outcome
 
 
-def prepare_inputs(cfg: RunConfig, run: RunTracking) -> tuple[RunOutcome, dict[str, Any]]:
+def prepare_inputs(cfg: RunConfig, run: RunTracking) -> tuple[RunOutcome, RunInputs]:
     """The stages every method's training reads (world, data, tokenize, reference pass), cached;
-    returns the outcome so far and the run's model source (what train, calibrate and generate
-    load)."""
+    returns the outcome so far and the run's inputs (`inputs.model_source`: what train,
+    calibrate and generate load)."""
     check_sources(cfg)  # a missing data or prompts file fails now, not after the world is built
-    store, outcome = cfg.store, RunOutcome()
-    world_dir = None
-    if cfg.needs_world:
-        if not cfg.world.build:
-            raise ValueError("model or data come from the tiny world, but world.build is false")
-        key = world_stage.world_key(cfg.world)
-        outcome.world = run_stage(world_stage.world_task, store, key=key, world=cfg.world)
-        world_dir = outcome.world.directory
-
-    model_path, revision = model_location(cfg.model, world_dir)
-    tokenizer_source = {
-        "name_or_path": model_path,
-        "revision": revision,
-        "trust_remote_code": cfg.model.trust_remote_code,
-    }
-    tok_fp = tokenizer_fingerprint(load_tokenizer(**tokenizer_source))
-
-    world_key = outcome.world.key if outcome.world is not None else None
-    dplan = data_stage.plan_data(cfg.data, world_dir, world_key, tok_fp)
-    outcome.data = run_stage(
-        data_stage.data_task, store, key=dplan.key, plan=asdict(dplan), tokenizer_source=tokenizer_source
-    )
+    outcome = RunOutcome()
+    inputs = run_inputs(cfg, outcome)
+    outcome.data, outcome.tokenize, outcome.refpass = reference_cache(cfg, cfg.data, inputs)
     run.pairs_dataset(cfg, outcome.data)
-    rejected = sum(outcome.data.info.get("rejects", {}).values())
-    if rejected:
-        get_run_logger().warning("%d bad rows skipped and recorded in the rejects table", rejected)
-    overlap = outcome.data.info.get("overlap", {})
-    if overlap.get("test_pairs_with_train_prompt"):
-        get_run_logger().warning(
-            "%d held-out pairs repeat a training prompt word for word (%s; data.train_overlap: %s)",
-            overlap["test_pairs_with_train_prompt"],
-            f"{overlap['dropped']} dropped" if overlap["dropped"] else "kept",
-            overlap["policy"],
-        )
-
-    tplan = tokenize_stage.plan_tokenize(cfg.tokenize, outcome.data.key, outcome.data.path, tok_fp)
-    outcome.tokenize = run_stage(
-        tokenize_stage.tokenize_task,
-        store,
-        key=tplan.key,
-        plan=asdict(tplan),
-        tokenizer_source=tokenizer_source,
-    )
-    rplan = refpass_stage.plan_refpass(cfg.refpass, cfg.model, model_path, outcome.tokenize.path, tok_fp)
-    outcome.refpass = reference_pass(cfg, rplan)
-
-    return outcome, tokenizer_source | {"dtype": cfg.model.dtype}
+    return outcome, inputs
 
 
 def train_methods(

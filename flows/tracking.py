@@ -76,7 +76,7 @@ class RunTracking:
 
         params = flatten(plan.train) | {"head": plan.kind, "artifact": plan.key}
         return self.tracker.start_run(
-            f"train-{plan.kind}", params, parent=self.run_id, tags={"head": plan.kind}
+            f"train-{plan.run_label}", params, parent=self.run_id, tags={"head": plan.run_label}
         )
 
     @contextlib.contextmanager
@@ -141,7 +141,7 @@ class RunTracking:
         }
         accuracy = result.info.get("eval", {}).get("eval/rewards/accuracies")
         run_name = self.name or self.tracker.client.get_experiment(self.tracker.experiment_id).name
-        name = f"{run_name}-{plan.kind}"
+        name = f"{run_name}-{plan.run_label}"
         info = {"train_key": plan.key, "method": plan.kind, "eval_accuracy": accuracy, "registered_as": name}
         code = Path(importlib.util.find_spec("alignheads.serving").origin)  # MLflow runs it; not imported
         defaults = self.decoding or served_defaults(SweepConfig())
@@ -162,12 +162,12 @@ class RunTracking:
 
     def _note_reused_training(self, plan: TrainPlan) -> None:
         found = self.tracker.first_run(
-            f"params.artifact = '{plan.key}' AND attributes.run_name = 'train-{plan.kind}' "
+            f"params.artifact = '{plan.key}' AND attributes.run_name = 'train-{plan.run_label}' "
             "AND attributes.status = 'FINISHED'"
         )
         if found is None:  # trained with tracking off
             return
-        self.reused[f"train-{plan.kind}"] = found.info.run_id
+        self.reused[f"train-{plan.run_label}"] = found.info.run_id
         parent = found.data.tags.get("mlflow.parentRunId")
         if parent:
             self.reused_from.append(parent)
@@ -227,6 +227,29 @@ class RunTracking:
             self.tracker.end_run(child)
         # the scores and summary tables (Parquet, with their manifest)
         self.tracker.log_artifacts(self.run_id, [outcome.evaluate.directory], "evaluate")
+
+    def dial_report(self, cfg: RunConfig, outcome: RunOutcome) -> None:
+        """The dial sweep in MLflow: the Pareto plots and dials.md on the parent run (`dials/`),
+        the dial evaluation's tables (`dial_evaluate/`) and one child run per (method, α vector),
+        `dial-<method>-<α vector>`, with each dial's α as params and the summary's numbers as
+        metrics; logged by the run that computed them only."""
+        if self.tracker is None:
+            return
+        if outcome.dial_report.status == "computed":
+            self.tracker.log_artifacts(self.run_id, list(report_files(outcome.dial_report).values()), "dials")
+        if outcome.dial_evaluate.status != "computed":
+            return
+        for row in outcome.dial_evaluate.info["summary"]:
+            alphas = {k: str(v) for k, v in row.items() if k.startswith("alpha_") and k != "alpha_vector"}
+            params = {"method": row["method"], "alpha_vector": row["alpha_vector"], **alphas}
+            child = self.tracker.start_run(f"dial-{row['method']}-{row['alpha_vector']}", params, parent=self.run_id)
+            numbers = {
+                k: float(v) for k, v in row.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and not k.startswith("alpha_")
+            }  # fmt: skip
+            self.tracker.log_metrics(child, {k: v for k, v in numbers.items() if v == v}, 0)
+            self.tracker.end_run(child)
+        self.tracker.log_artifacts(self.run_id, [outcome.dial_evaluate.directory], "dial_evaluate")
 
     def headline(self, outcome: RunOutcome) -> None:
         """The parent run's headline numbers: each method's held-out preference accuracy at α = 1

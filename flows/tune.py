@@ -5,23 +5,30 @@ method with the same number of trials, each trial scored on validation prompts.
       ─> train every trial (mapped over the run's task runner; each an ordinary cached train artifact)
       ─> calibrate α to `space.target_kl` on the validation prompts (mapped)
       ─> generate at α = 0 and the calibrated α on them (mapped) ─> evaluate (one per trial)
+      ─> the search's result (`flows.tuned`: `<store>/search/<key>/`, table `trials`)
 
 The validation prompts are the prompt source's next `space.validation_prompts` after the sweep's
 evaluation and calibration prompts (`tasks.prompts.validation_prompt_set`), so a search never
 sees the prompts the comparison is reported on. A trial's score is its validation reward at the
 calibrated α (with its bootstrap interval). Every stage is cached, so rerunning the same search
-recomputes nothing.
+recomputes nothing, down to the search's own artifact, keyed by the trials' train and evaluate
+keys; `flows.tuned.with_tuned` reads its best trials back into a run config.
 
 MLflow: the search is a parent run (the run config's params, plus the space as `tune.*`); each
 trial is a child run `trial-<method>-<i>` with its settings as params (`train.<method>.<key>`),
 its validation scores as metrics (`val_reward`, `val_reward_lo`, `val_reward_hi`, `val_kl`,
-`val_alpha`, `eval_accuracy`) and, when it was trained now, its training history. The best trial
-of each method is tagged `alignheads.best=true`. Every search run logs its trials' child runs
-(they are the search's report in the MLflow compare view), computed or cached.
+`val_alpha`, `eval_accuracy`) and, when it was trained now, its training history and, for a head
+(IAV, CALM), the head as the run's MLflow model, registered as `<name>-<method>` like the
+pipeline's heads (`RunTracking.trained`). The best trial of each method is tagged
+`alignheads.best=true`, and its registered version gets the alias `best`: a search's best is the
+validation-reward best, not the registry's held-out-accuracy rule. Every search run logs its
+trials' child runs (they are the search's report in the MLflow compare view), computed or cached,
+and tags the parent run `alignheads.search` with the search artifact's key.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,8 +40,11 @@ from alignheads.config import RunConfig, SearchSpace, TrainConfig, read_config, 
 from alignheads.flows.failures import user_errors_fail_in_one_line
 from alignheads.flows.mapped import calibrations, generations, task_runner
 from alignheads.flows.pipeline import prepare_inputs
-from alignheads.flows.tracking import RunTracking, tracked
+from alignheads.flows.tracking import ChildRun, RunTracking, tracked
+from alignheads.flows.tuned import save_search
 from alignheads.loading import library_progress_bars_off
+from alignheads.models.methods import METHODS, Method
+from alignheads.storage import model_registry
 from alignheads.storage.store_errors import writing
 from alignheads.storage.tables import read_table
 from alignheads.storage.tracking import flatten
@@ -73,13 +83,14 @@ class Trial(BaseModel):
 
 
 class TuneOutcome(BaseModel):
-    """What the tune flow returns: the shared stages, every trial, the validation prompt set and
-    the MLflow parent run."""
+    """What the tune flow returns: the shared stages, every trial, the validation prompt set, the
+    search's own artifact (`flows.tuned`; its `path`) and the MLflow parent run."""
 
     inputs: RunOutcome
     trials: list[Trial]
     target_kl: float
     validation_prompts: str
+    search: StageResult | None = None
     mlflow_run: str | None = None
 
     def best(self) -> dict[str, Trial]:
@@ -90,6 +101,11 @@ def trial_settings(train: TrainConfig, method: str, values: dict[str, Any]):
     """The method's `train.<method>` section with the trial's values (validated, enabled)."""
     base = getattr(train, method)
     return type(base).model_validate(base.model_dump(mode="json") | values | {"enabled": True})
+
+
+def section_method(section: str) -> Method:
+    """The registry entry owning `train.<section>` (a search names sections: `dpo` is `dpo-dera`)."""
+    return next(m for m in METHODS.values() if m.section == section)
 
 
 @flow(name="trial-trainings")
@@ -136,7 +152,8 @@ def run_search(
     cfg: RunConfig, space: SearchSpace, trials: dict[str, list[dict[str, Any]]], run: RunTracking
 ) -> TuneOutcome:
     """Every trial of `trials`, trained, calibrated, generated and evaluated (inside a flow run)."""
-    inputs, model_source = prepare_inputs(cfg, run)
+    inputs, run_inputs = prepare_inputs(cfg, run)
+    model_source = run_inputs.model_source
     store = cfg.store
     # the validation prompts first: a source too small for them fails before any training
     n_calibration = cfg.evaluate.calibration_prompts if cfg.evaluate.target_kls else 0
@@ -145,9 +162,10 @@ def run_search(
     )
     validation_path = save_prompt_set(store, validation)
     order = [(method, i, values) for method, items in trials.items() for i, values in enumerate(items)]
+    sections = [trial_settings(cfg.train, method, values) for method, _, values in order]
     plans = [
-        train_stage.plan_train(method, trial_settings(cfg.train, method, values), inputs.refpass.path, model_source)
-        for method, _, values in order
+        train_stage.plan_train(section_method(method).name, settings, inputs.refpass.path, model_source)
+        for (method, _, _), settings in zip(order, sections, strict=True)
     ]
     refresh = [not is_complete(store, train_stage.STAGE, p.key) for p in plans]
     trained = train_trials.with_options(task_runner=task_runner(cfg.runner))(
@@ -156,7 +174,8 @@ def run_search(
 
     target = cfg.evaluate.model_copy(update={"target_kls": [space.target_kl]})
     cplans = [
-        calibrate_stage.plan_calibrate(t.path, validation_path, cfg.sweep, target, model_source) for t in trained
+        calibrate_stage.plan_calibrate(t.path, validation_path, cfg.sweep, target, model_source)
+        for t in trained
     ]
     calibrated = calibrations(cfg, cplans)
     gen_plans = [
@@ -189,8 +208,14 @@ def run_search(
         accuracy = t.info.get("eval", {}).get("eval/rewards/accuracies")
         out.append(
             Trial(
-                method=method, index=i, settings=values, train=t, calibrate=c, generate=gens,
-                evaluate=evaluated, eval_accuracy=accuracy,
+                method=method,
+                index=i,
+                settings=values,
+                train=t,
+                calibrate=c,
+                generate=gens,
+                evaluate=evaluated,
+                eval_accuracy=accuracy,
                 **{k: score.get(k) for k in ("alpha", "kl", "reward", "reward_lo", "reward_hi", "converged")},
             )  # fmt: skip
         )
@@ -198,9 +223,24 @@ def run_search(
         scored = [t for t in out if t.method == method and t.reward is not None]
         if scored:
             max(scored, key=lambda t: t.reward).best = True
-    log_trials(run, out)
+    info = {
+        "target_kl": space.target_kl,
+        "validation_prompts": str(validation_path),
+        "methods": list(trials),
+        "best": {
+            t.method: best_record(t, s.model_dump(mode="json"))
+            for t, s in zip(out, sections, strict=True)
+            if t.best
+        },
+    }
+    search = save_search(store, search_rows(out), info)
+    log_trials(run, out, plans, search)
     outcome = TuneOutcome(
-        inputs=inputs, trials=out, target_kl=space.target_kl, validation_prompts=str(validation_path)
+        inputs=inputs,
+        trials=out,
+        target_kl=space.target_kl,
+        validation_prompts=str(validation_path),
+        search=search,
     )
     logger = get_run_logger()
     for line in trials_table(outcome).splitlines():
@@ -208,13 +248,35 @@ def run_search(
     return outcome
 
 
-def log_trials(run: RunTracking, trials: list[Trial]) -> None:
-    """One MLflow child run per trial under the search's parent run (module docstring)."""
+def search_rows(trials: list[Trial]) -> list[dict[str, Any]]:
+    """The search artifact's `trials` rows (`flows.tuned.TRIALS_SCHEMA`), in the search's order."""
+    scores = ("reward", "reward_lo", "reward_hi", "alpha", "kl", "converged", "eval_accuracy", "best")
+    return [
+        {"method": t.method, "trial": t.index, "settings": json.dumps(t.settings), "train_key": t.train.key,
+         "evaluate_key": t.evaluate.key} | {k: getattr(t, k) for k in scores}
+        for t in trials
+    ]  # fmt: skip
+
+
+def best_record(trial: Trial, settings: dict[str, Any]) -> dict[str, Any]:
+    """A method's best trial as the search artifact's info holds it: index, keys, validation reward,
+    the searched `values` and the whole `train.<method>` section (`settings`)."""
+    return {
+        "trial": trial.index, "train_key": trial.train.key, "evaluate_key": trial.evaluate.key,
+        "reward": trial.reward, "values": trial.settings, "settings": settings,
+    }  # fmt: skip
+
+
+def log_trials(
+    run: RunTracking, trials: list[Trial], plans: list[train_stage.TrainPlan], search: StageResult
+) -> None:
+    """One MLflow child run per trial under the search's parent run; a head trained now is logged
+    and registered as the pipeline's are; `best` aliases the best trials (module docstring)."""
     tracker = run.tracker
     if tracker is None:
         return
-    computed = False
-    for trial in trials:
+    computed = search.status == "computed"
+    for trial, plan in zip(trials, plans, strict=True):
         params = {f"train.{trial.method}.{k}": str(v) for k, v in trial.settings.items()}
         params |= {"method": trial.method, "trial": str(trial.index), "train_key": trial.train.key}
         tags = {"head": trial.method, BEST_TAG: str(trial.best).lower()}
@@ -227,12 +289,43 @@ def log_trials(run: RunTracking, trials: list[Trial]) -> None:
             "val_converged": None if trial.converged is None else float(trial.converged),
         }  # fmt: skip
         tracker.log_metrics(child, {k: v for k, v in metrics.items() if v is not None}, step=0)
-        tracker.end_run(child)
+        if trial.train.status == "computed":  # its trained files and model; ends the child run
+            run.trained(ChildRun(child, None), plan, trial.train)
+        else:
+            tracker.end_run(child)
         trial.mlflow_run = child
         computed = computed or any(s.status == "computed" for s in trial.stages())
-    tags = {"alignheads.cached": str(not computed).lower()}
+    alias_best_trials(run, [(t, p) for t, p in zip(trials, plans, strict=True) if t.best])
+    tags = {"alignheads.cached": str(not computed).lower(), "alignheads.search": search.key}
     tags |= {f"{BEST_TAG}.{t.method}": t.mlflow_run for t in trials if t.best and t.mlflow_run}
     tracker.set_tags(run.run_id, tags)
+
+
+def alias_best_trials(run: RunTracking, best: list[tuple[Trial, train_stage.TrainPlan]]) -> None:
+    """Move the alias `best` of each head method's registered model `<name>-<method>` to the version
+    of its best trial (found by its train key, whichever run registered it). A best trial with no
+    version (trained with tracking off) or an MLflow failure is a warning, not a failed search."""
+    logger = get_run_logger()
+    for trial, plan in best:
+        if plan.method.saved_as != "head":  # fine-tuned LMs are not registered
+            continue
+        name = f"{run.name}-{plan.run_label}"  # as `RunTracking.register_head` names it
+        try:
+            version = model_registry.version_with_tag(
+                run.tracker, name, model_registry.TRAIN_KEY_TAG, plan.key
+            )
+            if version is None:
+                logger.warning("MLflow: %s trial %d (train %s) has no version of %s to alias as best",
+                               trial.method, trial.index, plan.key, name)  # fmt: skip
+                continue
+            model_registry.move_alias(run.tracker, name, model_registry.BEST, version)
+        except Exception as exc:  # noqa: BLE001 (the search's results are in the store; say so, go on)
+            logger.warning(
+                "MLflow: the best %s trial was not aliased as %s@best: %s", trial.method, name, exc
+            )
+            continue
+        logger.info("MLflow: %s@best is version %s (%s trial %d, the best validation reward)",
+                    name, version, trial.method, trial.index)  # fmt: skip
 
 
 def _number(value: float | None) -> str:

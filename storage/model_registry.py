@@ -10,7 +10,10 @@ logged as the run's ``model/`` artifacts, and registered from ``runs:/<run>/mode
 Aliases: ``newest`` always points at the version just registered (``latest`` is reserved by
 MLflow: ``models:/NAME/latest`` is its own name for the highest version); ``best`` at the version
 with the highest held-out preference accuracy (version tag ``alignheads.eval_accuracy``; a later
-version takes it only when strictly better).
+version takes it only when strictly better). A search (`flows.tune`) moves ``best`` to its best
+trial's version instead (`move_alias`): there the best is the validation-reward best. Each
+version of a head names the train artifact it came from (version tag ``alignheads.train_key``),
+so `version_with_tag` finds the version of a training.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from alignheads.storage.tracking import Tracker
 
 NEWEST, BEST = "newest", "best"
 ACCURACY_TAG = "alignheads.eval_accuracy"
+TRAIN_KEY_TAG = "alignheads.train_key"  # the train artifact a registered head came from
 MODEL_PATH = "model"
 SPEC_FILE = "serving.json"  # as alignheads/serving.py reads it
 
@@ -181,3 +185,26 @@ def register(
         client.set_registered_model_alias(name, BEST, version.version)
         aliases.append(BEST)
     return Registered(name, str(version.version), tuple(aliases))
+
+
+def version_with_tag(tracker: Tracker, name: str, tag: str, value: str) -> str | None:
+    """The highest version of registered model `name` whose tag `tag` is `value`; None when there
+    is none (or no model `name`)."""
+    # filtered here, not in the search string: every MLflow registry filters on the name
+    versions = tracker.client.search_model_versions(f"name = '{name}'")
+    found = [int(v.version) for v in versions if (v.tags or {}).get(tag) == value]
+    return str(max(found)) if found else None
+
+
+def move_alias(tracker: Tracker, name: str, alias: str, version: str) -> str | None:
+    """Point `alias` of registered model `name` at `version`, wherever it pointed before; returns
+    the version it pointed at (None: it was not set)."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    try:
+        before: str | None = str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        before = None
+    client.set_registered_model_alias(name, alias, version)
+    return before

@@ -25,6 +25,14 @@ VIEW_NAMES = (
     "generations",
     "scores",
     "summary",
+    "calibrated",
+    "comparisons",
+    "calibration",
+    "dials",
+    "dial_generations",
+    "dial_scores",
+    "dial_summary",
+    "dial_effects",
 )
 ALLOWED_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 

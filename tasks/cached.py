@@ -146,6 +146,14 @@ class RunOutcome(BaseModel):
     generate: list[StageResult] = []
     evaluate: StageResult | None = None
     report: StageResult | None = None
+    # the dials (`flows.dials`): per dial its data and training (a GenARM reward LM as
+    # "<dial> (genarm)"), the dial set's path, the dial sweep's generations, evaluation, report
+    dial_data: dict[str, StageResult] = {}
+    dial_train: dict[str, StageResult] = {}
+    dial_set: str | None = None
+    dial_generate: list[StageResult] = []
+    dial_evaluate: StageResult | None = None
+    dial_report: StageResult | None = None
     mlflow_run: str | None = None
 
     def stages(self) -> list[tuple[str, StageResult]]:
@@ -158,6 +166,11 @@ class RunOutcome(BaseModel):
         ]
         named += [(f"train {name}", result) for name, result in self.train.items()]
         named += [(f"calibrate {name}", result) for name, result in self.calibrate.items()]
-        named += [(f"generate {g.info['head']} α={g.info['alpha']:g}", g) for g in self.generate]
+        # α to 4 significant digits: a calibrated α (0.313388) would wrap the 80-column stage table
+        named += [(f"generate {g.info['head']} α={g.info['alpha']:.4g}", g) for g in self.generate]
         named += [("evaluate", self.evaluate), ("report", self.report)]
+        named += [(f"data dial {name}", result) for name, result in self.dial_data.items()]
+        named += [(f"train dial {name}", result) for name, result in self.dial_train.items()]
+        named += [(f"dials {g.info['family']} {g.info['alpha_vector']}", g) for g in self.dial_generate]
+        named += [("dial evaluate", self.dial_evaluate), ("dial report", self.dial_report)]
         return [(name, result) for name, result in named if result is not None]

@@ -38,8 +38,13 @@ class DataPlan:
     inputs: dict[str, str]
 
 
-def world_sources(world_dir: Path) -> dict[str, SourceConfig]:
-    return {split: SourceConfig(path=str(Path(world_dir) / f"{split}.jsonl")) for split in SPLITS}
+def world_sources(world_dir: Path, objective: str | None = None) -> dict[str, SourceConfig]:
+    """The tiny world's pair files: its main pairs, or those of one objective (a dial's)."""
+    if objective is None:
+        return {split: SourceConfig(path=str(Path(world_dir) / f"{split}.jsonl")) for split in SPLITS}
+    from alignheads.world.build import objective_pair_files
+
+    return {split: SourceConfig(path=str(path)) for split, path in objective_pair_files(Path(world_dir), objective).items()}
 
 
 def source_fingerprint(src: SourceConfig) -> dict:
@@ -56,9 +61,16 @@ def source_fingerprint(src: SourceConfig) -> dict:
     return {**common, "kind": "hub", "id": src.path, "revision": src.revision}
 
 
-def plan_data(data: DataConfig, world_dir: Path | None, world_key: str | None, tokenizer_fp: str) -> DataPlan:
-    """Resolve the sources (falling back to the world's pairs) and compute the stage's key."""
-    fallback = world_sources(world_dir) if world_dir is not None else {}
+def plan_data(
+    data: DataConfig,
+    world_dir: Path | None,
+    world_key: str | None,
+    tokenizer_fp: str,
+    objective: str | None = None,
+) -> DataPlan:
+    """Resolve the sources (falling back to the world's pairs, or to its pairs of `objective` for
+    a dial) and compute the stage's key."""
+    fallback = world_sources(world_dir, objective) if world_dir is not None else {}
     sources: dict[str, SourceConfig] = {}
     for split in SPLITS:
         src = getattr(data, split) or fallback.get(split)

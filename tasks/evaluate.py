@@ -110,7 +110,12 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
-# One row per (method, target KL): the α calibrated to it, measured on the evaluation prompts.
+# One row per (method, target KL): the α calibrated to it, measured on the evaluation prompts:
+# what the calibration chose, then the summary's columns at that α (taken from SUMMARY_SCHEMA).
+CALIBRATED_FROM_SUMMARY = (
+    "kl", "kl_lo", "kl_hi", "reward", "reward_lo", "reward_hi", "win_rate", "win_rate_lo", "win_rate_hi",
+    "n_prompts", "n_samples",
+)  # fmt: skip
 CALIBRATED_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
@@ -119,17 +124,7 @@ CALIBRATED_SCHEMA = pa.schema(
         ("alpha", pa.float64()),
         ("calibration_kl", pa.float64()),  # the KL the calibration measured (calibration prompts)
         ("converged", pa.bool_()),
-        ("kl", pa.float64()),
-        ("kl_lo", pa.float64()),
-        ("kl_hi", pa.float64()),
-        ("reward", pa.float64()),
-        ("reward_lo", pa.float64()),
-        ("reward_hi", pa.float64()),
-        ("win_rate", pa.float64()),
-        ("win_rate_lo", pa.float64()),
-        ("win_rate_hi", pa.float64()),
-        ("n_prompts", pa.int64()),
-        ("n_samples", pa.int64()),
+        *(SUMMARY_SCHEMA.field(name) for name in CALIBRATED_FROM_SUMMARY),
     ]
 )
 
@@ -446,7 +441,7 @@ def calibrated_table(
                     "alpha": float(c["alpha"]),
                     "calibration_kl": float(c["kl"]),
                     "converged": bool(c["converged"]),
-                    **{k: s[k] for k in CALIBRATED_SCHEMA.names if k in s and k not in ("run_id", "head", "alpha")},
+                    **{k: s[k] for k in CALIBRATED_FROM_SUMMARY},
                 }
             )
     rows.sort(key=lambda r: (r["target_kl"], r["head"]))

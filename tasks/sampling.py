@@ -146,7 +146,7 @@ def sample_batches(
     decode: Callable[[Any, Any, Any, list[int]], tuple[Any, dict[str, Any]]],
     tokenizer: Any,
     prompts: Sequence[Prompt],
-    alphas: Sequence[float],
+    alphas: Sequence[float] | Sequence[Sequence[float]],
     sweep: SweepConfig,
     stops: list[int],
     pad_id: int,
@@ -157,9 +157,10 @@ def sample_batches(
     """The sweep's sampling loop, whatever decodes a batch: every (sample, prompt, α) row, its
     seed ``row_seed(sweep.seed, prompt text, sample)`` (the same at every α), in batches of at
     most `sweep.batch_size` rows of one α each (left-padded), each decoded by
-    ``decode(input_ids (B, P), attention_mask (B, P), alphas (B,), seeds [B]) -> (sequences
-    (B, P + N), recorded {name: (B, N)})``. Returns the rows ordered by α, prompt, sample, with
-    the recorded per-token statistics summarised per row."""
+    ``decode(input_ids (B, P), attention_mask (B, P), alphas (B,) or (B, K), seeds [B]) ->
+    (sequences (B, P + N), recorded {name: (B, N)})``. An α is one float, or for dials a vector
+    of K floats (one per dial; the rows' `alpha` is then that tuple). Returns the rows ordered by
+    α, prompt, sample, with the recorded per-token statistics summarised per row."""
     import torch
     from tqdm.auto import tqdm
 
@@ -167,7 +168,7 @@ def sample_batches(
 
     device = next(model.parameters()).device
     prompts = list(prompts)
-    alphas = [float(a) for a in alphas]
+    alphas = [float(a) if isinstance(a, int | float) else tuple(float(x) for x in a) for a in alphas]
     texts = [text for _, text in prompts]
     encoded = encode_prompts(tokenizer, texts, sweep.max_prompt_length)
     seeds = {(i, sample): row_seed(sweep.seed, texts[i], sample) for sample in range(sweep.n_samples) for i in range(len(prompts))}

@@ -64,10 +64,17 @@ class TrainPlan:
     model: dict
     config: dict
     inputs: dict[str, str]
+    # what MLflow names its runs and registered model after: the method's name, or `dial-<name>`
+    # for a dial (not part of the key: a dial trains like any head of its method)
+    label: str = ""
 
     @property
     def method(self) -> Method:
         return method(self.kind)
+
+    @property
+    def run_label(self) -> str:
+        return self.label or self.kind
 
     @property
     def settings(self) -> PreferenceTrainConfig:
@@ -79,10 +86,11 @@ class TrainPlan:
 
 
 def plan_train(
-    kind: str, cfg: PreferenceTrainConfig, refpass_path: str | Path, model: dict[str, Any]
+    kind: str, cfg: PreferenceTrainConfig, refpass_path: str | Path, model: dict[str, Any], label: str = ""
 ) -> TrainPlan:
     """The plan of training method `kind` with settings `cfg` over the reference cache at
-    `refpass_path`. `model`: name_or_path, revision, dtype, trust_remote_code of the run's model."""
+    `refpass_path`. `model`: name_or_path, revision, dtype, trust_remote_code of the run's model;
+    `label`: the MLflow name of a dial's training (`dial-<name>`), empty for the method's own."""
     entry = method(kind)
     refpass = read_manifest(Path(refpass_path), "refpass")
     if getattr(cfg, "features", None) == "cached" and not refpass.config.get("store_hidden"):
@@ -110,6 +118,7 @@ def plan_train(
         model=dict(model),
         config=config,
         inputs=inputs,
+        label=label,
     )
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from alignheads.tasks.evaluate import CALIBRATED_SCHEMA
+
 __all__ = [
     "MATCHED_KL_SCHEMA",
     "comparisons_markdown",
@@ -32,22 +34,15 @@ __all__ = [
     "save_matched_kl",
 ]
 
+# the `calibrated` table's columns people compare methods on, then each method's decoding cost
 MATCHED_KL_SCHEMA = pa.schema(
     [
-        ("head", pa.string()),
-        ("target_kl", pa.float64()),
-        ("alpha", pa.float64()),
-        ("kl", pa.float64()),
-        ("kl_lo", pa.float64()),
-        ("kl_hi", pa.float64()),
-        ("reward", pa.float64()),
-        ("reward_lo", pa.float64()),
-        ("reward_hi", pa.float64()),
-        ("converged", pa.bool_()),
+        *(CALIBRATED_SCHEMA.field(name) for name in
+          ("head", "target_kl", "alpha", "kl", "kl_lo", "kl_hi", "reward", "reward_lo", "reward_hi", "converged")),
         ("lm_forwards_per_token", pa.int64()),
         ("ms_per_token", pa.float64()),
     ]
-)
+)  # fmt: skip
 
 
 def matched_kl_rows(
@@ -59,7 +54,7 @@ def matched_kl_rows(
     for r in sorted(calibrated, key=lambda r: (r["head"], r["target_kl"])):
         cost = (costs or {}).get(r["head"], {})
         rows.append(
-            {name: r.get(name) for name in MATCHED_KL_SCHEMA.names if name in r}
+            {name: r.get(name) for name in MATCHED_KL_SCHEMA.names if name in CALIBRATED_SCHEMA.names}
             | {
                 "lm_forwards_per_token": cost.get("lm_forwards_per_token"),
                 "ms_per_token": cost.get("ms_per_token"),

@@ -38,6 +38,9 @@ def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | No
         if info.get("comparisons") is not None:
             print_significant(info["comparisons"], console)
         console.print(f"Report (plots, matched_kl.md, comparisons.md, summary.md): {outcome.report.directory}")
+    if outcome.dial_report is not None:
+        print_dial_summary(outcome.dial_report.info, console)
+        console.print(f"Dial report (Pareto plots, dials.md): {outcome.dial_report.directory}")
     rejected = sum(outcome.data.info.get("rejects", {}).values()) if outcome.data is not None else 0
     if rejected:
         console.print(
@@ -55,6 +58,40 @@ def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | No
         console.print(f"MLflow run id: {outcome.mlflow_run} (experiment '{cfg.name}')")
         console.print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     console.print(f"Store: {cfg.store}   (tables: alignheads query \"SELECT * FROM summary\")")
+
+
+def print_dial_summary(info: dict[str, Any], console: Console) -> None:
+    """The dial sweep: each (method, α vector) with every objective's mean and 95 % interval, the
+    reward and the KL; then each dial alone against α = 0 and the combinations beyond any single
+    dial (the dial report's checks)."""
+    objectives = info["objectives"]
+    table = Table(title="dial sweep: mean objective terms [95 % interval over prompts]")
+    for col in ("method", "α vector", *objectives, "reward", "KL", "ms/tok"):
+        table.add_column(col, justify="left" if col in ("method", "α vector") else "right", overflow="fold")
+    for r in info["summary"]:
+        ms = r.get("ms_per_token")
+        table.add_row(
+            r["method"], r["alpha_vector"], *(_with_interval(r, o) for o in objectives),
+            _with_interval(r, "reward"), f"{r['kl']:.3f}", "-" if ms is None else f"{ms:.2f}",
+        )  # fmt: skip
+    console.print(table)
+    for c in info["checks"]["singles"]:
+        raised = c["own_significant"] and c["own_diff"] > 0
+        moved = [o for o, v in c["others"].items() if not v["ok"]]
+        console.print(
+            f"  {c['method']} {c['alpha_vector']}: {c['objective']} {c['own_diff']:+.3f} "
+            f"[{c['own_lo']:+.3f}, {c['own_hi']:+.3f}] vs α = 0 ({'raised' if raised else 'not shown'})"
+            + (f"; also moved: {', '.join(moved)}" if moved else "; other objectives within 0.05 or noise")
+        )
+    for p in info["checks"]["pairs"]:
+        if p["beyond_singles"]:
+            a, b = p["objectives"]
+            console.print(f"  {p['method']} {p['alpha_vector']} reaches ({a}, {b}) beyond every single dial")
+
+
+def _with_interval(row: dict[str, Any], name: str) -> str:
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    return f"{row[name]:+.3f}" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None else "")
 
 
 def print_head_summary(outcome: RunOutcome, console: Console) -> None:

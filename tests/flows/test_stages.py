@@ -135,7 +135,7 @@ def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
         "calibrate dpo-dera": "computed",
         "generate dpo-dera α=0": "computed",
         "generate dpo-dera α=1": "computed",
-        f"generate dpo-dera α={alpha:g}": "computed",
+        f"generate dpo-dera α={alpha:.4g}": "computed",
         "evaluate": "computed",
         "report": "computed",
     }

@@ -1,19 +1,25 @@
 """The tune flow end to end on the 64-pair world: two CALM trials (IAV off) trained, calibrated to
-a target KL and scored on validation prompts; a second search recomputes nothing; the prompts
-are disjoint from the sweep's; MLflow holds one parent run per search and one child per trial.
+a target KL and scored on validation prompts; the search's result is an artifact of its own (table
+`trials`, queryable); a second search recomputes nothing and returns the same artifact; the
+prompts are disjoint from the sweep's; MLflow holds one parent run per search and one child per
+trial.
 
 One search shared by the module (the world, refpass and two short trainings), one cached rerun.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from alignheads.cli import main
 from alignheads.config import RunConfig, parse_search_space
-from alignheads.flows.tune import BEST_TAG, tune
+from alignheads.flows.tune import BEST_TAG, section_method, trial_settings, tune
+from alignheads.flows.tuned import TRIALS_SCHEMA, TRIALS_TABLE
+from alignheads.storage.manifest import read_manifest
+from alignheads.storage.tables import read_table
 from alignheads.tasks.prompts import read_prompt_set, sweep_prompt_sets
 from tests.helpers.small_runs import small_run, write_config
 
@@ -60,11 +66,47 @@ def test_every_trial_is_a_scored_train_artifact(searched):
     assert best.reward == max(t.reward for t in first.trials)
 
 
+def test_the_search_result_is_an_artifact_with_a_row_per_trial(searched):
+    cfg, first, _ = searched
+    search = first.search
+    assert (search.stage, search.status, search.tables) == ("search", "computed", {TRIALS_TABLE: 2})
+    assert search.directory == cfg.store / "search" / search.key
+    table = read_table(search.directory, TRIALS_TABLE)
+    assert table.schema.equals(TRIALS_SCHEMA)
+    expected = [
+        {"method": "calm", "trial": t.index, "settings": json.dumps(t.settings), "train_key": t.train.key,
+         "evaluate_key": t.evaluate.key, "reward": t.reward, "reward_lo": t.reward_lo, "reward_hi": t.reward_hi,
+         "alpha": t.alpha, "kl": t.kl, "converged": t.converged, "eval_accuracy": t.eval_accuracy, "best": t.best}
+        for t in first.trials
+    ]  # fmt: skip
+    assert table.to_pylist() == expected
+    best = first.best()["calm"]
+    settings = trial_settings(cfg.train, "calm", best.settings).model_dump(mode="json")
+    assert settings["rank"] == best.settings["rank"] and settings["epochs"] == 1
+    assert read_manifest(search.directory, "search").info == {
+        "target_kl": SPACE["target_kl"],
+        "validation_prompts": first.validation_prompts,
+        "methods": ["calm"],
+        "best": {"calm": {"trial": best.index, "train_key": best.train.key, "evaluate_key": best.evaluate.key,
+                          "reward": best.reward, "values": best.settings, "settings": settings}},
+    }  # fmt: skip
+
+
+def test_the_trials_are_a_query_view(searched, capsys):
+    cfg, first, _ = searched
+    sql = "SELECT trial, train_key, best FROM trials ORDER BY trial"
+    assert main(["query", sql, "--format", "json", "--set", f"store={cfg.store}"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [{"trial": t.index, "train_key": t.train.key, "best": t.best} for t in first.trials]
+
+
 def test_a_second_search_recomputes_nothing(searched):
     _, first, second = searched
     statuses = {s.status for t in second.trials for s in t.stages()}
     statuses |= {s.status for _, s in second.inputs.stages()}
     assert "computed" not in statuses, statuses
+    assert second.search.status == "reused"
+    assert (second.search.key, second.search.path) == (first.search.key, first.search.path)
     assert [(t.train.key, t.reward, t.best) for t in second.trials] == [
         (t.train.key, t.reward, t.best) for t in first.trials
     ]
@@ -91,6 +133,7 @@ def test_mlflow_has_a_parent_run_per_search_and_a_child_run_per_trial(searched):
         parent = client.get_run(outcome.mlflow_run)
         assert parent.data.params["tune.calm.rank"] == "[2, 4]"
         assert parent.data.tags["alignheads.cached"] == cached
+        assert parent.data.tags["alignheads.search"] == outcome.search.key
         children = client.search_runs(
             [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{outcome.mlflow_run}'"
         )
@@ -116,3 +159,12 @@ def test_the_command_prints_the_trials_and_the_best(searched, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "calm:" in out and "trial 0: rank=2" in out and "trial 1: rank=4" in out
     assert f"best: calm trial {first.best()['calm'].index}" in out
+    assert (
+        f"search: {first.search.path} (run with its best trials: alignheads run --tuned {first.search.key})"
+        in out
+    )
+
+
+def test_a_search_names_sections_and_trains_the_methods_that_own_them():
+    owners = {section: section_method(section).name for section in ("iav", "calm", "genarm", "dpo")}
+    assert owners == {"iav": "iav", "calm": "calm", "genarm": "genarm", "dpo": "dpo-dera"}
