@@ -80,6 +80,14 @@ def load_for_generation(
     token as its pad token when it has none. Raises ``HeadMismatchError`` when the base does
     not fit the head (pass ``ignore_base_id=True`` for the same model in another place).
     """
+    model, tokenizer = _recorded_base(heads_dir, base, device, dtype, trust_remote_code)
+    aligned = load_aligned(heads_dir, model, ignore_base_id=ignore_base_id)
+    return aligned, tokenizer
+
+
+def _recorded_base(heads_dir: str | Path, base: str | None, device: str, dtype: str, trust_remote_code: bool):
+    """(model on `device`, left-padding tokenizer) of `base`, default the base model the head in
+    `heads_dir` records (at its recorded revision)."""
     from alignheads.loading import load_causal_lm, load_tokenizer
 
     record = read_head_file(heads_dir)
@@ -88,9 +96,7 @@ def load_for_generation(
         raise ValueError(f"{heads_dir}: the head records no base model; pass base=...")
     revision = record.base_model.revision if base is None else None
     model = load_causal_lm(name, revision, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    tokenizer = _left_padding(load_tokenizer(name, revision, trust_remote_code=trust_remote_code))
-    aligned = load_aligned(heads_dir, model, ignore_base_id=ignore_base_id)
-    return aligned, tokenizer
+    return model, _left_padding(load_tokenizer(name, revision, trust_remote_code=trust_remote_code))
 
 
 class TwoModelLM:
@@ -148,7 +154,6 @@ def load_dials(
     "concise": 0.5})`` (missing dials at 0, unknown ones refused). ``base`` defaults to the model
     the first dial's head records.
     """
-    from alignheads.loading import load_causal_lm, load_tokenizer
     from alignheads.models.head_io import load_head
     from alignheads.tasks.dial_set import STAGE, read_dial_set
     from alignheads.tasks.export import newest_artifact
@@ -158,13 +163,7 @@ def load_dials(
         path = path / STAGE / newest_artifact(path, STAGE)
     rows = read_dial_set(path)
     heads_dirs = {r["name"]: Path(r["train_path"]) / "head" for r in rows}
-    record = read_head_file(next(iter(heads_dirs.values())))
-    name = base if base is not None else record.base_model.name_or_path
-    if not name:
-        raise ValueError(f"{path}: the dials' heads record no base model; pass base=...")
-    revision = record.base_model.revision if base is None else None
-    model = load_causal_lm(name, revision, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    tokenizer = _left_padding(load_tokenizer(name, revision, trust_remote_code=trust_remote_code))
+    model, tokenizer = _recorded_base(next(iter(heads_dirs.values())), base, device, dtype, trust_remote_code)
     heads = {n: load_head(d, model, ignore_base_id=ignore_base_id).eval() for n, d in heads_dirs.items()}
     return AlignedLM(model, heads, alpha=0.0), tokenizer
 

@@ -24,7 +24,6 @@ sample_index, seed, prompt, response, n_tokens, finish_reason, kl_mean, kl_sum` 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,12 +34,12 @@ import pyarrow as pa
 from prefect import task
 
 from alignheads.config import SweepConfig
-from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
+from alignheads.storage.artifacts import ArtifactContent, ArtifactResult
 from alignheads.storage.fingerprint import artifact_key, fingerprint
 from alignheads.storage.tables import write_table
-from alignheads.tasks.cached import StageResult, is_complete, task_options
+from alignheads.tasks.cached import StageResult, task_options
 from alignheads.tasks.dial_set import vector_label
-from alignheads.tasks.generate import resolve_device
+from alignheads.tasks.generate import SweepPass, build_per_point, resolve_device
 from alignheads.tasks.prompts import prompt_set_identity, read_prompt_set
 from alignheads.tasks.sampling import decoding_settings, eos_ids, sample_batches
 
@@ -211,48 +210,32 @@ def run_dial_generate(
         same = (plan.family, plan.trained, plan.prompts_path, plan.sweep, plan.model)
         if same != (first.family, first.trained, first.prompts_path, first.sweep, first.model):
             raise ValueError("run_dial_generate builds one family's grid at a time (one prompt set and sweep)")
-    missing = [p for p in plans if not is_complete(store, STAGE, p.key)]
-    rows_by_vector: dict[tuple[float, ...], list[dict[str, Any]]] = {}
-    seconds = 0.0
-    if missing:
+
+    def sample_pass(vectors: list[tuple[float, ...]]) -> SweepPass:
         with dial_sampler(first.family, first.trained, first.model, first.sweep_config,
                           device=device, progress=progress) as sample:  # fmt: skip
-            started = time.perf_counter()
-            vectors = sorted({tuple(p.alpha.values()) for p in missing})
             desc = f"dial sweep {first.family}: {len(vectors)} α vectors"
-            for row in sample(read_prompt_set(first.prompts_path), vectors, desc):
-                rows_by_vector.setdefault(row["alpha"], []).append(row)
-            seconds = time.perf_counter() - started
-    all_tokens = sum(r["n_tokens"] for rows in rows_by_vector.values() for r in rows) or 1
+            return SweepPass.timed(lambda: sample(read_prompt_set(first.prompts_path), vectors, desc))
 
-    def builder(plan: DialGeneratePlan):
-        def build(staging: Path) -> ArtifactContent:
-            rows = rows_by_vector[tuple(plan.alpha.values())]
-            table = dial_generations_table(rows, plan)
-            tokens = sum(r["n_tokens"] for r in rows)
-            info = {
-                "family": plan.family,
-                "alpha": plan.alpha,
-                "alpha_vector": plan.label,
-                "rows": table.num_rows,
-                "prompts": plan.config["prompts"]["n"],
-                "lm_forwards_per_token": LM_FORWARDS_PER_TOKEN[plan.family](len(plan.alpha)),
-                # the pass's time shared out by generated tokens: the families' decoding cost
-                "decode_seconds": seconds * tokens / all_tokens,
-                "generated_tokens": tokens,
-            }
-            return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
+    def content(plan: DialGeneratePlan, done: SweepPass, staging: Path) -> ArtifactContent:
+        rows = done.rows[tuple(plan.alpha.values())]
+        table = dial_generations_table(rows, plan)
+        info = {
+            "family": plan.family,
+            "alpha": plan.alpha,
+            "alpha_vector": plan.label,
+            "rows": table.num_rows,
+            "prompts": plan.config["prompts"]["n"],
+            # the families' decoding cost
+            "lm_forwards_per_token": LM_FORWARDS_PER_TOKEN[plan.family](len(plan.alpha)),
+            **done.cost(rows),
+        }
+        return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
 
-        return build
-
-    results = []
-    for plan in plans:
-        if tuple(plan.alpha.values()) not in rows_by_vector and not is_complete(store, STAGE, plan.key):
-            raise RuntimeError(f"dial sweep {plan.family} {plan.label}: its artifact went missing while building")
-        results.append(
-            ensure_artifact(store, STAGE, plan.key, DIALGEN_VERSION, plan.config, plan.inputs, builder(plan))
-        )
-    return results
+    return build_per_point(
+        store, STAGE, DIALGEN_VERSION, plans, lambda p: tuple(p.alpha.values()), sample_pass, content,
+        name=lambda p: f"dial sweep {p.family} {p.label}",
+    )  # fmt: skip
 
 
 def dial_sweep_key(plans: Sequence[DialGeneratePlan]) -> str:

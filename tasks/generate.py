@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,44 +225,72 @@ def run_generate(
         if same != (first.head, first.train_path, first.prompts_path, first.sweep, first.model):
             raise ValueError("run_generate builds one method's sweep at a time (one prompt set and sweep)")
     entry = METHODS[first.head]
-    missing = [p for p in plans if not is_complete(store, STAGE, p.key)]
-    rows_by_alpha: dict[float, list[dict[str, Any]]] = {}
-    seconds = 0.0
-    if missing:
+
+    def sample_pass(alphas: list[float]) -> SweepPass:
         with method_sampler(first.head, first.train_path, first.model, first.sweep_config,
                             device=device, progress=progress) as sample:  # fmt: skip
-            started = time.perf_counter()
-            alphas = sorted({p.alpha for p in missing})
             desc = f"generate {first.head} α={', '.join(f'{a:g}' for a in alphas)}"
-            for row in sample(read_prompt_set(first.prompts_path), alphas, desc):
-                rows_by_alpha.setdefault(row["alpha"], []).append(row)
-            seconds = time.perf_counter() - started
-    all_tokens = sum(r["n_tokens"] for rows in rows_by_alpha.values() for r in rows) or 1
+            return SweepPass.timed(lambda: sample(read_prompt_set(first.prompts_path), alphas, desc))
 
-    def builder(plan: GeneratePlan):
-        def build(staging: Path) -> ArtifactContent:
-            rows = rows_by_alpha[plan.alpha]
-            table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
-            tokens = sum(r["n_tokens"] for r in rows)
-            info = {"head": plan.head, "alpha": plan.alpha, "prompts": plan.config["prompts"]["n"], **_summary(table)}
-            # decoding cost, for the comparison of methods (the pass's time, shared out by
-            # generated tokens)
-            info |= {
-                "lm_forwards_per_token": entry.lm_forwards_per_token,
-                "decode_seconds": seconds * tokens / all_tokens,
-                "generated_tokens": tokens,
-            }
-            return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
+    def content(plan: GeneratePlan, done: SweepPass, staging: Path) -> ArtifactContent:
+        rows = done.rows[plan.alpha]
+        table = generations_table(rows, plan.head, plan.head_key, plan.alpha)
+        info = {"head": plan.head, "alpha": plan.alpha, "prompts": plan.config["prompts"]["n"], **_summary(table)}
+        # decoding cost, for the comparison of methods
+        info |= {"lm_forwards_per_token": entry.lm_forwards_per_token, **done.cost(rows)}
+        return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)
 
-        return build
+    return build_per_point(
+        store, STAGE, GENERATE_VERSION, plans, lambda p: p.alpha, sample_pass, content,
+        name=lambda p: f"generate {p.head} α={p.alpha:g}",
+    )  # fmt: skip
 
+
+@dataclass(frozen=True)
+class SweepPass:
+    """The rows of one sampling pass by sweep point (their `alpha`: a float, or a dial vector's
+    tuple), and the pass's wall time."""
+
+    rows: dict[Any, list[dict[str, Any]]]
+    seconds: float
+
+    @classmethod
+    def timed(cls, sample: Callable[[], list[dict[str, Any]]]) -> SweepPass:
+        started = time.perf_counter()
+        rows: dict[Any, list[dict[str, Any]]] = {}
+        for row in sample():
+            rows.setdefault(row["alpha"], []).append(row)
+        return cls(rows, time.perf_counter() - started)
+
+    def cost(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """`decode_seconds` (the pass's time shared out by generated tokens) and
+        `generated_tokens` of one point's rows."""
+        tokens = sum(r["n_tokens"] for r in rows)
+        every = sum(r["n_tokens"] for point in self.rows.values() for r in point) or 1
+        return {"decode_seconds": self.seconds * tokens / every, "generated_tokens": tokens}
+
+
+def build_per_point(
+    store: Path,
+    stage: str,
+    version: int,
+    plans: Sequence[Any],
+    point: Callable[[Any], Any],
+    sample_pass: Callable[[list[Any]], SweepPass],
+    content: Callable[[Any, SweepPass, Path], ArtifactContent],
+    name: Callable[[Any], str],
+) -> list[ArtifactResult]:
+    """One artifact per plan (a sweep point each, `point(plan)`), the missing ones built from one
+    sampling pass over their points (`sample_pass(points)`, sorted) and `content(plan, pass,
+    staging)`; results in the order of `plans`."""
+    missing = [p for p in plans if not is_complete(store, stage, p.key)]
+    done = sample_pass(sorted({point(p) for p in missing})) if missing else SweepPass({}, 0.0)
     results = []
     for plan in plans:
-        if plan.alpha not in rows_by_alpha and not is_complete(store, STAGE, plan.key):
-            raise RuntimeError(f"generate {plan.head} α={plan.alpha:g}: its artifact went missing while building")
-        results.append(
-            ensure_artifact(store, STAGE, plan.key, GENERATE_VERSION, plan.config, plan.inputs, builder(plan))
-        )
+        if point(plan) not in done.rows and not is_complete(store, stage, plan.key):
+            raise RuntimeError(f"{name(plan)}: its artifact went missing while building")
+        build = partial(content, plan, done)
+        results.append(ensure_artifact(store, stage, plan.key, version, plan.config, plan.inputs, build))
     return results
 
 

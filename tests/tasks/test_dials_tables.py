@@ -220,3 +220,10 @@ def test_embedded_default_turns_on_three_world_dials():
     cfg = read_config()
     assert cfg.dials.enabled and list(cfg.dials.heads) == ["helpful", "polite", "concise"]
     assert all(cfg.dials.objective_of(n) == n for n in cfg.dials.heads)
+
+
+def test_summary_rows_follow_the_grid_whatever_the_row_order():
+    scores = _scores(EFFECTS)
+    shuffled = scores.take(list(reversed(range(scores.num_rows))))
+    labels = [r["alpha_vector"] for r in dial_summary_table(shuffled, ["helpful", "polite"], {}, STATS).to_pylist()]
+    assert labels == ["base", "helpful=1", "polite=1", "helpful=1,polite=1"]
