@@ -1,4 +1,6 @@
-"""Head-training step benchmark: live reference forward vs cached reference vs cached hidden states.
+"""Head-training step benchmarks: live reference forward vs cached reference vs cached hidden
+states; the loss computed in chunks vs at once, at large vocabularies; and what training with
+cached hidden states holds in memory.
 
 (A script, not a module of the package: its presets, its measurement and its report stay in one
 file so that one command reproduces a BENCHMARKS.md table.)
@@ -6,9 +8,12 @@ file so that one command reproduces a BENCHMARKS.md table.)
     .venv/bin/python benchmarks/train_bench.py                       # CPU preset: the tiny world
     .venv/bin/python benchmarks/train_bench.py --preset gpu          # 7B-shaped random Llama, bf16
     .venv/bin/python benchmarks/train_bench.py --preset gpu --dry-run  # its inputs, tiny sizes, any device
+    .venv/bin/python benchmarks/train_bench.py --preset vocab        # V = 32k, 64k, 128k: chunked vs not
+    .venv/bin/python benchmarks/train_bench.py --preset memory       # features: cached, resident memory
 
-One DPO-style training step of each head (IAV with `kl: topk`, CALM), three ways, over the same
-micro-batches, interleaved in one run so that machine noise hits all of them alike:
+Presets `cpu` and `gpu`: one DPO-style training step of each head (IAV with `kl: topk`, CALM),
+three ways, over the same micro-batches, interleaved in one run so that machine noise hits all of
+them alike:
 
 - live: what a plain DPO loop does. Every step the reference model (the frozen LM with its own
   lm_head) scores chosen + rejected (`ReferenceModel.score_batch`: backbone, then the output
@@ -17,14 +22,15 @@ micro-batches, interleaved in one run so that machine noise hits all of them ali
 - cached-ref: `features: backbone` of the training loop. Reference log-probs (and IAV's top-k)
   come from the refcache; only the frozen backbone runs, then the head step.
 - cached-hidden: `features: cached`. No backbone at all: the head runs on the refcache's
-  float16 hidden states.
+  hidden states.
 
 The step is the training loop's own (`alignheads.tasks.training.loop`): `collate`, the loop's
-`head_features` / `head_objective` / the seeded `new_head` of `models.trainees`, backward, gradient clipping, AdamW, and the
-per-micro-batch metrics the loop logs (`head_step_metrics`). The batches are read from the refcache
-with `PairStream` before timing (the Parquet reads are not timed; `collate` is). The reference
-model and the backbone are one module (the reference is the frozen LM itself), so the live
-variant holds no second copy of the weights: it only pays the second forward.
+`HeadTrainee` (its features, its seeded head, IAV's W_b frozen, its chunked objective through
+`HeadStep`), backward, gradient clipping, AdamW, and the per-micro-batch metrics the loop logs
+(`head_step_metrics`). The batches are read from the refcache with `PairStream` before timing (the
+Parquet reads are not timed; `collate` is). The reference model and the backbone are one module
+(the reference is the frozen LM itself), so the live variant holds no second copy of the weights:
+it only pays the second forward.
 
 Reported per (head, variant): median time per step over the timed steps, best of the repeats;
 the medians of its phases (collate, reference forward, backbone/features, head forward + loss +
@@ -32,17 +38,33 @@ backward + optimizer, metrics); and the peak memory one step allocates above wha
 before it (CPU: torch's allocation events from the profiler; CUDA: torch.cuda.max_memory_allocated
 minus memory_allocated before the step).
 
-Presets: `cpu` builds the test-size tiny world (data -> tokenize -> reference pass with
-`store_hidden`) with the project's stages; `gpu` builds a randomly initialised Llama of 7B shape
-(hidden 4096, 32 layers, vocabulary 32,000) in bf16, a synthetic `tokenized` table of random
-token ids, and runs the real reference pass over it with that model. `--layers N` shrinks the
-model's depth; `--dry-run` runs the gpu preset's construction at small batch and lengths with a
-couple of steps, so it can be checked on a CPU.
+`cpu` builds the test-size tiny world (data -> tokenize -> reference pass with `store_hidden`)
+with the project's stages; `gpu` builds a randomly initialised Llama of 7B shape (hidden 4096, 32
+layers, vocabulary 32,000) in bf16, a synthetic `tokenized` table of random token ids, and runs the
+real reference pass over it with that model. `--layers N` shrinks the model's depth; `--dry-run`
+runs the gpu preset's construction at small batch and lengths with a couple of steps, so it can be
+checked on a CPU.
+
+Preset `vocab`: for V = 32,000, 64,000 and 128,000 (`--vocabs`), a random Llama of the test-size
+tiny world's shape with that vocabulary, synthetic pairs (16 per step, prompts and responses of
+22..30 tokens) and the real reference pass; per head, one training step (`features: backbone`)
+with the loss over the head's whole `(2B, R, V)` output at once (`unchunked`, the computation
+before chunking) and the loop's chunked objective (`chunked`), both from the same seeded head over
+the same batches, interleaved step by step: median s/step and one profiled step's peak of torch's
+CPU allocations, and how far the two losses and trained heads differ.
+
+Preset `memory`: a 1-layer random Llama of 7B shape (H = 4096, V = 32,000, float32), a synthetic
+cache with its hidden states, then a fresh process per (head, how the LM is in memory) that trains
+the head with `features: cached` through the training loop for a few steps and reads its resident
+set's high-water mark (VmHWM, reset before the model is built), next to the sizes of the head,
+lm_head, AdamW state, gradients and one batch. `whole-lm` loads the whole LM (as the train stage's
+loader does today), `output-layer` builds its backbone on the "meta" device and loads only lm_head.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import platform
 import statistics
@@ -56,22 +78,28 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from common import LLAMA_7B, MIB, prepare_tiny_world, random_llama
+from common import LLAMA_7B, MIB, machine_line, prepare_tiny_world, print_table, random_llama
 from torch import nn
 
 from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
-from alignheads.models.head_base import lm_output_layer
-from alignheads.models.objectives import BatchNeeds, PairBatch
+from alignheads.models.head_base import lm_output_layer, soft_cap
+from alignheads.models.losses import LOGITS_PER_CHUNK, chunk_tokens
+from alignheads.models.objectives import (
+    BatchNeeds,
+    HeadStepLoss,
+    PairBatch,
+    ScoredTokens,
+    calm_reduce,
+    calm_token_terms,
+    iav_reduce,
+    iav_token_terms,
+    topk_kl_per_token,
+)
 from alignheads.models.reference import ReferenceModel, pack_batch
 from alignheads.models.registry import new_head
-from alignheads.models.trainees import (
-    head_batches,
-    head_features,
-    head_objective,
-    head_shape,
-    head_step_metrics,
-)
+from alignheads.models.trainees import HeadTrainee, head_step_metrics, head_weights
 from alignheads.tasks.training.batches import PairRecord, PairStream, collate
+from alignheads.tasks.training.loop import adamw
 
 VARIANTS = ("live", "cached-ref", "cached-hidden")
 PHASES = ("collate", "reference", "features", "head", "metrics")
@@ -95,10 +123,11 @@ class Setup:
 
 
 def read_batches(
-    refcache: Path, tokenized: Path, pairs_per_batch: int, n_batches: int
+    refcache: Path, tokenized: Path, pairs_per_batch: int, n_batches: int, hidden: bool = True
 ) -> list[list[PairRecord]]:
-    """The first `n_batches` training micro-batches of the cache (seeded order), with top-k and hidden."""
-    stream = PairStream(refcache, tokenized, "train", BatchNeeds(topk=True, hidden=True))
+    """The first `n_batches` training micro-batches of the cache (seeded order), with top-k (and
+    the hidden states, when `hidden`)."""
+    stream = PairStream(refcache, tokenized, "train", BatchNeeds(topk=True, hidden=hidden))
     batches = [records for _, records in islice(stream.micro_batches(pairs_per_batch, seed=0), n_batches)]
     if not batches:
         raise ValueError(f"{refcache}: fewer than {pairs_per_batch} training pairs")
@@ -182,12 +211,59 @@ def synthetic_tokenized(store: Path, n_pairs: int, prompt_len: int, response_len
     return ensure_artifact(store, STAGE, key, TOKENIZE_VERSION, config, inputs, build)
 
 
-def prepare_gpu(store: Path, args: argparse.Namespace) -> Setup:
-    """7B-shaped random Llama in bf16, synthetic tokenized pairs, the real reference pass over them."""
+def refpass_in_memory(
+    store: Path, model: nn.Module, reference: ReferenceModel, tok, identity: dict, *, k: int,
+    store_hidden: bool, hidden_dtype: str = "float32", batch_size: int = 16,
+):  # fmt: skip
+    """The real reference-pass stage over the `tokenize` artifact `tok` with an in-memory `model`
+    (`identity`: what stands for its weights in the key). Its plan is filled in by hand, as
+    plan_refpass would hash the weight files of a model on disk; everything downstream is the
+    real stage. Returns the refcache's ArtifactResult."""
     from alignheads.storage.fingerprint import artifact_key
     from alignheads.tasks.refpass import REFPASS_VERSION, RefPassPlan, run_refpass
     from alignheads.tasks.refpass import STAGE as REFPASS
 
+    cfg = model.config
+    n_pairs = tok.manifest.info["rows"]
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config = {
+        "model": identity,
+        "model_dtype": dtype,
+        "k": k,
+        "dtype": "float16",
+        "store_hidden": store_hidden,
+        "hidden_dtype": hidden_dtype if store_hidden else None,
+        "pairs_per_shard": n_pairs,
+        "max_prompt_length": tok.manifest.config["max_prompt_length"],
+        "max_response_length": tok.manifest.config["max_response_length"],
+    }
+    inputs = {"tokenize": tok.key, "data": tok.manifest.inputs["data"], "tokenizer": "synthetic"}
+    plan = RefPassPlan(
+        key=artifact_key(REFPASS, config, inputs, REFPASS_VERSION),
+        tokenize_path=str(tok.path),
+        model_path="in-memory",
+        model_revision=None,
+        model_dtype=dtype,
+        trust_remote_code=False,
+        device=str(reference.device),
+        k=k,
+        dtype="float16",
+        store_hidden=store_hidden,
+        hidden_dtype=hidden_dtype,
+        batch_size=batch_size,
+        pairs_per_shard=n_pairs,
+        n_pairs=n_pairs,
+        n_shards=1,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        config=config,
+        inputs=inputs,
+    )
+    return run_refpass(store, plan, reference)
+
+
+def prepare_gpu(store: Path, args: argparse.Namespace) -> Setup:
+    """7B-shaped random Llama in bf16, synthetic tokenized pairs, the real reference pass over them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     model = random_llama(LLAMA_7B, args.layers, device, dtype, seed=0)
@@ -195,40 +271,10 @@ def prepare_gpu(store: Path, args: argparse.Namespace) -> Setup:
     n_pairs = args.batch * args.batches
     vocab, hidden = LLAMA_7B["vocab_size"], LLAMA_7B["hidden_size"]
     tok = synthetic_tokenized(store, n_pairs, args.prompt_len, args.response_len, vocab, seed=0)
-    # the refpass stage's plan, filled in by hand: the model exists only in memory (plan_refpass
-    # would hash its weight files); everything downstream is the real stage
-    config = {
-        "model": {"kind": "random-llama", "layers": args.layers, "seed": 0, **LLAMA_7B},
-        "model_dtype": args.dtype,
-        "k": args.k,
-        "dtype": "float16",
-        "store_hidden": True,
-        "pairs_per_shard": n_pairs,
-        "max_prompt_length": args.prompt_len,
-        "max_response_length": args.response_len,
-    }
-    inputs = {"tokenize": tok.key, "data": f"synthetic-{0}", "tokenizer": "synthetic"}
-    plan = RefPassPlan(
-        key=artifact_key(REFPASS, config, inputs, REFPASS_VERSION),
-        tokenize_path=str(tok.path),
-        model_path="random-llama-7b-shaped",
-        model_revision=None,
-        model_dtype=args.dtype,
-        trust_remote_code=False,
-        device=str(device),
-        k=args.k,
-        dtype="float16",
-        store_hidden=True,
-        batch_size=16,
-        pairs_per_shard=n_pairs,
-        n_pairs=n_pairs,
-        n_shards=1,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        config=config,
-        inputs=inputs,
+    identity = {"kind": "random-llama", "layers": args.layers, "seed": 0, **LLAMA_7B}
+    ref = refpass_in_memory(
+        store, model, reference, tok, identity, k=args.k, store_hidden=True, hidden_dtype="float16"
     )
-    ref = run_refpass(store, plan, reference)
     desc = (
         f"7B-shaped random Llama: {args.layers} layers, H = {hidden}, V = {vocab}, {args.dtype}; "
         f"synthetic prompts of {args.prompt_len * 3 // 4}..{args.prompt_len} and responses of "
@@ -271,31 +317,29 @@ def live_reference(setup: Setup, batch: PairBatch, records: list[PairRecord], to
 
 
 class Variant:
-    """One head trained one way: its own fresh head (seeded, so all start equal) and AdamW."""
+    """One head trained one way: the training loop's own `HeadTrainee` (a fresh, seeded head, so all
+    variants start equal; IAV's W_b frozen as the loop keeps it) and AdamW over what it trains."""
 
     def __init__(self, name: str, kind: str, cfg: HeadTrainConfig, setup: Setup):
         self.name, self.kind, self.setup = name, kind, setup
         features = "cached" if name == "cached-hidden" else "backbone"
         self.cfg = cfg.model_copy(update={"features": features})
-        self.frozen = lm_output_layer(setup.model)
-        torch.manual_seed(self.cfg.seed)  # as the training loop builds a head: all variants start equal
-        self.head = new_head(kind, setup.model, dtype=torch.float32, **head_shape(self.cfg)).to(setup.device)
+        self.trainee = HeadTrainee(kind, setup.model, self.cfg, setup.device)
+        self.head = self.trainee.module
         self.live = name == "live"
-        needs, self.with_sequences = head_batches(self.cfg)
-        self.live_topk = needs.topk
+        self.live_topk = self.trainee.needs.topk
         # the live variant reads nothing from the cache but the targets
-        self.needs = BatchNeeds(topk=False, hidden=False) if self.live else needs
-        self.features = head_features(
-            self.cfg, setup.model.base_model, self.head.needs_token_context, self.frozen
-        )
-        self.objective = head_objective(self.cfg, self.frozen)
-        self.optimizer = torch.optim.AdamW(
-            self.head.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
-        )
+        self.needs = BatchNeeds(topk=False, hidden=False) if self.live else self.trainee.needs
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        self.optimizer = adamw(params, self.cfg)  # the loop's
 
     def autocast(self) -> torch.autocast:
         bf16 = self.cfg.mixed_precision == "bf16"
         return torch.autocast(self.setup.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def objective(self, tokens: ScoredTokens, batch: PairBatch) -> HeadStepLoss:
+        """The loss the loop computes: the head's objective over the batch's scored tokens."""
+        return self.trainee.step_module(tokens, batch)
 
     def step(self, records: list[PairRecord], clock: Callable[[], float]) -> dict[str, float]:
         """One optimizer step (grad_accum 1), as the training loop runs it; seconds per phase."""
@@ -316,21 +360,24 @@ class Variant:
         batch = batch.to(self.setup.device)
         lap("collate")  # building the batch + copying it to the device
         with self.autocast():  # as the loop's accelerator.autocast(): features, head, objective
-            hidden, ctx = self.features(batch)
+            tokens = self.trainee.tokens(batch)  # the backbone forward, or the cached states
             lap("features")
-            out = self.head(hidden, frozen_head=self.frozen, context=ctx)
-            loss_obj = self.objective(out, batch, hidden)
-        if not torch.isfinite(loss_obj.loss):
+            result = self.objective(tokens, batch)
+        if not torch.isfinite(result.loss.loss):
             raise RuntimeError(f"{self.kind}/{self.name}: non-finite loss")
-        loss_obj.loss.backward()
+        result.loss.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lap("head")
-        head_step_metrics(loss_obj, out, batch)
+        head_step_metrics(result, batch)
         lap("metrics")
         times["total"] = sum(times[p] for p in PHASES)
         return times
+
+    @property
+    def with_sequences(self) -> bool:
+        return self.trainee.with_sequences
 
     def resident_bytes(self) -> int:
         """Head parameters + AdamW state (gradients are freed after each step)."""
@@ -470,8 +517,8 @@ def print_report(setup: Setup, args: argparse.Namespace, results: dict[str, dict
     )
     print(f"peak memory: {mem}")
     print(
-        f"resident in every variant: frozen LM {model_bytes / MIB:.1f} MiB (the loop keeps it on the device "
-        "even with features: cached); head + AdamW state per head below"
+        f"frozen LM {model_bytes / MIB:.1f} MiB, loaded once for all variants (the trainee moves only its lm_head "
+        "to the device with features: cached: --preset memory); head + AdamW state per head below"
     )
     header = (
         f"{'head':<5} | {'variant':<13} | {'ms/step':>8} | {'ref fwd':>8} | {'backbone':>8} | {'head+opt':>8} | "
@@ -499,21 +546,388 @@ def print_report(setup: Setup, args: argparse.Namespace, results: dict[str, dict
         )
 
 
+# --------------------------------------------------------------------------- large vocabularies
+
+VOCABS = (32_000, 64_000, 128_000)
+LOSSES = ("unchunked", "chunked")
+
+
+def whole_grid_loss(trainee: HeadTrainee, batch: PairBatch) -> HeadStepLoss:
+    """The head's loss over its whole ``(2B, R, V)`` output at once (padding columns included), as
+    the loop computed it before the chunked objective: the head's forward on the grid, then
+    `iav_objective` / `calm_objective`'s per-token terms and reductions."""
+    hidden, ctx = trainee.features(batch)
+    out = trainee.module(hidden, frozen_head=trainee.frozen, context=ctx)
+    cfg, cap, weights = trainee.cfg, trainee.cap, head_weights(trainee.cfg)
+    if isinstance(cfg, IAVTrainConfig):
+        kl = topk_kl_per_token(soft_cap(out.base_logits, cap), batch)  # kl: topk
+        terms = iav_token_terms(out, batch.targets, kl, cap)
+        return HeadStepLoss(iav_reduce(terms, batch, weights, cfg.lambda_nll), terms)
+    terms = calm_token_terms(out, batch.targets, cap)
+    return HeadStepLoss(calm_reduce(terms, batch, weights, cfg.lambda_nll), terms)
+
+
+class LossVariant(Variant):
+    """`features: backbone` training (the default) with the loss computed `chunked` (the loop's
+    objective, chunks of `chunk_tokens(V)` tokens) or `unchunked` (:func:`whole_grid_loss`)."""
+
+    def __init__(self, name: str, kind: str, cfg: HeadTrainConfig, setup: Setup):
+        super().__init__("cached-ref", kind, cfg, setup)
+        self.name = name
+
+    def objective(self, tokens: ScoredTokens, batch: PairBatch) -> HeadStepLoss:
+        if self.name == "chunked":
+            return super().objective(tokens, batch)
+        return whole_grid_loss(self.trainee, batch)
+
+
+def prepare_vocab(store: Path, vocab: int, args: argparse.Namespace) -> Setup:
+    """A random Llama of the test-size tiny world's shape (its layers, width and heads) with a
+    vocabulary of `vocab` tokens, synthetic pairs, and the real reference pass over them."""
+    from alignheads.world.build import tiny_test_config
+
+    w = tiny_test_config()
+    shape = {
+        "hidden_size": w.hidden_size,
+        "intermediate_size": w.intermediate_size,
+        "num_attention_heads": w.num_heads,
+        "vocab_size": vocab,
+    }
+    cpu = torch.device("cpu")
+    model = random_llama(shape, w.num_layers, cpu, torch.float32, seed=0)
+    reference = ReferenceModel(model, cpu)
+    tok = synthetic_tokenized(store, args.batch * args.batches, args.prompt_len, args.response_len, vocab, 0)
+    identity = {"kind": "random-llama", "layers": w.num_layers, "seed": 0, **shape}
+    ref = refpass_in_memory(store, model, reference, tok, identity, k=args.k, store_hidden=False)
+    desc = f"random Llama: {w.num_layers} layers, H = {w.hidden_size}, V = {vocab}, float32"
+    batches = read_batches(ref.path, tok.path, args.batch, args.batches, hidden=False)
+    return Setup(model, reference, batches, 0, args.k, cpu, desc)
+
+
+@dataclass
+class VocabRow:
+    vocab: int
+    kind: str
+    loss: str
+    seconds: float
+    peak: float | None
+    resident: int
+    tokens: float
+    chunk: int
+
+
+def first_step_agreement(variants: dict[str, LossVariant], setup: Setup) -> tuple[float, float]:
+    """(|Δ loss|, max |Δ gradient| / max |gradient|) of the two losses of the same fresh head on
+    the first batch (the gradients are cleared again)."""
+    losses, grads = {}, {}
+    for name, v in variants.items():
+        batch = collate(setup.batches[0], v.needs, True, setup.pad_id)
+        loss = v.objective(v.trainee.tokens(batch), batch).loss.loss
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = {k: p.grad.clone() for k, p in v.head.named_parameters() if p.grad is not None}
+        v.optimizer.zero_grad(set_to_none=True)
+    a, b = grads["chunked"], grads["unchunked"]
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    scale = max(b[k].abs().max().item() for k in b)
+    return abs(losses["chunked"] - losses["unchunked"]), diff / scale
+
+
+def run_vocab(store: Path, args: argparse.Namespace) -> tuple[list[VocabRow], dict]:
+    """Per vocabulary and head: both losses trained from the same seeded head on the same batches,
+    interleaved step by step; median s/step of the timed steps, one profiled step's peak; and how
+    far the two losses and gradients differ on the first batch."""
+    rows, agreement = [], {}
+    clock = make_clock(torch.device("cpu"))
+    for vocab in args.vocabs:
+        setup = prepare_vocab(store, vocab, args)
+        common = {"batch_size": args.batch, "lr": 2e-3, "mixed_precision": "no"}
+        configs = {"iav": IAVTrainConfig(kl="topk", **common), "calm": CALMTrainConfig(**common)}
+        for kind, cfg in configs.items():
+            variants = {name: LossVariant(name, kind, cfg, setup) for name in LOSSES}
+            n = len(setup.batches)
+            agreement[(vocab, kind)] = first_step_agreement(variants, setup)
+            times: dict[str, list[float]] = {name: [] for name in LOSSES}
+            for i in range(args.warmup + args.steps):  # step by step, so both see the same noise
+                for name, v in variants.items():
+                    t = v.step(setup.batches[i % n], clock)["total"]
+                    if i >= args.warmup:
+                        times[name].append(t)
+            tokens = statistics.mean(
+                int(collate(b, BatchNeeds(False, False), False, 0).mask.sum()) for b in setup.batches
+            )
+            for name, v in variants.items():
+                rows.append(
+                    VocabRow(
+                        vocab, kind, name, statistics.median(times[name]), step_peak_bytes(v, setup.batches[0]),
+                        v.resident_bytes(), tokens, chunk_tokens(vocab),
+                    )
+                )  # fmt: skip
+            del variants
+    return rows, agreement
+
+
+def print_vocab(args: argparse.Namespace, rows: list[VocabRow], agreement: dict) -> None:
+    print(machine_line("head-training step benchmark, large vocabularies"))
+    print(
+        f"random Llama of the test-size tiny world's shape (2 layers, H = 64) with V tokens; synthetic pairs: "
+        f"prompts and responses of {args.prompt_len * 3 // 4}..{args.prompt_len} / "
+        f"{args.response_len * 3 // 4}..{args.response_len} tokens; batch {args.batch} pairs; top-k k = {args.k}"
+    )
+    print(
+        "one optimizer step as the training loop runs it (features: backbone, IAV kl: topk); unchunked = the loss "
+        "over the head's whole (2B, R, V) output (as before), chunked = the loop's objective "
+        f"(chunks of {LOGITS_PER_CHUNK:,} / V scored tokens, recomputed in backward)"
+    )
+    print(
+        f"timing: {args.warmup} warm-up + {args.steps} timed steps per variant, the two interleaved step by step; median"
+    )
+    print(
+        "peak memory: torch CPU allocations (profiler allocation events) during one step, peak above the start "
+        "(parameters, gradients, AdamW state and the batch already resident are not counted; the gradient is)"
+    )
+    columns = [
+        ("head", 4), ("V", 7), ("loss", 9), ("tokens/step", 11), ("chunk", 5), ("s/step", 7),
+        ("step peak MiB", 13), ("head+opt MiB", 12), ("peak / chunked", 14),
+    ]  # fmt: skip
+    table = []
+    for r in rows:
+        chunked = next(x for x in rows if (x.vocab, x.kind, x.loss) == (r.vocab, r.kind, "chunked"))
+        peak = f"{r.peak / MIB:.1f}" if r.peak is not None else "n/a"
+        ratio = f"{r.peak / chunked.peak:.2f}" if r.peak and chunked.peak else "n/a"
+        chunk = str(r.chunk) if r.loss == "chunked" else "-"
+        table.append(
+            [r.kind, f"{r.vocab:,}", r.loss, f"{r.tokens:.0f}", chunk, f"{r.seconds:.2f}", peak,
+             f"{r.resident / MIB:.1f}", ratio]
+        )  # fmt: skip
+    print_table(columns, table)
+    for (vocab, kind), (loss_diff, grad_diff) in agreement.items():
+        print(
+            f"  {kind} V = {vocab:,}, fresh head, first batch: |chunked - unchunked| loss {loss_diff:.2e}, "
+            f"gradients max |diff| / max |grad| {grad_diff:.2e}"
+        )
+
+
+# --------------------------------------------------------------------------- cached features' memory
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One float32 tensor of a safetensors file, read straight into its own storage: no second
+    copy, and no memory-mapped pages counted in the resident set (safetensors' loaders map the
+    file), as a loader reading only the output layer would."""
+    import json
+
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(header_len))[name]
+        if entry["dtype"] != "F32":
+            raise ValueError(f"{path}: {name} is {entry['dtype']}, not F32")
+        start, stop = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=torch.float32)
+        f.seek(8 + header_len + start)
+        if f.readinto(memoryview(out.numpy()).cast("B")) != stop - start:
+            raise ValueError(f"{path}: {name} is truncated")
+    return out
+
+
+class _Measured(Exception):
+    """Raised from the metrics sink at the last step: stops the loop before its final checkpoint
+    (whose serialisation of the head and AdamW state is not training memory)."""
+
+
+def memory_child(spec_file: Path) -> None:
+    """Train one head with `features: cached` through the training loop; print one JSON line.
+
+    The LM is the 1-layer 7B-shaped random Llama either loaded whole (`whole-lm`: the seeded random
+    init, as the parent built it) or with only its output layer (`output-layer`: the backbone
+    built on the "meta" device, the lm_head read from the parent's file: what a loader that
+    reads only the output layer gives). The resident set is read before the model exists and at the
+    last step (VmHWM, after resetting the high-water mark)."""
+    import gc
+    import json
+
+    from alignheads.models.methods import method
+    from alignheads.models.trainees import base_head_frozen, head_shape
+    from alignheads.tasks.training.loop import TrainJob, train
+
+    spec = json.loads(spec_file.read_text())
+    torch.set_num_threads(spec["threads"])
+    kind, placement = spec["kind"], spec["placement"]
+    common = {"features": "cached", "batch_size": spec["batch"], "max_steps": spec["steps"], "lr": 2e-3}
+    common |= {"eval_every": 10**9, "checkpoint_every": 10**9, "resume": False, "warmup_ratio": 0.0}
+    cfg = IAVTrainConfig(kl="topk", **common) if kind == "iav" else CALMTrainConfig(**common)
+    entry = method(kind)
+    needs, _ = entry.batches(cfg)
+    stream = PairStream(Path(spec["refcache"]), Path(spec["tokenized"]), "train", needs)
+    first = next(stream.micro_batches(spec["batch"], seed=cfg.seed))[1]  # Arrow's pool warmed up
+    import transformers.models.llama.modeling_llama  # noqa: F401 - its import is not the model's memory
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    start = _status_kib("VmRSS") * 1024
+    cpu = torch.device("cpu")
+    if placement == "whole-lm":
+        model = random_llama(LLAMA_7B, 1, cpu, torch.float32, seed=0)
+    else:
+        model = random_llama(LLAMA_7B, 1, torch.device("meta"), torch.float32, seed=0)
+        model.lm_head.weight = nn.Parameter(read_tensor(Path(spec["lm_head"]), "weight"), requires_grad=False)
+    losses: list[float] = []
+
+    def sink(metrics: dict[str, float], step: int) -> None:
+        losses.append(metrics["loss"])
+        if step == spec["steps"]:
+            raise _Measured
+
+    job = TrainJob(
+        entry, cfg, model, stream, None, Path(spec["work"]) / f"ckpt-{kind}-{placement}", 0, sink, False
+    )
+    t = time.perf_counter()
+    with contextlib.suppress(_Measured):
+        train(job)
+    seconds = time.perf_counter() - t
+    peak = _status_kib("VmHWM") * 1024
+    # the sizes the bound adds up (a fresh head of the same shape: the trained one is the loop's)
+    head = new_head(kind, model, dtype=torch.float32, **head_shape(cfg))
+    if base_head_frozen(cfg):
+        head.base.requires_grad_(False)
+    head_bytes = sum(p.numel() * p.element_size() for p in head.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
+    batch = collate(first, needs, False, 0)
+    batch_bytes = sum(
+        v.numel() * v.element_size() for v in vars(batch).values() if isinstance(v, torch.Tensor)
+    )
+    lm_head = lm_output_layer(model).weight
+    out = {
+        "rss_start": start, "rss_peak": peak, "seconds": seconds, "losses": losses,
+        "devices": sorted({p.device.type for p in model.model.parameters()}),
+        "head": head_bytes, "lm_head": lm_head.numel() * lm_head.element_size(), "optimizer": 2 * trainable,
+        "gradients": trainable, "batch": batch_bytes,
+        "model": sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta"),
+    }  # fmt: skip
+    print(json.dumps(out))
+
+
+def run_memory(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Build the 1-layer 7B-shaped random Llama, a synthetic cache with its hidden states (float32),
+    save its lm_head; then one child process per (head, placement)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    cpu = torch.device("cpu")
+    model = random_llama(LLAMA_7B, 1, cpu, torch.float32, seed=0)
+    reference = ReferenceModel(model, cpu)
+    tok = synthetic_tokenized(
+        store, args.batch * args.batches, args.prompt_len, args.response_len, LLAMA_7B["vocab_size"], 0
+    )
+    identity = {"kind": "random-llama", "layers": 1, "seed": 0, **LLAMA_7B}
+    ref = refpass_in_memory(store, model, reference, tok, identity, k=args.k, store_hidden=True)
+    work = store / "memory"
+    work.mkdir(exist_ok=True)
+    lm_head_file = work / "lm_head.safetensors"
+    save_file({"weight": model.lm_head.weight.detach().contiguous()}, str(lm_head_file))
+    sizes = {"model": sum(p.numel() * p.element_size() for p in model.parameters())}
+    del model, reference
+    results = {}
+    for kind in ("iav", "calm"):
+        for placement in ("whole-lm", "output-layer"):
+            spec = {
+                "kind": kind, "placement": placement, "threads": args.threads, "batch": args.batch,
+                "steps": args.steps, "refcache": str(ref.path), "tokenized": str(tok.path),
+                "lm_head": str(lm_head_file), "work": str(work),
+            }  # fmt: skip
+            spec_file = work / f"{kind}-{placement}.json"
+            spec_file.write_text(json.dumps(spec))
+            cmd = [sys.executable, __file__, "--memory-child", str(spec_file)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory child {kind}/{placement} failed:\n{proc.stderr[-3000:]}")
+            results[(kind, placement)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results, sizes
+
+
+def print_memory(args: argparse.Namespace, results: dict, sizes: dict) -> None:
+    print(machine_line("head-training memory benchmark, features: cached"))
+    print(
+        f"7B-shaped random Llama with 1 layer: H = {LLAMA_7B['hidden_size']}, V = {LLAMA_7B['vocab_size']:,}, "
+        f"float32 ({sizes['model'] / MIB:.0f} MiB of weights); synthetic pairs, batch {args.batch} pairs, "
+        f"{args.steps} optimizer steps through the training loop (tasks.training.loop.train); a fresh process each"
+    )
+    print(
+        "resident memory: VmHWM of the training process above its VmRSS before the model is built (the high-water "
+        "mark reset there): everything the model, the head's training, torch, Python and Arrow touch"
+    )
+    print(
+        "whole-lm: the LM loaded whole (what the train stage's loader gives today); output-layer: its backbone "
+        "never materialised (meta), only lm_head loaded"
+    )
+    print(
+        "bound = head + lm_head + AdamW state + one batch's tensors; + grads: also the head's gradient; "
+        "rest = resident - (bound + grads): the step's working memory (chunk logits, weight-gradient "
+        "temporaries), allocator and Arrow pools"
+    )
+    columns = [
+        ("head", 4), ("LM in memory", 12), ("backbone on", 11), ("resident MiB", 12), ("bound MiB", 9),
+        ("bound + grads MiB", 17), ("rest MiB", 8), ("s", 5), ("losses", 13),
+    ]  # fmt: skip
+    table = []
+    for (kind, placement), r in results.items():
+        bound = r["head"] + r["lm_head"] + r["optimizer"] + r["batch"]
+        grads = bound + r["gradients"]
+        used = r["rss_peak"] - r["rss_start"]
+        table.append(
+            [kind, placement, ",".join(r["devices"]), f"{used / MIB:.0f}", f"{bound / MIB:.0f}",
+             f"{grads / MIB:.0f}", f"{(used - grads) / MIB:.0f}", f"{r['seconds']:.1f}",
+             " ".join(f"{x:.4f}" for x in r["losses"])]
+        )  # fmt: skip
+    print_table(columns, table)
+    for kind in ("iav", "calm"):
+        r = results[(kind, "output-layer")]
+        whole = results[(kind, "whole-lm")]
+        print(
+            f"  {kind}: head {r['head'] / MIB:.0f} MiB, lm_head {r['lm_head'] / MIB:.0f}, AdamW state "
+            f"{r['optimizer'] / MIB:.0f}, gradients {r['gradients'] / MIB:.0f}, batch {r['batch'] / MIB:.1f}; "
+            f"same losses with and without the backbone loaded: {'yes' if r['losses'] == whole['losses'] else 'NO'}"
+        )
+
+
+# per preset: (batch, batches, warm-up, steps, repeats, prompt length, response length)
+DEFAULTS = {
+    "cpu": (16, 8, 3, 20, 3, 128, 128),
+    "gpu": (8, 4, 3, 20, 3, 128, 128),
+    "vocab": (16, 2, 1, 3, 1, 30, 30),
+    "memory": (8, 3, 0, 3, 1, 16, 16),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--preset", choices=tuple(DEFAULTS), default="cpu")
     parser.add_argument("--store", type=Path, help="store to build/reuse the inputs in (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
-        "--batch", type=int, help="pairs per step (default: cpu 16 as configs/tiny.yaml, gpu 8)"
+        "--batch",
+        type=int,
+        help="pairs per step (default: cpu and vocab 16 as configs/tiny.yaml, gpu and memory 8)",
     )
-    parser.add_argument("--batches", type=int, help="distinct micro-batches, cycled (default: cpu 8, gpu 4)")
+    parser.add_argument(
+        "--batches", type=int, help="distinct micro-batches, cycled (default: cpu 8, gpu 4, vocab 2)"
+    )
     parser.add_argument("--k", type=int, default=64, help="top-k of the reference cache")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--repeats", type=int)
     parser.add_argument(
         "--mixed-precision",
         choices=("no", "bf16"),
@@ -521,31 +935,46 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--layers", type=int, default=32, help="gpu preset: decoder layers (7B: 32)")
     parser.add_argument("--dtype", default="bfloat16", help="gpu preset: model dtype")
-    parser.add_argument("--prompt-len", type=int, default=128, help="gpu preset: longest prompt")
-    parser.add_argument("--response-len", type=int, default=128, help="gpu preset: longest response")
+    parser.add_argument("--prompt-len", type=int, help="longest prompt (gpu 128, vocab 30, memory 16)")
+    parser.add_argument("--response-len", type=int, help="longest response (gpu 128, vocab 30, memory 16)")
+    parser.add_argument("--vocabs", default=",".join(map(str, VOCABS)), help="vocab preset: vocabulary sizes")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="gpu preset at small sizes (1 layer unless --layers, 2 pairs, 16-token prompts and "
-        "responses, 1 warm-up + 2 steps, 1 repeat): checks the inputs without a GPU",
+        "responses, 1 warm-up + 2 steps, 1 repeat): checks the inputs without a GPU; vocab preset at "
+        "V = 2,000 and 4,000, 4 pairs",
     )
+    parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return
+    batch, batches, warmup, steps, repeats, prompt_len, response_len = DEFAULTS[args.preset]
     if args.dry_run:
-        if args.preset != "gpu":
-            parser.error("--dry-run is for --preset gpu")
+        if args.preset not in ("gpu", "vocab"):
+            parser.error("--dry-run is for --preset gpu or vocab")
         args.layers = 1 if args.layers == 32 else args.layers
-        args.batch = args.batch or 2
-        args.batches = args.batches or 2
-        args.prompt_len, args.response_len = 16, 16
-        args.warmup, args.steps, args.repeats = 1, 2, 1
+        batch, batches, warmup, steps, repeats, prompt_len, response_len = 2, 2, 1, 2, 1, 16, 16
+        if args.preset == "vocab":
+            batch, args.vocabs = 4, "2000,4000"
+    args.batch, args.batches = args.batch or batch, args.batches or batches
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.steps, args.repeats = args.steps or steps, args.repeats or repeats
+    args.prompt_len, args.response_len = args.prompt_len or prompt_len, args.response_len or response_len
+    args.vocabs = [int(v) for v in str(args.vocabs).split(",")]
     gpu = args.preset == "gpu"
-    args.batch = args.batch or (8 if gpu else 16)
-    args.batches = args.batches or (4 if gpu else 8)
     args.mixed_precision = args.mixed_precision or ("bf16" if gpu else "no")
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = (args.store or Path(tmp) / "store").resolve()
+        if args.preset == "vocab":
+            print_vocab(args, *run_vocab(store, args))
+            return
+        if args.preset == "memory":
+            print_memory(args, *run_memory(store, args))
+            return
         setup = prepare_gpu(store, args) if gpu else prepare_cpu(store, args)
         # the run's training settings: configs/tiny.yaml's learning rate on the tiny world
         common = {"batch_size": args.batch, "mixed_precision": args.mixed_precision}

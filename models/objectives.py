@@ -4,16 +4,29 @@ The heads' (IAV, CALM: the head's outputs) and the baselines' (GenARM's reward L
 DeRa: the fine-tuned LM's logits). Pure functions over tensors. A batch holds B pairs as 2B sequences (chosen rows first, then
 rejected rows, through the backbone in one concatenated forward) in the compact layout of
 :class:`PairBatch`: the head only ever sees the hidden states that predict response tokens.
+
+A head's objective is computed from a few scalars per scored token (the policy's log-prob of the
+target, IAV's KL and ‖a‖², CALM's ‖v‖², entropy and strength: the columns of
+:data:`IAV_TERMS` / :data:`CALM_TERMS`), then reduced over the batch. The scalars of one token
+need its ``V``-sized logits, nothing else, so :func:`iav_chunked_objective` and
+:func:`calm_chunked_objective` compute them over the batch's :class:`ScoredTokens` (the real
+response tokens only, never padding) a chunk of tokens at a time
+(:func:`alignheads.models.losses.chunked_rows`): memory is that of one chunk's logits, whatever
+the batch and the vocabulary. :func:`iav_objective` / :func:`calm_objective` reduce the same
+scalars computed from a head's output over the whole ``(2B, R)`` grid at once; both give the
+same loss and gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from alignheads.models.calm import CALMOutput
+from alignheads.models.context import TokenContext
 from alignheads.models.head_base import soft_cap
 from alignheads.models.iav import IAVOutput
 from alignheads.models.losses import (
@@ -24,16 +37,22 @@ from alignheads.models.losses import (
     IAVWeights,
     PreferenceLogps,
     calm_loss,
+    chunk_tokens,
+    chunked_rows,
     dpo_loss,
     exact_kl,
     iav_loss,
     masked_mean,
     masked_variance,
-    mean_entropy,
-    mean_squared_norm,
+    squared_norm,
+    token_entropy,
     token_logprobs,
-    topk_tail_kl,
+    topk_extrapolated_kl,
 )
+
+# the per-token scalars of each head's objective, in column order
+IAV_TERMS = ("logp", "kl", "sq_norm")
+CALM_TERMS = ("logp", "sq_norm", "entropy", "strength")
 
 
 @dataclass(frozen=True)
@@ -81,15 +100,85 @@ class PairBatch:
         return PairBatch(**moved)
 
 
+@dataclass(frozen=True)
+class ScoredTokens:
+    """A batch's ``N`` scored response tokens, flattened (row-major: sequence by sequence).
+
+    rows, cols: ``(N,)`` where each token sits in the ``(2B, R)`` grid; hidden: ``(N, H)`` the
+    states predicting them; targets: ``(N,)``; ref_topk_ids / ref_topk_logprobs: ``(N, K)`` or
+    None; context: CALM's token context of shape ``(1, N)`` (positions) / ``(1, N, H)``, or None.
+    ``shape`` is the grid's ``(2B, R)``.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    hidden: Tensor
+    targets: Tensor
+    ref_topk_ids: Tensor | None
+    ref_topk_logprobs: Tensor | None
+    context: TokenContext | None
+    shape: tuple[int, int]
+
+    @property
+    def n(self) -> int:
+        return self.targets.shape[0]
+
+    def part(self, start: int, stop: int) -> ScoredTokens:
+        """Tokens ``[start, stop)`` (views, no copies)."""
+
+        def cut(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[start:stop]
+
+        ctx = None if self.context is None else self.context.select(slice(start, stop))
+        return ScoredTokens(
+            cut(self.rows), cut(self.cols), cut(self.hidden), cut(self.targets),
+            cut(self.ref_topk_ids), cut(self.ref_topk_logprobs), ctx, self.shape,
+        )  # fmt: skip
+
+    def grid(self, values: Tensor) -> Tensor:
+        """Per-token ``values (N, ...)`` laid out on the ``(2B, R, ...)`` grid, zeros at padding."""
+        out = values.new_zeros(self.shape + values.shape[1:])
+        return out.index_put((self.rows, self.cols), values)
+
+
+def scored_tokens(batch: PairBatch, hidden: Tensor, context: TokenContext | None) -> ScoredTokens:
+    """The real tokens of ``batch`` (``batch.mask``) with their features: hidden ``(2B, R, H)``
+    and CALM's context over the same grid (or None)."""
+    rows, cols = batch.mask.nonzero(as_tuple=True)
+
+    def pick(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[rows, cols]
+
+    ctx = None
+    if context is not None:
+        ctx = TokenContext(
+            context.positions[rows, cols].unsqueeze(0), context.context[rows, cols].unsqueeze(0)
+        )
+    return ScoredTokens(
+        rows, cols, hidden[rows, cols], batch.targets[rows, cols],
+        pick(batch.ref_topk_ids), pick(batch.ref_topk_logprobs), ctx, tuple(batch.mask.shape),
+    )  # fmt: skip
+
+
+# --- the heads' per-token terms and their reductions ----------------------------------------------
+
+
 def response_logps(policy_logits: Tensor, batch: PairBatch) -> Tensor:
     """``(2B,)`` summed log-probs of the targets under ``policy_logits (2B, R, V)``."""
-    per_token = token_logprobs(policy_logits, batch.targets)
-    return torch.where(batch.mask, per_token, torch.zeros_like(per_token)).sum(-1)
+    return sequence_sums(token_logprobs(policy_logits, batch.targets), batch.mask)
+
+
+def sequence_sums(per_token: Tensor, mask: Tensor) -> Tensor:
+    """``(2B,)`` sums over the real columns (``mask``) of ``(2B, R)`` per-token values."""
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
 
 
 def preference_logps(policy_logits: Tensor, batch: PairBatch) -> PreferenceLogps:
     """Policy (``(2B, R, V)`` logits at α = 1) and cached reference log-probs, split by side."""
-    logps = response_logps(policy_logits, batch)
+    return _split_logps(response_logps(policy_logits, batch), batch)
+
+
+def _split_logps(logps: Tensor, batch: PairBatch) -> PreferenceLogps:
     b = batch.n_pairs
     return PreferenceLogps(logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:])
 
@@ -99,11 +188,14 @@ def _per_side_mean(values: Tensor, mask: Tensor, n_pairs: int) -> tuple[Tensor, 
     return masked_mean(values[:n_pairs], mask[:n_pairs]), masked_mean(values[n_pairs:], mask[n_pairs:])
 
 
-def topk_kl_per_token(base_logits: Tensor, batch: PairBatch) -> Tensor:
-    """``(2B, R)`` top-k + tail KL of the cached reference to ``softmax(base_logits)``."""
+def topk_kl_per_token(base_logits: Tensor, batch: PairBatch | ScoredTokens) -> Tensor:
+    """``kl: topk``: the KL of the cached reference to ``softmax(base_logits)`` at each token from
+    its top-k (:func:`alignheads.models.losses.topk_extrapolated_kl`: the top-k + tail KL and the
+    tail's part extrapolated from the top k's): ``(2B, R)`` for a PairBatch's ``(2B, R, V)``
+    logits, ``(n,)`` for ScoredTokens' ``(n, V)``."""
     if batch.ref_topk_ids is None or batch.ref_topk_logprobs is None:
         raise ValueError("kl: topk needs the reference cache's top-k columns, and this batch has none")
-    return topk_tail_kl(batch.ref_topk_ids, batch.ref_topk_logprobs, base_logits)
+    return topk_extrapolated_kl(batch.ref_topk_ids, batch.ref_topk_logprobs, base_logits)
 
 
 def exact_kl_per_token(base_logits: Tensor, ref_logits: Tensor) -> Tensor:
@@ -118,12 +210,43 @@ def chosen_nll(policy_logits: Tensor, batch: PairBatch) -> Tensor:
     return -masked_mean(per_token, batch.mask[:b])
 
 
-def _anchored(loss_obj, policy_logits: Tensor, batch: PairBatch, nll_weight: float):
-    """Add ``λ_nll · chosen NLL`` to a loss (an RPO-style anchor: plain DPO may lower the chosen
-    responses' likelihood too, as long as the rejected ones fall further). λ_nll = 0: unchanged."""
+def _anchored(loss_obj, logp: Tensor, batch: PairBatch, nll_weight: float):
+    """Add ``λ_nll · chosen NLL`` (from the policy's ``(2B, R)`` target log-probs ``logp``) to a
+    loss (an RPO-style anchor: plain DPO may lower the chosen responses' likelihood too, as long
+    as the rejected ones fall further). λ_nll = 0: unchanged."""
     if nll_weight == 0:
         return loss_obj
-    return replace(loss_obj, loss=loss_obj.loss + nll_weight * chosen_nll(policy_logits, batch))
+    b = batch.n_pairs
+    return replace(loss_obj, loss=loss_obj.loss - nll_weight * masked_mean(logp[:b], batch.mask[:b]))
+
+
+@dataclass(frozen=True)
+class HeadStepLoss:
+    """A head's loss object (:class:`IAVLoss` or :class:`CALMLoss`) and its per-token terms
+    ``(2B, R, m)`` (columns :data:`IAV_TERMS` / :data:`CALM_TERMS`, zeros at padding), from
+    which the step's metrics are read without any ``V``-sized tensor."""
+
+    loss: IAVLoss | CALMLoss
+    terms: Tensor
+
+
+def iav_token_terms(out: IAVOutput, targets: Tensor, kl: Tensor, cap: float | None = None) -> Tensor:
+    """IAV's per-token terms ``(..., 3)`` (:data:`IAV_TERMS`) of a head output ``(..., V)``:
+    the log-prob of ``targets (...)`` under the policy ``soft_cap(sg(W_b h) + W_a h, cap)``, the
+    given ``kl (...)`` of the base head to the reference, and ``‖W_a h‖²``."""
+    policy = soft_cap(out.base_logits.detach() + out.align_logits, cap)
+    logp = token_logprobs(policy, targets)  # float32, or float64 for a float64 head
+    return torch.stack([logp, kl.to(logp.dtype), squared_norm(out.align_logits).to(logp.dtype)], -1)
+
+
+def iav_reduce(terms: Tensor, batch: PairBatch, weights: IAVWeights, nll_weight: float = 0.0) -> IAVLoss:
+    """The IAV loss from its per-token terms ``(2B, R, 3)`` (:func:`iav_token_terms`)."""
+    mask = batch.mask
+    logp, kl, sq = terms.unbind(-1)
+    kl_chosen, kl_rejected = _per_side_mean(kl, mask, batch.n_pairs)
+    loss = iav_loss(_split_logps(sequence_sums(logp, mask), batch), kl_chosen, kl_rejected,
+                    masked_mean(sq, mask), weights)  # fmt: skip
+    return _anchored(loss, logp, batch, nll_weight)
 
 
 def iav_objective(
@@ -145,20 +268,35 @@ def iav_objective(
     the tiny world: reward fell from α = 0 to α = 1). ``W_b`` learns from the KL term alone, and
     only when it trains at all (against another reference model: `IAVTrainConfig.base_head`).
 
-    kl_per_token: ``(2B, R)`` KL(reference ‖ base head) at each scored token (of the capped
-    base logits, when the model caps).
+    out: the head's output over the whole ``(2B, R)`` grid; kl_per_token: ``(2B, R)``
+    KL(reference ‖ base head) at each scored token (of the capped base logits, when the model
+    caps). :func:`iav_chunked_objective` computes the same loss a chunk of tokens at a time.
     """
+    return iav_reduce(iav_token_terms(out, batch.targets, kl_per_token, cap), batch, weights, nll_weight)
+
+
+def calm_token_terms(out: CALMOutput, targets: Tensor, cap: float | None = None) -> Tensor:
+    """CALM's per-token terms ``(..., 4)`` (:data:`CALM_TERMS`) of a head output ``(..., V)``:
+    the log-prob of ``targets`` under the policy ``soft_cap(z(1), cap)``, ``‖v‖²``, the policy's
+    entropy and the strength ``s``."""
+    policy = soft_cap(out.logits(1.0), cap)
+    logp = token_logprobs(policy, targets)  # float32, or float64 for a float64 head
+    columns = [logp, squared_norm(out.modulation), token_entropy(policy), out.strength]
+    return torch.stack([c.to(logp.dtype) for c in columns], -1)
+
+
+def calm_reduce(terms: Tensor, batch: PairBatch, weights: CALMWeights, nll_weight: float = 0.0) -> CALMLoss:
+    """The CALM loss from its per-token terms ``(2B, R, 4)`` (:func:`calm_token_terms`)."""
     mask = batch.mask
-    policy = soft_cap(out.base_logits.detach() + out.align_logits, cap)
-    kl_chosen, kl_rejected = _per_side_mean(kl_per_token, mask, batch.n_pairs)
-    loss = iav_loss(
-        preference_logps(policy, batch),
-        kl_chosen,
-        kl_rejected,
-        mean_squared_norm(out.align_logits, mask),
+    logp, sq, entropy, strength = terms.unbind(-1)
+    loss = calm_loss(
+        _split_logps(sequence_sums(logp, mask), batch),
+        masked_mean(sq, mask),
+        masked_variance(strength, mask),
+        masked_mean(entropy, mask),
         weights,
     )
-    return _anchored(loss, policy, batch, nll_weight)
+    return _anchored(loss, logp, batch, nll_weight)
 
 
 def calm_objective(
@@ -166,17 +304,100 @@ def calm_objective(
 ) -> CALMLoss:
     """CALM loss: DPO at α = 1 + λ_l2 · mean‖v_t‖² − λ_var · Var(s) − λ_ent · mean H(π_t)
     (+ λ_nll · chosen NLL when asked). The policy π is ``soft_cap(z(1), cap)``, ``cap`` the
-    model's final-logit soft-cap (None: none), i.e. what decoding samples from."""
-    mask = batch.mask
-    policy = soft_cap(out.logits(1.0), cap)
-    loss = calm_loss(
-        preference_logps(policy, batch),
-        mean_squared_norm(out.modulation, mask),
-        masked_variance(out.strength, mask),
-        mean_entropy(policy, mask),
-        weights,
-    )
-    return _anchored(loss, policy, batch, nll_weight)
+    model's final-logit soft-cap (None: none), i.e. what decoding samples from. ``out`` covers
+    the whole ``(2B, R)`` grid; :func:`calm_chunked_objective` computes the same a chunk at a time."""
+    return calm_reduce(calm_token_terms(out, batch.targets, cap), batch, weights, nll_weight)
+
+
+# --- the same, a chunk of tokens at a time ---------------------------------------------------------
+
+# KL(reference ‖ base head) of a chunk of tokens: (capped base logits (n, V), tokens) -> (n,)
+KLEstimate = Callable[[Tensor, ScoredTokens], Tensor]
+
+
+def exact_kl_estimate(frozen: nn.Module, cap: float | None = None) -> KLEstimate:
+    """The exact KL to the reference logits ``soft_cap(frozen(h), cap)`` (the run's own
+    ``lm_head``: the reference when it is the run's model), recomputed per chunk."""
+
+    def estimate(base_logits: Tensor, tokens: ScoredTokens) -> Tensor:
+        with torch.no_grad():
+            ref_logits = soft_cap(frozen(tokens.hidden), cap)
+        return exact_kl_per_token(base_logits, ref_logits)
+
+    return estimate
+
+
+def _chunk_size(head: nn.Module, chunk: int | None) -> int:
+    return chunk if chunk is not None else chunk_tokens(head.config.vocab_size)
+
+
+def iav_chunked_objective(
+    head: nn.Module,
+    tokens: ScoredTokens,
+    batch: PairBatch,
+    frozen: nn.Module,
+    kl: KLEstimate,
+    weights: IAVWeights,
+    nll_weight: float = 0.0,
+    cap: float | None = None,
+    chunk: int | None = None,
+) -> HeadStepLoss:
+    """:func:`iav_objective` of ``head`` (an IAV head) over the batch's scored ``tokens``,
+    ``chunk`` tokens at a time (default :func:`alignheads.models.losses.chunk_tokens` of the
+    vocabulary). ``kl``: :func:`topk_kl_per_token` (from the cache) or :func:`exact_kl_estimate`."""
+
+    def terms(start: int, stop: int) -> Tensor:
+        part = tokens.part(start, stop)
+        out = head(part.hidden.unsqueeze(0), frozen_head=frozen)  # (1, n, V)
+        base = out.base_logits.squeeze(0)
+        return iav_token_terms(
+            out, part.targets.unsqueeze(0), kl(soft_cap(base, cap), part).unsqueeze(0), cap
+        )[0]
+
+    grid = tokens.grid(chunked_rows(terms, tokens.n, _chunk_size(head, chunk)))
+    return HeadStepLoss(iav_reduce(grid, batch, weights, nll_weight), grid)
+
+
+def calm_chunked_objective(
+    head: nn.Module,
+    tokens: ScoredTokens,
+    batch: PairBatch,
+    frozen: nn.Module,
+    weights: CALMWeights,
+    nll_weight: float = 0.0,
+    cap: float | None = None,
+    chunk: int | None = None,
+) -> HeadStepLoss:
+    """:func:`calm_objective` of ``head`` (a CALM head) over the batch's scored ``tokens``, ``chunk``
+    tokens at a time (default :func:`alignheads.models.losses.chunk_tokens` of the vocabulary)."""
+
+    def terms(start: int, stop: int) -> Tensor:
+        part = tokens.part(start, stop)
+        out = head(part.hidden.unsqueeze(0), frozen_head=frozen, context=part.context)
+        return calm_token_terms(out, part.targets.unsqueeze(0), cap)[0]
+
+    grid = tokens.grid(chunked_rows(terms, tokens.n, _chunk_size(head, chunk)))
+    return HeadStepLoss(calm_reduce(grid, batch, weights, nll_weight), grid)
+
+
+def head_response_logps(
+    head: nn.Module,
+    tokens: ScoredTokens,
+    frozen: nn.Module,
+    alpha: float,
+    cap: float | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """``(2B,)`` summed log-probs of the targets under the head's ``soft_cap(z(α), cap)``, a chunk
+    of tokens at a time (what held-out evaluation scores)."""
+
+    def logp(start: int, stop: int) -> Tensor:
+        part = tokens.part(start, stop)
+        z = head.logits(part.hidden.unsqueeze(0), alpha, frozen_head=frozen, context=part.context)
+        return token_logprobs(soft_cap(z, cap).squeeze(0), part.targets)
+
+    per_token = tokens.grid(chunked_rows(logp, tokens.n, _chunk_size(head, chunk)))
+    return per_token.sum(-1)
 
 
 # --- the baselines: a whole fine-tuned LM ---------------------------------------------------------

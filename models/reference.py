@@ -116,10 +116,14 @@ def topk_reference(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Ten
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k = {k} must be between 1 and the vocabulary size {logits.shape[-1]}")
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    target_lp = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
     # top-k of the logits, then normalise only those k: no (N, V) log-softmax is materialised
     values, ids = logits.topk(k, dim=-1, sorted=True)
+    # logsumexp reusing the row maximum topk has just found (the first value): the same ops as
+    # torch.logsumexp after its own max pass (amax, exp of the difference, sum, log, add), so
+    # bit-identical, one pass over the (N, V) logits fewer
+    top = values[:, :1]
+    lse = (logits - top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    target_lp = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
     return target_lp, ids.to(torch.int32), values - lse.unsqueeze(-1)
 
 

@@ -30,15 +30,21 @@ from torch import Tensor, nn
 
 from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig, PreferenceTrainConfig
 from alignheads.models.features import backbone_features, cached_features, gather_time
-from alignheads.models.head_base import SteeringOutput, final_logit_cap, lm_output_layer, soft_cap
-from alignheads.models.losses import CALMWeights, DPOOutput, IAVWeights, dpo_loss
+from alignheads.models.head_base import final_logit_cap, lm_output_layer, soft_cap
+from alignheads.models.losses import CALMLoss, CALMWeights, DPOOutput, IAVWeights, dpo_loss
 from alignheads.models.objectives import (
+    CALM_TERMS,
+    IAV_TERMS,
     BatchNeeds,
+    HeadStepLoss,
     PairBatch,
-    calm_objective,
-    exact_kl_per_token,
-    iav_objective,
-    response_logps,
+    ScoredTokens,
+    calm_chunked_objective,
+    exact_kl_estimate,
+    head_response_logps,
+    iav_chunked_objective,
+    scored_tokens,
+    sequence_sums,
     topk_kl_per_token,
 )
 from alignheads.models.registry import new_head
@@ -69,13 +75,19 @@ class StepLoss:
 class Trainee(ABC):
     """What the one training loop drives for a method: the module AdamW updates and its loss.
 
-    `module` is what the optimizer, `accelerate.prepare` and checkpoints see; `loss` and
-    `eval_dpo` take the (possibly wrapped) module to call, so multi-process gradient sync works.
+    `module` is what the optimizer and checkpoints see (and what is saved); `step_module` is what
+    `accelerate.prepare` wraps and `loss` calls, the module itself unless a trainee needs more
+    inside one forward (a head: its chunked objective). `loss` takes the (possibly wrapped)
+    step module, so multi-process gradient sync works; `eval_dpo` takes the plain `module`.
     """
 
     module: nn.Module
     needs: BatchNeeds
     with_sequences: bool  # whether batches carry token ids for a backbone forward
+
+    @property
+    def step_module(self) -> nn.Module:
+        return self.module
 
     @abstractmethod
     def loss(self, module: nn.Module, batch: PairBatch) -> StepLoss: ...
@@ -83,6 +95,39 @@ class Trainee(ABC):
     @abstractmethod
     def eval_dpo(self, module: nn.Module, batch: PairBatch) -> DPOOutput:
         """The held-out pairs' implicit rewards and margins at α = 1 (the training objective's)."""
+
+
+# (head, the batch's scored tokens, batch) -> the head's loss and per-token terms
+HeadObjective = Callable[[nn.Module, ScoredTokens, PairBatch], HeadStepLoss]
+
+
+class HeadStep(nn.Module):
+    """A head and its training objective as one module: ``forward(tokens, batch)`` is the
+    objective of the head on a batch's scored tokens (:class:`HeadStepLoss`).
+
+    It is what the loop prepares (DistributedDataParallel in a multi-process run) and calls once
+    per micro-batch: the objective goes over the tokens a chunk at a time, recomputing chunks in
+    the backward pass, and gradient synchronisation needs all of that inside one forward of the
+    wrapped module. Its parameters are the head's alone (the frozen lm_head is the objective's,
+    not a registered submodule).
+    """
+
+    def __init__(self, head: nn.Module, objective: HeadObjective) -> None:
+        super().__init__()
+        self.head = head
+        self.objective = objective
+
+    def forward(self, tokens: ScoredTokens, batch: PairBatch) -> HeadStepLoss:
+        return self.objective(self.head, tokens, batch)
+
+
+def place_frozen_lm(model: nn.Module, cfg: HeadTrainConfig, device: Any) -> None:
+    """Move to ``device`` what a head's training reads of the frozen LM: the whole LM when its
+    backbone runs (`features: backbone`); with `features: cached` only its output layer (the
+    frozen lm_head: IAV's base logits and exact KL, CALM's base logits). The backbone's weights
+    then stay where they were loaded, or unloaded (on the "meta" device) by a caller that never
+    materialised them."""
+    (model if cfg.features == "backbone" else lm_output_layer(model)).to(device)
 
 
 class HeadTrainee(Trainee):
@@ -93,12 +138,17 @@ class HeadTrainee(Trainee):
     its only gradient, the KL to that same layer, is rounding noise that AdamW would turn into
     full learning-rate steps. It does not require a gradient, so the optimizer holds no state for
     it, and α = 0 stays the LM exactly.
+
+    ``chunk``: scored tokens per chunk of the loss and the evaluation (default: from the
+    vocabulary, :func:`alignheads.models.losses.chunk_tokens`).
     """
 
-    def __init__(self, kind: str, model: nn.Module, cfg: HeadTrainConfig, device: Any) -> None:
+    def __init__(
+        self, kind: str, model: nn.Module, cfg: HeadTrainConfig, device: Any, chunk: int | None = None
+    ) -> None:
         model.requires_grad_(False)
-        model.to(device)
-        self.model, self.cfg = model, cfg
+        place_frozen_lm(model, cfg, device)
+        self.model, self.cfg, self.chunk = model, cfg, chunk
         self.frozen = lm_output_layer(model)
         self.cap = final_logit_cap(model)
         # heads train in float32 whatever the LM's dtype: they are the master weights AdamW
@@ -109,13 +159,21 @@ class HeadTrainee(Trainee):
             self.module.base.requires_grad_(False)
         self.needs, self.with_sequences = head_batches(cfg)
         self.features = head_features(cfg, model.base_model, self.module.needs_token_context, self.frozen)
-        self.objective = head_objective(cfg, self.frozen, self.cap)
+        self.objective = head_objective(cfg, self.frozen, self.cap, chunk)
+        self._step = HeadStep(self.module, self.objective)
+
+    @property
+    def step_module(self) -> nn.Module:
+        return self._step
+
+    def tokens(self, batch: PairBatch) -> ScoredTokens:
+        """The batch's scored tokens with their features (and CALM's context)."""
+        hidden, ctx = self.features(batch)
+        return scored_tokens(batch, hidden, ctx)
 
     def loss(self, module: nn.Module, batch: PairBatch) -> StepLoss:
-        hidden, ctx = self.features(batch)
-        out = module(hidden, frozen_head=self.frozen, context=ctx)
-        loss_obj = self.objective(out, batch, hidden)
-        return StepLoss(loss_obj.loss, lambda: head_step_metrics(loss_obj, out, batch, self.cap))
+        result = module(self.tokens(batch), batch)
+        return StepLoss(result.loss.loss, lambda: head_step_metrics(result, batch))
 
     def logits(self, module: nn.Module, batch: PairBatch, alpha: float = 1.0) -> Tensor:
         """``(2B, R, V)``: the head's logits at α where they predict the response tokens, soft-capped
@@ -125,7 +183,8 @@ class HeadTrainee(Trainee):
         return soft_cap(module(hidden, frozen_head=self.frozen, context=ctx).logits(alpha), self.cap)
 
     def eval_dpo(self, module: nn.Module, batch: PairBatch, alpha: float = 1.0) -> DPOOutput:
-        logps = response_logps(self.logits(module, batch, alpha), batch)
+        """Implicit rewards at α of the head ``module``, a chunk of tokens at a time."""
+        logps = head_response_logps(module, self.tokens(batch), self.frozen, alpha, self.cap, self.chunk)
         b = batch.n_pairs
         return dpo_loss(logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:], self.cfg.beta)
 
@@ -162,39 +221,49 @@ def head_features(cfg: HeadTrainConfig, backbone: nn.Module, with_context: bool,
     return features
 
 
-def head_objective(cfg: HeadTrainConfig, frozen: nn.Module, cap: float | None = None):
-    """(head output, batch, hidden) -> loss object, chosen once per run (no per-step flags).
-    ``cap``: the model's final-logit soft-cap (None: none), applied to every logit the loss sees
-    (the policy, IAV's base head and the exact-KL reference, the frozen lm_head)."""
+def head_weights(cfg: HeadTrainConfig) -> IAVWeights | CALMWeights:
+    """The loss weights of a head's settings."""
     if isinstance(cfg, IAVTrainConfig):
-        weights = IAVWeights(beta=cfg.beta, kl=cfg.lambda_kl, l2=cfg.lambda_l2)
-        if cfg.kl == "exact":
-
-            def iav_exact(out, batch, hidden):
-                with torch.no_grad():
-                    ref_logits = soft_cap(frozen(hidden), cap)
-                kl = exact_kl_per_token(soft_cap(out.base_logits, cap), ref_logits)
-                return iav_objective(out, batch, kl, weights, cfg.lambda_nll, cap)
-
-            return iav_exact
-        return lambda out, batch, hidden: iav_objective(
-            out, batch, topk_kl_per_token(soft_cap(out.base_logits, cap), batch), weights, cfg.lambda_nll, cap
-        )
+        return IAVWeights(beta=cfg.beta, kl=cfg.lambda_kl, l2=cfg.lambda_l2)
     assert isinstance(cfg, CALMTrainConfig)
-    weights = CALMWeights(beta=cfg.beta, l2=cfg.lambda_l2, var=cfg.lambda_var, ent=cfg.lambda_ent)
-    return lambda out, batch, hidden: calm_objective(out, batch, weights, cfg.lambda_nll, cap)
+    return CALMWeights(beta=cfg.beta, l2=cfg.lambda_l2, var=cfg.lambda_var, ent=cfg.lambda_ent)
 
 
-def head_step_metrics(
-    loss_obj: Any, out: SteeringOutput, batch: PairBatch, cap: float | None = None
-) -> dict[str, float]:
-    """TRL-named metrics of one micro-batch, plus the head's own (l2, IAV's kl, CALM's strength)."""
-    logps = response_logps(soft_cap(out.logits(1.0).detach(), cap), batch)
+def head_objective(
+    cfg: HeadTrainConfig, frozen: nn.Module, cap: float | None = None, chunk: int | None = None
+) -> HeadObjective:
+    """(head, scored tokens, batch) -> loss and per-token terms, chosen once per run (no per-step
+    flags). ``cap``: the model's final-logit soft-cap (None: none), applied to every logit the
+    loss sees (the policy, IAV's base head and the exact-KL reference, the frozen lm_head);
+    ``chunk``: tokens per chunk (None: from the vocabulary)."""
+    weights = head_weights(cfg)
+    if isinstance(cfg, IAVTrainConfig):
+        kl = exact_kl_estimate(frozen, cap) if cfg.kl == "exact" else topk_kl_per_token
+        return partial(
+            iav_chunked_objective, frozen=frozen, kl=kl, weights=weights, nll_weight=cfg.lambda_nll,
+            cap=cap, chunk=chunk,
+        )  # fmt: skip
+    return partial(
+        calm_chunked_objective,
+        frozen=frozen,
+        weights=weights,
+        nll_weight=cfg.lambda_nll,
+        cap=cap,
+        chunk=chunk,
+    )
+
+
+def head_step_metrics(result: HeadStepLoss, batch: PairBatch) -> dict[str, float]:
+    """TRL-named metrics of one micro-batch, plus the head's own (l2, IAV's kl, CALM's strength),
+    from the loss and its per-token terms (no ``V``-sized tensor)."""
+    loss_obj, terms, mask = result.loss, result.terms.detach(), batch.mask
+    columns = CALM_TERMS if isinstance(loss_obj, CALMLoss) else IAV_TERMS
+    logps = sequence_sums(terms[..., columns.index("logp")], mask)
     metrics = trl_metrics(loss_obj.loss, loss_obj.dpo, logps, batch.n_pairs) | {"l2": loss_obj.l2.item()}
     if hasattr(loss_obj, "kl"):
         metrics["kl"] = loss_obj.kl.item()
-    if hasattr(out, "strength"):
-        s = out.strength.detach()[batch.mask].float()
+    if isinstance(loss_obj, CALMLoss):
+        s = terms[..., columns.index("strength")][mask]
         metrics["strength/mean"] = s.mean().item()
         metrics["strength/std"] = s.std(unbiased=False).item()
     return metrics

@@ -49,7 +49,9 @@ STAGE = "train"
 # 2: one train stage for every method (the baselines' artifacts were a stage of their own)
 # 3: logits soft-capped like the model's forward; IAV's W_b frozen when the reference is the run's
 #    own model; baselines fine-tuned without dropout
-TRAIN_VERSION = 3
+# 4: head losses chunked over scored tokens, `kl: topk` with the tail extrapolated from the top k,
+#    fused AdamW (training numbers move by float rounding; a trained W_b by the estimator)
+TRAIN_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from alignheads.models.losses import (
     prediction_mask,
     sequence_logprobs,
     token_logprobs,
+    topk_extrapolated_kl,
     topk_tail_kl,
 )
 
@@ -120,6 +121,65 @@ def test_topk_tail_kl_never_exceeds_exact_and_equals_it_at_full_k(vocab: int, da
     assert (estimate <= exact + 1e-9).all()
     if k == vocab:
         assert torch.allclose(estimate, exact, atol=1e-9, rtol=0)
+
+
+def test_topk_extrapolated_kl_by_hand() -> None:
+    """The example above: p_ref = [.5, .25, .125, .125], q = [.25, .25, .4, .1], top-2 ids [0, 1].
+    P = .75 (reference mass on the ids), Q = .5 (policy's), r = .25, r_q = .5; head = .5 ln 2:
+    head / P + r (ln(r/P) − ln(r_q/Q)) = ⅔ ln 2 + ¼ (ln ⅓ − ln 1) = ⅔ ln 2 − ¼ ln 3 = 0.187445.
+    The same as top-k + tail (¼ ln 2) + r · KL(p̄ ‖ q̄) with p̄ = [⅔, ⅓], q̄ = [½, ½]:
+    ¼ ln 2 + ¼ (⅔ ln(4/3) + ⅓ ln(2/3)) = 0.173287 + 0.014158. Exact: 0.229073 (the tail's
+    own KL, ¼ KL([½, ½] ‖ [.8, .2]) = 0.055786, is larger than the top's here)."""
+    ref_lp = torch.log(T([0.5, 0.25, 0.125, 0.125]))
+    policy = torch.log(T([0.25, 0.25, 0.4, 0.1]))
+    ids = T([0, 1])
+    want = 2 / 3 * LN(2) - 0.25 * LN(3)
+    assert close(topk_extrapolated_kl(ids, ref_lp[ids], policy), want)
+    within = 2 / 3 * LN(4 / 3) + 1 / 3 * LN(2 / 3)
+    assert close(topk_tail_kl(ids, ref_lp[ids], policy) + 0.25 * within, want)
+    all_ids = T([2, 0, 3, 1])  # k = V: the exact KL
+    assert close(topk_extrapolated_kl(all_ids, ref_lp[all_ids], policy), 0.229073)
+
+
+def test_topk_extrapolated_kl_is_exact_when_the_tail_looks_like_the_top() -> None:
+    """p ∝ [4, 2, 1.6, .8] (the tail [1.6, .8] ∝ the top [4, 2]) and q ∝ p · [e, 1, e, 1] (the same
+    log-ratio pattern in both): KL(p̃ ‖ q̃) = KL(p̄ ‖ q̄), so the estimate is the exact KL,
+    ln Z − Σ p ln w with Z = Σ p w = (2e + 1)/3 and Σ p ln w = 5.6/8.4 = ⅔: 0.096712; the
+    top-k + tail KL misses the tail's share."""
+    p = torch.tensor([4.0, 2.0, 1.6, 0.8], dtype=torch.float64) / 8.4
+    q = p * torch.tensor([math.e, 1.0, math.e, 1.0], dtype=torch.float64)
+    ids = torch.tensor([0, 1])
+    want = math.log((2 * math.e + 1) / 3) - 2 / 3
+    assert close(exact_kl(p.log(), q.log()), want, tol=1e-12)
+    assert close(topk_extrapolated_kl(ids, p.log()[ids], q.log()), want, tol=1e-12)
+    assert topk_tail_kl(ids, p.log()[ids], q.log()).item() < want - 0.01
+
+
+def test_topk_extrapolated_kl_gradients_are_finite_also_without_tail() -> None:
+    policy = torch.randn(3, 5, requires_grad=True)
+    ref_lp = torch.log_softmax(torch.randn(3, 5), -1)
+    ids = torch.argsort(ref_lp, -1, descending=True)
+    for k in (1, 2, 5):
+        policy.grad = None
+        topk_extrapolated_kl(ids[:, :k], ref_lp.gather(-1, ids[:, :k]), policy).sum().backward()
+        assert torch.isfinite(policy.grad).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(vocab=st.integers(2, 12), data=st.data(), scale=st.floats(0.1, 8.0))
+def test_topk_extrapolated_kl_adds_a_non_negative_tail_part_and_is_exact_at_full_k(
+    vocab: int, data, scale: float
+) -> None:
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    k = data.draw(st.integers(1, vocab))
+    gen = torch.Generator().manual_seed(seed)
+    ref_lp = torch.log_softmax(torch.randn(4, vocab, generator=gen, dtype=torch.float64) * scale, -1)
+    policy = torch.randn(4, vocab, generator=gen, dtype=torch.float64) * scale
+    top_lp, top_ids = ref_lp.topk(k, dim=-1)
+    extrapolated = topk_extrapolated_kl(top_ids, top_lp, policy)
+    assert (extrapolated >= topk_tail_kl(top_ids, top_lp, policy) - 1e-9).all()
+    if k == vocab:
+        assert torch.allclose(extrapolated, exact_kl(ref_lp, policy), atol=1e-9, rtol=0)
 
 
 def test_reductions() -> None:

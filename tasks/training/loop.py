@@ -3,8 +3,11 @@
 multi-process training via accelerate.
 
 What trains is the method's `Trainee` (alignheads.models.methods): a head over the frozen LM, or
-the LM itself. A head's frozen backbone is moved to the device by hand and never given to
-`accelerate.prepare`, so its checkpoints and gradients only ever hold the head.
+the LM itself. `accelerate.prepare` gets the trainee's `step_module` (the LM; for a head, the head
+with its objective, :class:`alignheads.models.trainees.HeadStep`), whose parameters are what
+trains: a head's frozen LM (what of it the head reads: the whole LM, or only its output layer
+with cached features) is moved to the device by the trainee and never prepared, so checkpoints and
+gradients only ever hold the head. Checkpoints, evaluation and the result use `trainee.module`.
 """
 
 from __future__ import annotations
@@ -89,6 +92,14 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def adamw(params: list[nn.Parameter], cfg: PreferenceTrainConfig) -> torch.optim.AdamW:
+    """The loop's AdamW, fused: one kernel per step that updates the weights in place. The
+    per-tensor implementation (the CPU default) allocates two temporaries the size of each weight
+    for ``sqrt(v̂) + ε`` (+1 GB at a 32,000 x 4,096 IAV W_a), and the multi-tensor one (the CUDA
+    default) as much for all of them at once."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
     keys = items[0].keys()
     return {k: sum(m[k] for m in items) / len(items) for k in keys}
@@ -159,7 +170,7 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
         else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     )
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, cfg)
     warmup = int(round(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total))
 
@@ -168,7 +179,7 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     if latest is not None:
         step, position, resumed = load_checkpoint(latest, module, optimizer, scheduler)
     resumed_from = step
-    prepared, optimizer = accelerator.prepare(module, optimizer)
+    prepared, optimizer = accelerator.prepare(trainee.step_module, optimizer)
     # a resumed run carries the metrics of the steps before its checkpoint: its history (and the
     # train_metrics table) equals an uninterrupted run's
     history: list[dict[str, float]] = list(resumed.get("history", []))
@@ -185,7 +196,7 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
             path = save_checkpoint(
                 job.checkpoint_dir,
                 at,
-                accelerator.unwrap_model(prepared),
+                module,
                 optimizer.optimizer,
                 scheduler,
                 pos,
@@ -244,9 +255,7 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             if job.eval is not None and (step % cfg.eval_every == 0 or step == total):
                 module.eval()
-                eval_metrics = evaluate(
-                    trainee, accelerator.unwrap_model(prepared), job.eval, job.pad_id, micro
-                )
+                eval_metrics = evaluate(trainee, module, job.eval, job.pad_id, micro)
                 module.train()
                 if accelerator.is_main_process and eval_metrics:
                     job.log({k: v for k, v in eval_metrics.items() if k not in NOT_LOGGED}, step)
@@ -259,7 +268,6 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
     bar.close()
     accelerator.wait_for_everyone()
     final = history[-1] if history else {}
-    trainee.module = accelerator.unwrap_model(prepared)
     return TrainResult(trainee, step, resumed_from, final, eval_metrics, history)
 
 

@@ -126,13 +126,11 @@ def _fresh_head_at_the_reference(store: dict, kind: str, cfg) -> None:
     assert len(batches) == 2
     with torch.no_grad():
         for batch in batches:
-            hidden, ctx = trainee.features(batch)
-            loss = trainee.objective(
-                trainee.module(hidden, frozen_head=trainee.frozen, context=ctx), batch, hidden
-            )
+            loss = trainee.objective(trainee.module, trainee.tokens(batch), batch).loss
             assert loss.pref.item() == pytest.approx(LN2, abs=1e-6)  # the loss's DPO term
             if kind == "iav":  # KL (to the reference itself) and L2 (of W_a = 0) add nothing
-                assert trainee.loss(trainee.module, batch).loss.item() == pytest.approx(LN2, abs=1e-6)
+                step = trainee.loss(trainee.step_module, batch)
+                assert step.loss.item() == pytest.approx(LN2, abs=1e-6)
             assert trainee.eval_dpo(trainee.module, batch).losses.mean().item() == pytest.approx(
                 LN2, abs=1e-6
             )
@@ -189,9 +187,7 @@ def test_training_logits_on_a_softcapped_gemma2_are_what_decoding_samples_from(g
             torch.testing.assert_close(held_out.chosen_rewards, rewards[:b], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(held_out.rejected_rewards, rewards[b:], atol=1e-5, rtol=1e-5)
             if alpha == 1.0:  # the loss's policy is the decoded one too
-                hidden, ctx = trainee.features(batch)
-                out = trainee.module(hidden, frozen_head=trainee.frozen, context=ctx)
-                dpo = trainee.objective(out, batch, hidden).dpo
+                dpo = trainee.objective(trainee.module, trainee.tokens(batch), batch).loss.dpo
                 torch.testing.assert_close(dpo.chosen_rewards, rewards[:b], atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(dpo.rejected_rewards, rewards[b:], atol=1e-5, rtol=1e-5)
             trained = trainee.logits(trainee.module, batch, alpha)
