@@ -234,18 +234,19 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
+    # a TCP store on loopback: a file store can leave the slower rank waiting on a file the
+    # faster one already removed while tearing down (seen as a hang on a loaded machine)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        "gloo", init_method=init_file, rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
-    try:
-        step, _ = _iav_step(chunk=3)
-        _, _, batch, hidden, _ = _setup("iav", data_seed=10 + rank)
-        wrapped = DistributedDataParallel(step)
-        wrapped(scored_tokens(batch, hidden, None), batch).loss.loss.backward()
-        grads = {n: p.grad.contiguous() for n, p in step.head.named_parameters() if p.grad is not None}
-        save_file(grads, f"{out_dir}/rank{rank}.safetensors")
-    finally:
-        torch.distributed.destroy_process_group()
+    step, _ = _iav_step(chunk=3)
+    _, _, batch, hidden, _ = _setup("iav", data_seed=10 + rank)
+    wrapped = DistributedDataParallel(step)
+    wrapped(scored_tokens(batch, hidden, None), batch).loss.loss.backward()
+    grads = {n: p.grad.contiguous() for n, p in step.head.named_parameters() if p.grad is not None}
+    save_file(grads, f"{out_dir}/rank{rank}.safetensors")
+    # no destroy_process_group: tearing gloo down while the other rank still finishes has hung on a
+    # loaded machine; the group goes with the process
 
 
 @pytest.mark.slow
@@ -253,11 +254,23 @@ def test_two_processes_average_the_chunked_gradients(tmp_path):
     """The chunked, checkpointed loss runs inside one forward of the wrapped HeadStep, so
     DistributedDataParallel averages its gradients as for any module: each rank ends with the
     mean of the two single-process gradients of its batch (chunks of 3 tokens)."""
+    import socket
+    import time
+
     from safetensors.torch import load_file
 
-    torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    with socket.socket() as probe:  # a free port on loopback for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
+    deadline = time.monotonic() + 120  # a hang fails the test instead of stalling the suite
+    while not procs.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the 2-process run did not finish within 120 s")
     single = []
     for rank in range(2):
         step, _ = _iav_step(chunk=3)
