@@ -297,16 +297,15 @@ def _merge_dials(args: argparse.Namespace, cfg: RunConfig) -> int:
     vector (`models.merge.merge_iav_dial_set`)."""
     from alignheads.loading import library_progress_bars_off
     from alignheads.models.merge import merge_iav_dial_set
-    from alignheads.tasks.dial_set import STAGE, parse_dial_items, read_dial_set, vector_label
-    from alignheads.tasks.export import newest_artifact
+    from alignheads.tasks.dial_set import find_dial_set, parse_dial_items, read_dial_set, vector_label
 
     if args.heads is not None or args.head is not None or args.alpha is not None:
         print("error: give either dials (--dials / --dial NAME=A) or one head (--heads / --head, --alpha)", file=sys.stderr)
         return 2
     try:
         alpha = parse_dial_items(args.dial)
-        where = args.dials if args.dials is not None else cfg.store / STAGE / newest_artifact(cfg.store, STAGE)
-        heads = {r["name"]: Path(r["train_path"]) / "head" for r in read_dial_set(where)}
+        rows = read_dial_set(find_dial_set(args.dials if args.dials is not None else cfg.store))
+        heads = {r["name"]: Path(r["train_path"]) / "head" for r in rows}
         with library_progress_bars_off():
             out = merge_iav_dial_set(
                 heads, alpha, args.out, base_model=args.base, dtype=args.dtype,
@@ -728,16 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --heads: the newest trained IAV head in the store",
     )
     p.add_argument("--alpha", type=float, default=None, help="alignment strength to bake in (one head)")
-    p.add_argument(
-        "--dials", type=Path, default=None, help="a dial set <store>/dials/<key> (default with --dial: the store's newest)"
-    )
-    p.add_argument(
-        "--dial",
-        action="append",
-        default=[],
-        metavar="NAME=ALPHA",
-        help="fold IAV dials instead: one dial's alpha (repeat it; the others are 0)",
-    )
+    _add_dial_args(p, "fold IAV dials instead: one dial's alpha")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     p.add_argument(
         "--base", default=None, help="base model id or directory (default: the one the head records)"
@@ -797,20 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --heads: use the newest trained method of this kind in the store",
     )
     p.add_argument("--alpha", type=float, default=1.0, help="alignment strength (default 1.0)")
-    p.add_argument(
-        "--dials",
-        type=Path,
-        default=None,
-        help="a dial set <store>/dials/<key> (several heads on one LM); default with --dial: the "
-        "store's newest",
-    )
-    p.add_argument(
-        "--dial",
-        action="append",
-        default=[],
-        metavar="NAME=ALPHA",
-        help="one dial's alpha (repeat it: --dial helpful=1.0 --dial concise=0.5; the others are 0)",
-    )
+    _add_dial_args(p, "one dial's alpha")
     p.add_argument(
         "--interactive", "-i", action="store_true", help=f"chat loop on the terminal; {CHAT_COMMANDS}"
     )
@@ -841,6 +818,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_generate)
     return parser
+
+
+def _add_dial_args(p: argparse.ArgumentParser, what: str) -> None:
+    """`--dials DIR` and the repeatable `--dial NAME=ALPHA` of the verbs that take dials."""
+    p.add_argument(
+        "--dials",
+        type=Path,
+        default=None,
+        help="a dial set <store>/dials/<key> (several heads on one LM); default with --dial: the "
+        "store's newest",
+    )
+    p.add_argument(
+        "--dial",
+        action="append",
+        default=[],
+        metavar="NAME=ALPHA",
+        help=f"{what} (repeat it: --dial helpful=1.0 --dial concise=0.5; the others are 0)",
+    )
 
 
 def _user_error(exc: BaseException, verbose: bool, code: int) -> int:

@@ -155,13 +155,9 @@ def load_dials(
     the first dial's head records.
     """
     from alignheads.models.head_io import load_head
-    from alignheads.tasks.dial_set import STAGE, read_dial_set
-    from alignheads.tasks.export import newest_artifact
+    from alignheads.tasks.dial_set import find_dial_set, read_dial_set
 
-    path = Path(path)
-    if (path / STAGE).is_dir() and not (path / "manifest.json").is_file():  # a store
-        path = path / STAGE / newest_artifact(path, STAGE)
-    rows = read_dial_set(path)
+    rows = read_dial_set(find_dial_set(path))
     heads_dirs = {r["name"]: Path(r["train_path"]) / "head" for r in rows}
     model, tokenizer = _recorded_base(next(iter(heads_dirs.values())), base, device, dtype, trust_remote_code)
     heads = {n: load_head(d, model, ignore_base_id=ignore_base_id).eval() for n, d in heads_dirs.items()}

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from alignheads.config import RunConfig
-from alignheads.flows.inputs import RunInputs, reference_cache
+from alignheads.flows.inputs import RunInputs, reference_cache, train_one
 from alignheads.flows.mapped import dial_generations
 from alignheads.flows.tracking import RunTracking
 from alignheads.tasks import dial_evaluate as dial_evaluate_stage
@@ -38,10 +38,7 @@ def train_dial(
     """One dial's training (a head, or its GenARM reward LM) as the cached train stage, in an
     MLflow child run named `train-<label>`."""
     plan = train_stage.plan_train(kind, settings, refpass.path, model_source, label=label)
-    with run.child_training(plan) as child:
-        result = run_stage(train_stage.train_task, cfg.store, key=plan.key, plan=asdict(plan), tracking=child.tracking)
-        run.trained(child, plan, result)
-    return plan, result
+    return plan, train_one(cfg.store, plan, run)
 
 
 def train_dials(

@@ -1,6 +1,7 @@
 """What every reference cache of a run shares, and the stages that build one: the tiny world
 (when the run uses it), the model and tokenizer, then data ─> tokenize ─> reference pass for one
-set of preference pairs (the run's own, or a dial's)."""
+set of preference pairs (the run's own, or a dial's), and training one method over such a cache
+in its MLflow child run."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from prefect import get_run_logger
 
 from alignheads.config import DataConfig, RunConfig
 from alignheads.flows.mapped import reference_pass
+from alignheads.flows.tracking import RunTracking
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.fingerprint import tokenizer_fingerprint
 from alignheads.tasks import data as data_stage
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import tokenize as tokenize_stage
+from alignheads.tasks import train as train_stage
 from alignheads.tasks import world as world_stage
 from alignheads.tasks.cached import RunOutcome, StageResult, run_stage
 
@@ -98,3 +101,12 @@ def reference_cache(
     )
     rplan = refpass_stage.plan_refpass(cfg.refpass, cfg.model, inputs.model_path, tokenized.path, inputs.tokenizer_fp)
     return data_result, tokenized, reference_pass(cfg, rplan)
+
+
+def train_one(store: Path, plan: train_stage.TrainPlan, run: RunTracking) -> StageResult:
+    """The cached train stage of `plan` in an MLflow child run named `train-<plan.run_label>`
+    (opened only when it is trained now; a reused training names the run that holds it)."""
+    with run.child_training(plan) as child:
+        result = run_stage(train_stage.train_task, store, key=plan.key, plan=asdict(plan), tracking=child.tracking)
+        run.trained(child, plan, result)
+    return result

@@ -17,7 +17,7 @@ from alignheads.tasks.cached import RESULTS_DIR, StageResult, is_complete, run_s
 from alignheads.tasks.calibrate import STAGE as CALIBRATE_STAGE
 from alignheads.tasks.calibrate import CalibratePlan, calibrate_task
 from alignheads.tasks.dial_generate import STAGE as DIALGEN_STAGE
-from alignheads.tasks.dial_generate import DialGeneratePlan, dial_generate_task, dial_sweep_key
+from alignheads.tasks.dial_generate import DialGeneratePlan, dial_generate_task
 from alignheads.tasks.generate import STAGE as GENERATE_STAGE
 from alignheads.tasks.generate import GeneratePlan, generate_task, sweep_key
 from alignheads.tasks.refpass import RefPassPlan, refpass_artifact, refpass_shard_task, refpass_task
@@ -116,7 +116,7 @@ def dial_generations_flow(store: str, grids: list[list[dict[str, Any]]], refresh
     the dials loaded once) to this flow's task runner; every (family, vector) result, in order."""
     return _grouped_results(
         dial_generate_task, store, grids, refresh,
-        key_of=lambda plans: dial_sweep_key([DialGeneratePlan(**p) for p in plans]),
+        key_of=lambda plans: sweep_key([DialGeneratePlan(**p) for p in plans]),
         name_of=lambda plans: f"dialgen-{plans[0]['family']}",
     )  # fmt: skip
 

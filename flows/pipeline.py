@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from alignheads.config import RunConfig, SweepConfig, TrainConfig, read_config, with_overrides
 from alignheads.flows.dials import run_dials
 from alignheads.flows.failures import user_errors_fail_in_one_line
-from alignheads.flows.inputs import RunInputs, reference_cache, run_inputs
+from alignheads.flows.inputs import RunInputs, reference_cache, run_inputs, train_one
 from alignheads.flows.mapped import calibrations, generations
 from alignheads.flows.tracking import RunTracking, logged, tracked
 from alignheads.flows.tuned import find_search, tuned_line, with_tuned
@@ -106,12 +106,7 @@ def train_methods(
     plans = {}
     for entry, settings in enabled_methods(train):
         plan = train_stage.plan_train(entry.name, settings, refpass_path, model_source)
-        with run.child_training(plan) as child:
-            result = run_stage(
-                train_stage.train_task, store, key=plan.key, plan=asdict(plan), tracking=child.tracking
-            )
-            run.trained(child, plan, result)
-        plans[entry.name], outcome.train[entry.name] = plan, result
+        plans[entry.name], outcome.train[entry.name] = plan, train_one(store, plan, run)
     return plans
 
 

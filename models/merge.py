@@ -173,9 +173,7 @@ def merge_iav_dial_set(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True (--overwrite) to replace it")
-    unknown = sorted(set(alpha) - set(head_dirs))
-    if unknown:
-        raise ValueError(f"no dial named {', '.join(map(repr, unknown))}: the dials are {', '.join(head_dirs)}")
+    dial_alpha(alpha, list(head_dirs))  # unknown dials and non-numbers refused, naming them
     records = {name: read_head_file(Path(d)) for name, d in head_dirs.items()}
     # a dial at α = 0 adds nothing, whatever its family: only the turned-on dials must be IAV
     refused = [

@@ -102,16 +102,16 @@ def plan_dial_evaluate(
 
 def world_scores(prompts: list[str], responses: list[str]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(objective -> scores, term -> values) of the tiny world for each (prompt, response)."""
-    from alignheads.world.reward import OBJECTIVES, TERMS, reward_terms
+    from alignheads.world.reward import OBJECTIVES, TERMS, objective_sums, reward_terms
 
     terms: dict[str, list[float]] = {t: [] for t in TERMS}
+    objectives: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
     for prompt, response in zip(prompts, responses, strict=True):
-        for t, v in reward_terms(prompt, response).items():
+        row = reward_terms(prompt, response)
+        for t, v in row.items():
             terms[t].append(v)
-    objectives = {
-        name: [math.fsum(vals) for vals in zip(*(terms[t] for t in parts), strict=True)]
-        for name, parts in OBJECTIVES.items()
-    }
+        for name, v in objective_sums(row).items():
+            objectives[name].append(v)
     return objectives, terms
 
 
@@ -122,7 +122,8 @@ def score_dial_generations(generations: pa.Table, plan: DialEvaluatePlan, device
     world = plan.reward["kind"] == WORLD_REWARD or any(s["kind"] == WORLD_OBJECTIVE for s in plan.objectives.values())
     world_objectives, terms = world_scores(prompts, responses) if world else ({}, {})
     reward = (
-        [math.fsum(vals) for vals in zip(*terms.values(), strict=True)]
+        # the world's reward is the plain sum of its terms (`world.reward.reward`), summed alike
+        [float(sum(vals)) for vals in zip(*terms.values(), strict=True)]
         if plan.reward["kind"] == WORLD_REWARD
         else compute_rewards(plan.reward, plan.batch_size, prompts, responses, device)[0]
     )

@@ -35,7 +35,7 @@ from prefect import task
 
 from alignheads.config import SweepConfig
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult
-from alignheads.storage.fingerprint import artifact_key, fingerprint
+from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.tables import write_table
 from alignheads.tasks.cached import StageResult, task_options
 from alignheads.tasks.dial_set import vector_label
@@ -236,11 +236,6 @@ def run_dial_generate(
         store, STAGE, DIALGEN_VERSION, plans, lambda p: tuple(p.alpha.values()), sample_pass, content,
         name=lambda p: f"dial sweep {p.family} {p.label}",
     )  # fmt: skip
-
-
-def dial_sweep_key(plans: Sequence[DialGeneratePlan]) -> str:
-    """The cache key of one family's dial generate task: its artifact keys."""
-    return fingerprint(sorted(p.key for p in plans))[:32]
 
 
 @task(**task_options(STAGE))

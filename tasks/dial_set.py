@@ -134,6 +134,16 @@ def save_dial_set(store: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     return Path(ensure_artifact(store, STAGE, key, DIALS_VERSION, {"dials": clean}, {}, build).path)
 
 
+def find_dial_set(path: str | Path) -> Path:
+    """A dial-set artifact given as itself (`<store>/dials/<key>`) or as a store (its newest)."""
+    from alignheads.tasks.export import newest_artifact
+
+    path = Path(path)
+    if (path / STAGE).is_dir() and not (path / "manifest.json").is_file():
+        return path / STAGE / newest_artifact(path, STAGE)
+    return path
+
+
 def read_dial_set(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a dial-set artifact, in dial order, with `train_path` and `reward_lm_path`
     made absolute (the store is the artifact's grandparent)."""

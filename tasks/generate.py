@@ -294,8 +294,9 @@ def build_per_point(
     return results
 
 
-def sweep_key(plans: Sequence[GeneratePlan]) -> str:
-    """The cache key of one method's generate task: its (method, α) artifact keys."""
+def sweep_key(plans: Sequence[Any]) -> str:
+    """The cache key of one task that builds several sweep points (a method's α, a dial family's
+    α vectors): the hash of their artifact keys."""
     return fingerprint(sorted(p.key for p in plans))[:32]
 
 
