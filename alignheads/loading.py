@@ -118,3 +118,104 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     return load_pretrained(AutoModelForCausalLM, name_or_path, revision, dtype, trust_remote_code)
+
+
+# safetensors' dtype names -> torch's (what checkpoints of causal LMs hold)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def read_safetensors_tensor(path: str | Path, name: str):
+    """One tensor of a safetensors file, read straight into its own storage.
+
+    safetensors' own loaders memory-map the file: the pages they touch count in the process's
+    resident set until it is unmapped, a second copy of every tensor read. This reads the header,
+    then the tensor's bytes into a fresh tensor. Raises KeyError when the file has no ``name``.
+    """
+    import json
+
+    import torch
+
+    source = Path(path)
+    with source.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        if name not in header:
+            raise KeyError(name)
+        entry = header[name]
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{source}: {name} is stored as {entry['dtype']}, not a float type")
+        start, stop = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]]))
+        f.seek(8 + header_len + start)
+        if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != stop - start:
+            raise ValueError(f"{source}: {name} is truncated")
+    return out
+
+
+def _checkpoint_file(name_or_path: str, revision: str | None, tensor: str) -> Path | None:
+    """The safetensors file of a checkpoint (Hub id or directory) that holds ``tensor``, from its
+    shard index when it has one; None when neither index nor single file names it."""
+    import json
+
+    from transformers.utils import cached_file
+
+    def fetch(filename: str) -> str | None:
+        return cached_file(
+            name_or_path, filename, revision=revision,
+            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
+        )  # fmt: skip
+
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        shard = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].get(tensor)
+        return None if shard is None else Path(fetch(shard))
+    single = fetch("model.safetensors")
+    return None if single is None else Path(single)
+
+
+def load_output_layer_only(
+    name_or_path: str, revision: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+):
+    """The causal LM with only its output layer's weights in memory: the architecture built on the
+    "meta" device from its config (no storage), then ``lm_head``'s weight (and bias) read from the
+    checkpoint's safetensors (the input embedding's, when the two are tied and the checkpoint
+    stores only that). What training a head on cached hidden states reads (`features: cached`):
+    for a 7B model about 0.5 GB instead of 13. Every other parameter stays on "meta".
+    """
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with MODEL_LOADING, torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+    layer = model.get_output_embeddings()
+    names = {}  # parameter -> every name it has (a tied lm_head also answers to the embedding's)
+    for full, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(full)
+    for attr in ("weight", "bias"):
+        param = getattr(layer, attr, None)
+        if param is None:
+            continue
+        for candidate in names[id(param)]:
+            file = _checkpoint_file(name_or_path, revision, candidate)
+            if file is None:
+                continue
+            try:
+                value = read_safetensors_tensor(file, candidate)
+            except KeyError:
+                continue
+            break
+        else:
+            raise ValueError(
+                f"{name_or_path}: no safetensors file holds the output layer's {attr} "
+                f"(looked for {', '.join(names[id(param)])})"
+            )
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"{file}: {candidate} has shape {tuple(value.shape)}, the config gives {tuple(param.shape)}"
+            )
+        setattr(layer, attr, nn.Parameter(value.to(getattr(torch, dtype)), requires_grad=False))
+    return model.eval()

@@ -718,25 +718,6 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One float32 tensor of a safetensors file, read straight into its own storage: no second
-    copy, and no memory-mapped pages counted in the resident set (safetensors' loaders map the
-    file), as a loader reading only the output layer would."""
-    import json
-
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        entry = json.loads(f.read(header_len))[name]
-        if entry["dtype"] != "F32":
-            raise ValueError(f"{path}: {name} is {entry['dtype']}, not F32")
-        start, stop = entry["data_offsets"]
-        out = torch.empty(entry["shape"], dtype=torch.float32)
-        f.seek(8 + header_len + start)
-        if f.readinto(memoryview(out.numpy()).cast("B")) != stop - start:
-            raise ValueError(f"{path}: {name} is truncated")
-    return out
-
-
 class _Measured(Exception):
     """Raised from the metrics sink at the last step: stops the loop before its final checkpoint
     (whose serialisation of the head and AdamW state is not training memory)."""
@@ -745,14 +726,15 @@ class _Measured(Exception):
 def memory_child(spec_file: Path) -> None:
     """Train one head with `features: cached` through the training loop; print one JSON line.
 
-    The LM is the 1-layer 7B-shaped random Llama either loaded whole (`whole-lm`: the seeded random
-    init, as the parent built it) or with only its output layer (`output-layer`: the backbone
-    built on the "meta" device, the lm_head read from the parent's file: what a loader that
-    reads only the output layer gives). The resident set is read before the model exists and at the
-    last step (VmHWM, after resetting the high-water mark)."""
+    The LM is the 1-layer 7B-shaped random Llama the parent saved, either loaded whole (`whole-lm`:
+    `loading.load_causal_lm`) or as the train stage loads it for `features: cached`
+    (`output-layer`: `loading.load_output_layer_only`, the backbone on the "meta" device and only
+    lm_head read). The resident set is read before the model exists and at the last step (VmHWM,
+    after resetting the high-water mark)."""
     import gc
     import json
 
+    from alignheads.loading import load_causal_lm, load_output_layer_only
     from alignheads.models.methods import method
     from alignheads.models.trainees import base_head_frozen, head_shape
     from alignheads.tasks.training.loop import TrainJob, train
@@ -772,12 +754,8 @@ def memory_child(spec_file: Path) -> None:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
     start = _status_kib("VmRSS") * 1024
-    cpu = torch.device("cpu")
-    if placement == "whole-lm":
-        model = random_llama(LLAMA_7B, 1, cpu, torch.float32, seed=0)
-    else:
-        model = random_llama(LLAMA_7B, 1, torch.device("meta"), torch.float32, seed=0)
-        model.lm_head.weight = nn.Parameter(read_tensor(Path(spec["lm_head"]), "weight"), requires_grad=False)
+    load = load_causal_lm if placement == "whole-lm" else load_output_layer_only
+    model = load(spec["model"])
     losses: list[float] = []
 
     def sink(metrics: dict[str, float], step: int) -> None:
@@ -821,8 +799,6 @@ def run_memory(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
     import subprocess
     import sys
 
-    from safetensors.torch import save_file
-
     cpu = torch.device("cpu")
     model = random_llama(LLAMA_7B, 1, cpu, torch.float32, seed=0)
     reference = ReferenceModel(model, cpu)
@@ -833,8 +809,8 @@ def run_memory(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
     ref = refpass_in_memory(store, model, reference, tok, identity, k=args.k, store_hidden=True)
     work = store / "memory"
     work.mkdir(exist_ok=True)
-    lm_head_file = work / "lm_head.safetensors"
-    save_file({"weight": model.lm_head.weight.detach().contiguous()}, str(lm_head_file))
+    model_dir = work / "model"
+    model.save_pretrained(model_dir)  # safetensors, as a checkpoint the run's loaders read
     sizes = {"model": sum(p.numel() * p.element_size() for p in model.parameters())}
     del model, reference
     results = {}
@@ -843,7 +819,7 @@ def run_memory(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
             spec = {
                 "kind": kind, "placement": placement, "threads": args.threads, "batch": args.batch,
                 "steps": args.steps, "refcache": str(ref.path), "tokenized": str(tok.path),
-                "lm_head": str(lm_head_file), "work": str(work),
+                "model": str(model_dir), "work": str(work),
             }  # fmt: skip
             spec_file = work / f"{kind}-{placement}.json"
             spec_file.write_text(json.dumps(spec))
@@ -867,8 +843,8 @@ def print_memory(args: argparse.Namespace, results: dict, sizes: dict) -> None:
         "mark reset there): everything the model, the head's training, torch, Python and Arrow touch"
     )
     print(
-        "whole-lm: the LM loaded whole (what the train stage's loader gives today); output-layer: its backbone "
-        "never materialised (meta), only lm_head loaded"
+        "whole-lm: the LM loaded whole (loading.load_causal_lm); output-layer: as the train stage loads it for "
+        "features: cached (loading.load_output_layer_only: the backbone on meta, only lm_head read)"
     )
     print(
         "bound = head + lm_head + AdamW state + one batch's tensors; + grads: also the head's gradient; "

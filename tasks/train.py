@@ -209,13 +209,15 @@ def launch_command(plan_file: Path, out_dir: Path, checkpoints: Path, processes:
     ]  # fmt: skip
 
 
-def load_run_model(source: dict[str, Any]):
-    """(model, tokenizer, pad id) of the run's model as `source` names it (not moved to a device)."""
+def load_run_model(source: dict[str, Any], load=None):
+    """(model, tokenizer, pad id) of the run's model as `source` names it (not moved to a device),
+    loaded by ``load(name_or_path, revision, dtype, trust_remote_code)``: `loading.load_causal_lm`
+    (the default), or `loading.load_output_layer_only` where only the output layer is read."""
     from alignheads.loading import load_causal_lm, load_tokenizer
 
     where = (source["name_or_path"], source.get("revision"))
     trust = source.get("trust_remote_code", False)
-    model = load_causal_lm(*where, source.get("dtype", "float32"), trust)
+    model = (load or load_causal_lm)(*where, source.get("dtype", "float32"), trust)
     tokenizer = load_tokenizer(*where, trust)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model, tokenizer, pad_id
@@ -232,9 +234,12 @@ def pair_streams(plan: TrainPlan):
 
 def make_job(plan: TrainPlan, checkpoints: Path, log=None, progress: bool = True):
     """The TrainJob of a plan: the run's model loaded, train/test streams over the cache."""
+    from alignheads.loading import load_output_layer_only
     from alignheads.tasks.training.loop import TrainJob
 
-    model, _, pad_id = load_run_model(plan.model)
+    # a head on the cache's hidden states reads only the LM's output layer: leave the rest unloaded
+    cached = getattr(plan.settings, "features", None) == "cached"
+    model, _, pad_id = load_run_model(plan.model, load_output_layer_only if cached else None)
     train, test = pair_streams(plan)
     return TrainJob(
         method=plan.method,
