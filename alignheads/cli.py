@@ -682,7 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrated to a target KL on validation prompts, and tag the best per method in MLflow.",
     )
     p.add_argument(
-        "--space", type=Path, required=True, help="search space YAML ({method: {setting: [values]}})"
+        "--space",
+        type=Path,
+        default=None,
+        help="search space YAML ({method: {setting: [values]}}); default: the embedded default's, "
+        "configs/spaces/tiny.yaml (6 trials for each of the four methods)",
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_tune)

@@ -839,6 +839,11 @@ class SearchSpace(_Section):
         None, gt=0, description="Trials per method (random search; a grid's size when empty)"
     )
     seed: int = Field(0, description="Seed of the random search's draws")
+    incumbent: bool = Field(
+        False,
+        description="Trial 0 of every method is the run config's own `train.<method>` settings (no "
+        "values changed), so a search is never scored below them on validation; it counts in `trials`",
+    )
     target_kl: float = Field(
         0.1, gt=0, description="A trial's score is its validation reward at the α calibrated to this KL"
     )
@@ -879,7 +884,8 @@ def space_trials(space: SearchSpace) -> dict[str, list[dict[str, Any]]]:
     """``{method: [trial settings]}``: every method gets the same number of trials. A grid is
     every combination (in the order the values are listed); a random search draws `trials`
     distinct combinations per method (with repeats only when it has fewer), seeded by
-    (`seed`, method), so the same space gives the same trials."""
+    (`seed`, method), so the same space gives the same trials. With `incumbent` the first trial
+    of each method is ``{}`` (the run config's settings) and the draws fill the rest."""
     import itertools
     import random
 
@@ -887,12 +893,13 @@ def space_trials(space: SearchSpace) -> dict[str, list[dict[str, Any]]]:
     for name, settings in space.methods().items():
         keys = list(settings)
         grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*settings.values())]
+        first = [{}] if space.incumbent else []  # the run config's settings, as they are
         if space.kind == "grid":
-            out[name] = grid[: space.trials] if space.trials else grid
+            out[name] = (first + grid)[: space.trials] if space.trials else first + grid
             continue
         rng = random.Random(f"{space.seed}-{name}")
-        n = space.trials or len(grid)
-        out[name] = rng.sample(grid, n) if n <= len(grid) else [rng.choice(grid) for _ in range(n)]
+        n = (space.trials or len(grid)) - len(first)
+        out[name] = first + (rng.sample(grid, n) if n <= len(grid) else [rng.choice(grid) for _ in range(n)])
     sizes = {name: len(trials) for name, trials in out.items()}
     if len(set(sizes.values())) > 1:
         raise ConfigError(
@@ -903,9 +910,13 @@ def space_trials(space: SearchSpace) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def load_search_space(path: str | Path) -> SearchSpace:
-    """A search space from YAML; raises ConfigError with one line per problem naming the key."""
-    source = Path(path)
+EMBEDDED_SPACE = "spaces/tiny.yaml"  # the embedded default's search space (package data)
+
+
+def load_search_space(path: str | Path | None = None) -> SearchSpace:
+    """A search space from YAML (default: the shipped `configs/spaces/tiny.yaml`, the embedded
+    default's); raises ConfigError with one line per problem naming the key."""
+    source = Path(path) if path is not None else shipped_config(EMBEDDED_SPACE)
     try:
         raw = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
     except OSError as exc:

@@ -4,7 +4,7 @@ method with the same number of trials, each trial scored on validation prompts.
     world/data/tokenize/refpass (as the pipeline: `pipeline.prepare_inputs`)
       ─> train every trial (mapped over the run's task runner; each an ordinary cached train artifact)
       ─> calibrate α to `space.target_kl` on the validation prompts (mapped)
-      ─> generate at α = 0 and the calibrated α on them (mapped) ─> evaluate (one per trial)
+      ─> generate at the calibrated α on them (mapped) ─> evaluate (one per trial)
       ─> the search's result (`flows.tuned`: `<store>/search/<key>/`, table `trials`)
 
 The validation prompts are the prompt source's next `space.validation_prompts` after the sweep's
@@ -36,7 +36,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from alignheads.config import RunConfig, SearchSpace, TrainConfig, read_config, space_trials, with_overrides
+from alignheads.config import (
+    RunConfig,
+    SearchSpace,
+    TrainConfig,
+    load_search_space,
+    read_config,
+    space_trials,
+    with_overrides,
+)
 from alignheads.flows.failures import user_errors_fail_in_one_line
 from alignheads.flows.mapped import calibrations, generations, task_runner
 from alignheads.flows.pipeline import prepare_inputs
@@ -126,17 +134,19 @@ def train_trials(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -
 @flow(name="alignheads-tune", log_prints=True)
 @user_errors_fail_in_one_line
 def tune(
-    space: SearchSpace, config: RunConfig | None = None, overrides: list[str] | None = None
+    space: SearchSpace | None = None, config: RunConfig | None = None, overrides: list[str] | None = None
 ) -> TuneOutcome:
     """Search training settings: train every trial of `space`, score each on validation prompts
     (reward at the α calibrated to `space.target_kl`), tag the best per method in MLflow.
 
     Args:
         space: The search space: for each method, the values to try of its settings; grid or
-            random, trials per method, seed, target KL, validation prompts.
+            random, trials per method, seed, target KL, validation prompts. Empty uses the
+            embedded default's (configs/spaces/tiny.yaml).
         config: The run config; empty uses the embedded default (configs/tiny.yaml).
         overrides: `key.path=value` settings applied on top of `config`, as `--set` does.
     """
+    space = space if space is not None else load_search_space()
     config = config if config is not None else read_config()
     cfg = (with_overrides(config, overrides) if overrides else config).resolved()
     trials = space_trials(space)
@@ -181,7 +191,9 @@ def run_search(
     gen_plans = [
         [
             generate_stage.plan_generate(t.path, alpha, validation_path, cfg.sweep, model_source)
-            for alpha in sorted({0.0, *calibrate_stage.calibrated_alphas(c).values()})
+            # only the calibrated α: at α = 0 every trial of every method is the base LM itself,
+            # the same samples 6 times over (the trial's score does not pair with them)
+            for alpha in sorted(set(calibrate_stage.calibrated_alphas(c).values())) or [0.0]
         ]
         for t, c in zip(trained, calibrated, strict=True)
     ]
@@ -196,7 +208,7 @@ def run_search(
             [g.path for g in gens],
             cfg.evaluate.reward,
             run_id=run.run_id or "",
-            calibration={method: c.info["targets"]},
+            calibration={section_method(method).name: c.info["targets"]},  # by the name it generates as
             statistics=statistics,
             reward_revision=cfg.evaluate.reward_revision,
             reward_batch_size=cfg.evaluate.batch_size,
@@ -338,7 +350,7 @@ def trials_table(outcome: TuneOutcome) -> str:
     for method in dict.fromkeys(t.method for t in outcome.trials):
         lines.append(f"{method}:")
         for t in (t for t in outcome.trials if t.method == method):
-            settings = " ".join(f"{k}={v}" for k, v in t.settings.items())
+            settings = " ".join(f"{k}={v}" for k, v in t.settings.items()) or "(the run config's settings)"
             interval = f"[{_number(t.reward_lo)}, {_number(t.reward_hi)}]"
             lines.append(
                 f"  {'*' if t.best else ' '} trial {t.index}: {settings}  reward {_number(t.reward)} "

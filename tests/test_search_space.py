@@ -113,3 +113,17 @@ def test_the_command_refuses_a_bad_space_in_one_line_before_any_flow_runs(tmp_pa
     err = capsys.readouterr().err
     assert "calm.rnak: unknown setting; did you mean 'rank'?" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_the_incumbent_is_each_methods_first_trial_and_counts_in_the_budget():
+    """With `incumbent`, trial 0 of every method is the run config's settings (no values), the draws
+    fill the other `trials - 1`, and the run config's section is what that trial trains."""
+    raw = {"kind": "random", "trials": 3, "incumbent": True, "iav": {"lr": [1, 2, 3]}, "calm": {"rank": [4, 8]}}
+    trials = space_trials(parse_search_space(raw))
+    assert {m: len(t) for m, t in trials.items()} == {"iav": 3, "calm": 3}
+    assert trials["iav"][0] == {} == trials["calm"][0]
+    assert all(t for t in trials["iav"][1:]) and len({t["lr"] for t in trials["iav"][1:]}) == 2
+    grid = space_trials(parse_search_space({"incumbent": True, "calm": {"rank": [4, 8]}}))
+    assert grid == {"calm": [{}, {"rank": 4}, {"rank": 8}]}
+    train = TrainConfig.model_validate({"calm": {"lr": 0.5, "rank": 8}})
+    assert trial_settings(train, "calm", {}) == train.calm.model_copy(update={"enabled": True})

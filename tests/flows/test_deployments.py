@@ -158,7 +158,7 @@ def test_every_deployment_is_registered_with_a_typed_form(server, deployed):
     # the search: a typed search space, given as the deployment's parameters
     tune = httpx.get(f"{server['api']}/deployments/{deployed['tune']['id']}").json()
     assert "SearchSpace" in tune["parameter_openapi_schema"]["definitions"]
-    assert SearchSpace.model_validate(tune["parameters"]["space"]).trials == 6
+    assert SearchSpace.model_validate(tune["parameters"]["space"]).trials == 4
     # the real-model template: deployed with its parameters, never run here
     real = httpx.get(f"{server['api']}/deployments/{deployed['llama7b-hh']['id']}").json()
     real_cfg = RunConfig.model_validate(real["parameters"]["config"])  # no typo in prefect.yaml

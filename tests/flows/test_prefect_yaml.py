@@ -64,3 +64,14 @@ def test_stage_deployments_default_to_the_embedded_default():
             assert value == want, f"{name}: {param.name}"
             checked.add(param.name)
     assert {"train", "refpass", "sweep", "model", "evaluate", "tracking", "name", "store"} <= checked
+
+
+def test_the_tune_deployment_carries_the_shipped_search_space():
+    """The `tune` deployment's form starts from the search `alignheads tune` runs without
+    `--space` (configs/spaces/tiny.yaml, package data), so the two cannot drift apart."""
+    from alignheads.config import SearchSpace, load_search_space
+
+    deployment = _deployments()["tune"]
+    assert deployment["entrypoint"] == "flows/tune.py:tune"
+    assert SearchSpace.model_validate(deployment["parameters"]["space"]) == load_search_space()
+    assert set(load_search_space().methods()) == {"iav", "calm", "genarm", "dpo"}  # every method

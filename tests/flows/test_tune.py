@@ -60,7 +60,8 @@ def test_every_trial_is_a_scored_train_artifact(searched):
         assert trial.train.status == "computed" and trial.train.info["kind"] == "calm"
         assert trial.reward is not None and trial.reward_lo <= trial.reward <= trial.reward_hi
         assert trial.alpha is not None and trial.alpha > 0
-        assert sorted(g.info["alpha"] for g in trial.generate) == [0.0, trial.alpha]
+        # only the calibrated α is sampled: at α = 0 every trial is the base LM, the same samples
+        assert [g.info["alpha"] for g in trial.generate] == [trial.alpha]
     assert sum(t.best for t in first.trials) == 1
     best = first.best()["calm"]
     assert best.reward == max(t.reward for t in first.trials)
@@ -168,3 +169,21 @@ def test_the_command_prints_the_trials_and_the_best(searched, tmp_path, capsys):
 def test_a_search_names_sections_and_trains_the_methods_that_own_them():
     owners = {section: section_method(section).name for section in ("iav", "calm", "genarm", "dpo")}
     assert owners == {"iav": "iav", "calm": "calm", "genarm": "genarm", "dpo": "dpo-dera"}
+
+
+def test_a_baseline_search_scores_its_trials_under_the_methods_name(searched):
+    """A search names the section (`dpo`), the trial trains, generates and is evaluated as the
+    method that owns it (`dpo-dera`): its calibration reaches the evaluation under that name."""
+    cfg, _, _ = searched
+    space = parse_search_space(
+        {"kind": "grid", "dpo": {"lr": [1e-4]}, "target_kl": 0.1, "validation_prompts": 8}
+    )
+    (trial,) = tune(space=space, config=cfg).trials
+    assert trial.method == "dpo" and trial.train.info["kind"] == "dpo-dera" and trial.best
+    assert [g.info["head"] for g in trial.generate] == ["dpo-dera"]
+    assert (
+        trial.alpha is not None
+        and trial.alpha > 0
+        and [g.info["alpha"] for g in trial.generate] == [trial.alpha]
+    )
+    assert trial.reward_lo <= trial.reward <= trial.reward_hi

@@ -64,6 +64,7 @@ def test_the_wheel_carries_every_package_and_the_shipped_configs(installed):
         "alignheads/storage/model_registry.py",
         "alignheads/configs/tiny.yaml",
         "alignheads/configs/llama7b-hh.yaml",
+        "alignheads/configs/spaces/tiny.yaml",  # the embedded default's search space
     ):
         assert path in names, path
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
@@ -74,15 +75,17 @@ def test_installed_copy_reads_its_embedded_default_and_answers_help(installed):
         installed,
         "-c",
         "import alignheads, alignheads.flows.pipeline as p; from alignheads.config import read_config;"
-        "print(alignheads.__file__); print(p.__file__); print(read_config().train.iav.lr)",
+        "print(alignheads.__file__); print(p.__file__); print(read_config().train.iav.lr);"
+        "from alignheads.config import load_search_space; print(load_search_space().trials)",
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
-    where, pipeline_file, lr = probe.stdout.split()
+    where, pipeline_file, lr, trials = probe.stdout.split()
+    assert int(trials) > 0  # configs/spaces/tiny.yaml, read from the installed package data
     assert Path(where).is_relative_to(installed["site"]) and Path(pipeline_file).is_relative_to(
         installed["site"]
     )
     assert float(lr) == 2e-3  # configs/tiny.yaml's, read from the installed package data
-    for verb in ("run", "query"):
+    for verb in ("run", "query", "tune"):
         helped = _run(installed, "-m", "alignheads.cli", verb, "--help")
         assert helped.returncode == 0, helped.stderr[-3000:]
         assert f"usage: alignheads {verb}" in helped.stdout
