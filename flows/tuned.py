@@ -139,6 +139,6 @@ def tuned_line(path: str | Path) -> str:
         if record is None:
             parts.append(f"{method}: no scored trial, left as configured")
             continue
-        values = " ".join(f"{k}={v}" for k, v in record["values"].items())
+        values = " ".join(f"{k}={v}" for k, v in record["values"].items()) or "the run config's settings"
         parts.append(f"{method} trial {record['trial']} ({values}; validation reward {record['reward']:.4g})")
     return f"tuned settings from search {Path(path).name}: " + ", ".join(parts)

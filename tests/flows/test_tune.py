@@ -187,3 +187,37 @@ def test_a_baseline_search_scores_its_trials_under_the_methods_name(searched):
         and [g.info["alpha"] for g in trial.generate] == [trial.alpha]
     )
     assert trial.reward_lo <= trial.reward <= trial.reward_hi
+
+
+def test_an_incumbent_trial_is_the_run_configs_own_training(searched, tmp_path):
+    """With `incumbent`, trial 0 trains the run config's `train.calm` as it is, and the trials
+    drawn after it are the space's (a trial trained before is reused); a best incumbent is named
+    as the run config's settings when a run takes it."""
+    from alignheads.flows.tuned import save_search, tuned_line
+    from alignheads.tasks.train import trained_settings
+
+    cfg, first, _ = searched
+    outcome = tune(space=parse_search_space(SPACE | {"incumbent": True, "trials": 2}), config=cfg)
+    assert [t.settings for t in outcome.trials] == [{}, {"rank": 2}]
+    _, settings = trained_settings(outcome.trials[0].train.path)
+    for key in (
+        "lr",
+        "rank",
+        "epochs",
+        "lambda_nll",
+        "lambda_l2",
+        "s_max",
+        "beta",
+        "seed",
+    ):  # the config's own
+        assert getattr(settings, key) == getattr(cfg.train.calm, key), key
+    assert (
+        outcome.trials[1].train.key == first.trials[0].train.key
+        and outcome.trials[1].train.status != "computed"
+    )
+
+    record = {"trial": 0, "train_key": "k", "evaluate_key": "e", "reward": 0.25, "values": {}, "settings": {}}
+    search = save_search(
+        tmp_path / "store", [], {"methods": ["calm"], "best": {"calm": record}, "target_kl": 0.1}
+    )
+    assert "calm trial 0 (the run config's settings; validation reward 0.25)" in tuned_line(search.path)
