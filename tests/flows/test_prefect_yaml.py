@@ -28,7 +28,7 @@ def test_pipeline_deployments_carry_the_shipped_config_of_their_name():
     # the embedded default, as `alignheads run` and `pipeline()` read it, is the tiny deployment's
     assert RunConfig.model_validate(pipelines["tiny"]["parameters"]["config"]) == read_config()
     # and it is not the pydantic models' seed defaults (the tiny world needs its own settings)
-    assert read_config().train.iav.lr == 2e-3 != RunConfig().train.iav.lr
+    assert read_config().train.iav.lr == 5e-3 != RunConfig().train.iav.lr
 
 
 def test_every_entrypoint_is_a_prefect_flow():

@@ -84,7 +84,7 @@ def test_installed_copy_reads_its_embedded_default_and_answers_help(installed):
     assert Path(where).is_relative_to(installed["site"]) and Path(pipeline_file).is_relative_to(
         installed["site"]
     )
-    assert float(lr) == 2e-3  # configs/tiny.yaml's, read from the installed package data
+    assert float(lr) == 5e-3  # configs/tiny.yaml's, read from the installed package data
     for verb in ("run", "query", "tune"):
         helped = _run(installed, "-m", "alignheads.cli", verb, "--help")
         assert helped.returncode == 0, helped.stderr[-3000:]
