@@ -300,7 +300,10 @@ def _merge_dials(args: argparse.Namespace, cfg: RunConfig) -> int:
     from alignheads.tasks.dial_set import find_dial_set, parse_dial_items, read_dial_set, vector_label
 
     if args.heads is not None or args.head is not None or args.alpha is not None:
-        print("error: give either dials (--dials / --dial NAME=A) or one head (--heads / --head, --alpha)", file=sys.stderr)
+        print(
+            "error: give either dials (--dials / --dial NAME=A) or one head (--heads / --head, --alpha)",
+            file=sys.stderr,
+        )
         return 2
     try:
         alpha = parse_dial_items(args.dial)
@@ -448,7 +451,10 @@ def _interactive(aligned, tokenizer, args, settings: dict, seed: int) -> int:
     head_type = inference.method_name(aligned)
     streams = isinstance(aligned, inference.AlignedLM)  # a two-model method prints its reply whole
     help_text = f"commands: {CHAT_COMMANDS}"
-    print(f"alignheads generate: {_label(head_type)}, alpha={_alpha_text(aligned, alpha)}. {help_text}", flush=True)
+    print(
+        f"alignheads generate: {_label(head_type)}, alpha={_alpha_text(aligned, alpha)}. {help_text}",
+        flush=True,
+    )
     turn = 0  # each prompt samples from its own seed, (seed, prompt, turn): a new draw every turn
     while True:
         try:
@@ -537,9 +543,7 @@ def _chat_alpha(aligned, current, words: list[str]):
     return full_vector(names, {**current, **parse_dial_items(words)})
 
 
-def _responses(
-    aligned, tokenizer, texts: list[str], alpha, seeds: list[int], steering: bool, **settings
-):
+def _responses(aligned, tokenizer, texts: list[str], alpha, seeds: list[int], steering: bool, **settings):
     """(responses, per-response steering statistics or None) at ``alpha``, each text sampled from
     its seed; the responses are the same with or without the statistics (recording reads the
     logits, it does not change them)."""
@@ -686,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="search space YAML ({method: {setting: [values]}}); default: the embedded default's, "
-        "configs/spaces/tiny.yaml (6 trials for each of the four methods)",
+        "configs/spaces/tiny.yaml (each of the four methods: its configured settings and 3 random draws)",
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_tune)

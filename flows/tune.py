@@ -192,7 +192,7 @@ def run_search(
         [
             generate_stage.plan_generate(t.path, alpha, validation_path, cfg.sweep, model_source)
             # only the calibrated α: at α = 0 every trial of every method is the base LM itself,
-            # the same samples 6 times over (the trial's score does not pair with them)
+            # the same samples again for each trial (the trial's score does not pair with them)
             for alpha in sorted(set(calibrate_stage.calibrated_alphas(c).values())) or [0.0]
         ]
         for t, c in zip(trained, calibrated, strict=True)

@@ -37,7 +37,12 @@ def main() -> None:
     path = find_search(args.store, args.search)
     rows = [r for r in read_table(path, TRIALS_TABLE).to_pylist() if r["method"] == args.method]
     settings = [json.loads(r["settings"]) for r in rows]
-    varied = {k: sorted({s[k] for s in settings}) for k in settings[0] if len({s[k] for s in settings}) > 1}
+    keys = list(
+        dict.fromkeys(k for s in settings for k in s)
+    )  # the space's order; an incumbent ({}) names none
+    if any(set(s) != set(keys) for s in settings):
+        raise SystemExit(f"{path}: trials set different settings (an incumbent?); not a factorial")
+    varied = {k: sorted({s[k] for s in settings}) for k in keys if len({s[k] for s in settings}) > 1}
     if any(len(v) != 2 for v in varied.values()) or len(rows) != 2 ** len(varied):
         raise SystemExit(f"{path}: not a full 2-level factorial over {sorted(varied)} ({len(rows)} trials)")
     means = [trial_means(args.store, r["evaluate_key"]) for r in rows]
@@ -58,7 +63,7 @@ def main() -> None:
             if not others_same:
                 continue
             hi, lo = (i, j) if a[key] == high else (j, i)
-            for p in means[hi].keys() & means[lo].keys():
+            for p in (p for p in means[hi] if p in means[lo]):  # in order: the bootstrap's draws depend on it
                 diffs.setdefault(p, []).append(means[hi][p] - means[lo][p])
         per_prompt = [sum(d) / len(d) for d in diffs.values()]
         ci = mean_interval(per_prompt)

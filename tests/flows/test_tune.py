@@ -200,16 +200,8 @@ def test_an_incumbent_trial_is_the_run_configs_own_training(searched, tmp_path):
     outcome = tune(space=parse_search_space(SPACE | {"incumbent": True, "trials": 2}), config=cfg)
     assert [t.settings for t in outcome.trials] == [{}, {"rank": 2}]
     _, settings = trained_settings(outcome.trials[0].train.path)
-    for key in (
-        "lr",
-        "rank",
-        "epochs",
-        "lambda_nll",
-        "lambda_l2",
-        "s_max",
-        "beta",
-        "seed",
-    ):  # the config's own
+    the_configs_own = ("lr", "rank", "epochs", "lambda_nll", "lambda_l2", "s_max", "beta", "seed")
+    for key in the_configs_own:
         assert getattr(settings, key) == getattr(cfg.train.calm, key), key
     assert (
         outcome.trials[1].train.key == first.trials[0].train.key
