@@ -1,5 +1,7 @@
-"""The mapped parts of the DAG: the reference pass's shards, the sweep's generations (one task
-per method, all of its α) and the dial sweep's (one task per dial family, all of its α vectors), each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
+"""The mapped parts of the DAG: the reference pass's shards, the methods' sweeps (one task per
+method: its calibration, its generations at all of its α and its held-out accuracy, over one load
+of the method) and the dial sweep's generations (one task per dial family, all of its α vectors),
+each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
 via prefect-dask). Items already complete on disk are not recomputed, whichever process made them.
 """
 
@@ -13,13 +15,11 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alignheads.config import RunConfig, RunnerConfig
-from alignheads.tasks.cached import RESULTS_DIR, StageResult, is_complete, run_stage, with_status
-from alignheads.tasks.calibrate import STAGE as CALIBRATE_STAGE
-from alignheads.tasks.calibrate import CalibratePlan, calibrate_task
+from alignheads.tasks.cached import RESULTS_DIR, StageResult, is_complete, run_stage
 from alignheads.tasks.dial_generate import STAGE as DIALGEN_STAGE
 from alignheads.tasks.dial_generate import DialGeneratePlan, dial_generate_task
-from alignheads.tasks.generate import STAGE as GENERATE_STAGE
-from alignheads.tasks.generate import GeneratePlan, generate_task, sweep_key
+from alignheads.tasks.generate import sweep_key
+from alignheads.tasks.method_sweep import MethodSweepPlan, MethodSweepResult, is_swept, method_sweep_task
 from alignheads.tasks.refpass import RefPassPlan, refpass_artifact, refpass_shard_task, refpass_task
 
 
@@ -98,18 +98,6 @@ def _grouped_results(
     return out
 
 
-@flow(name="sweep-generations")
-def sweep_generations(store: str, sweeps: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
-    """Submit one generation task per method (all of its α plans, sampled in one pass over the model loaded once)
-    to this flow's task runner (threads or Dask); returns every (method, α) result, in the order
-    of `sweeps`. `refresh[i]` makes method i ignore a cache record."""
-    return _grouped_results(
-        generate_task, store, sweeps, refresh,
-        key_of=lambda plans: sweep_key([GeneratePlan(**p) for p in plans]),
-        name_of=lambda plans: f"generate-{plans[0]['head']}",
-    )  # fmt: skip
-
-
 @flow(name="dial-generations")
 def dial_generations_flow(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
     """Submit one dial generation task per family (its whole α-vector grid, sampled in one pass over
@@ -136,42 +124,49 @@ def dial_generations(cfg: RunConfig, plans: list[DialGeneratePlan]) -> list[Stag
     return [by_key[p.key] for p in plans]
 
 
-def generations(cfg: RunConfig, plans: list[GeneratePlan]) -> list[StageResult]:
-    """Every (method, α) generation of the sweep, cached, one task per method mapped over the
-    configured runner; results in the order of `plans`. A cache record whose artifacts left the
-    store must not answer: that method's task is refreshed."""
-    by_method: dict[tuple[str, str], list[GeneratePlan]] = {}
-    for plan in plans:  # one task per trained artifact (a search trains a method several times)
-        by_method.setdefault((plan.head, plan.head_key), []).append(plan)
-    sweeps = list(by_method.values())
-    refresh = [not all(is_complete(cfg.store, GENERATE_STAGE, p.key) for p in group) for group in sweeps]
-    results = sweep_generations.with_options(task_runner=task_runner(cfg.runner))(
-        store=str(cfg.store), sweeps=[[asdict(p) for p in group] for group in sweeps], refresh=refresh
-    )
-    by_key = {r.key: r for r in results}
-    return [by_key[p.key] for p in plans]
-
-
-@flow(name="calibrations")
-def calibrate_methods(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[StageResult]:
-    """Submit one calibration task per method to this flow's task runner; results in order."""
+@flow(name="method-sweeps")
+def method_sweeps_flow(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[MethodSweepResult]:
+    """Submit one sweep task per method (calibrate, generate at every α, held-out accuracy, over
+    one load of the method) to this flow's task runner; results in order. `refresh[i]` makes
+    method i ignore a cache record."""
     results = Path(store) / RESULTS_DIR
     futures = [
-        calibrate_task.with_options(
-            result_storage=results, refresh_cache=fresh, task_run_name=f"calibrate-{plan['head']}"
-        ).submit(store=store, key=plan["key"], plan=plan)
+        method_sweep_task.with_options(result_storage=results, refresh_cache=fresh).submit(
+            store=store, key=plan["key"], plan=plan
+        )
         for plan, fresh in zip(plans, refresh, strict=True)
     ]
     for future in futures:
         future.wait()
-    return [with_status(future.state) for future in futures]
+    return [_with_statuses(future.state) for future in futures]
 
 
-def calibrations(cfg: RunConfig, plans: list[CalibratePlan]) -> list[StageResult]:
-    """Every method's α calibration, cached, mapped over the configured runner."""
+def _with_statuses(state: Any) -> MethodSweepResult:
+    """A finished sweep task's result with each stage marked cached / reused / computed; a result
+    Prefect's cache answered loaded nothing in this run."""
+    result: MethodSweepResult = state.result()
+    cached = state.name == "Cached"
+
+    def mark(r: StageResult) -> StageResult:
+        return r.model_copy(update={"status": "cached" if cached else ("computed" if r.computed else "reused")})
+
+    return result.model_copy(
+        update={
+            "calibrate": mark(result.calibrate) if result.calibrate else None,
+            "generate": [mark(g) for g in result.generate],
+            "accuracy": mark(result.accuracy) if result.accuracy else None,
+            "loads": 0 if cached else result.loads,
+        }
+    )
+
+
+def method_sweeps(cfg: RunConfig, plans: list[MethodSweepPlan]) -> list[MethodSweepResult]:
+    """Every method's sweep (`tasks.method_sweep`), cached, mapped over the configured runner;
+    results in the order of `plans`. A cache record whose artifacts left the store must not
+    answer: that method's task is refreshed."""
     if not plans:
         return []
-    refresh = [not is_complete(cfg.store, CALIBRATE_STAGE, plan.key) for plan in plans]
-    return calibrate_methods.with_options(task_runner=task_runner(cfg.runner))(
+    refresh = [not is_swept(cfg.store, plan) for plan in plans]
+    return method_sweeps_flow.with_options(task_runner=task_runner(cfg.runner))(
         store=str(cfg.store), plans=[asdict(plan) for plan in plans], refresh=refresh
     )

@@ -2,8 +2,9 @@
 
     world ─┐ (embedded default only)
     data ──┴─> tokenize ─> reference pass (mapped over shards) ─> train (every enabled method)
-              ─> α calibration to target KLs (mapped over methods)
-              ─> α-sweep generation (mapped over methods, all α batched) ─> evaluate ─> report
+              ─> per method, over one load of it (mapped over methods): α calibration to target
+                 KLs ─> α-sweep generation (all α batched) ─> held-out accuracy
+              ─> evaluate ─> report
     and with `dials.enabled`, per dial data ─> tokenize ─> reference pass ─> train, then the dial
     sweep over α vectors ─> dial evaluate ─> dial report (`flows.dials`)
 
@@ -23,7 +24,7 @@ from alignheads.config import RunConfig, SweepConfig, TrainConfig, read_config, 
 from alignheads.flows.dials import run_dials
 from alignheads.flows.failures import user_errors_fail_in_one_line
 from alignheads.flows.inputs import RunInputs, reference_cache, run_inputs, train_one
-from alignheads.flows.mapped import calibrations, generations
+from alignheads.flows.mapped import method_sweeps
 from alignheads.flows.tracking import RunTracking, logged, tracked
 from alignheads.flows.tuned import find_search, tuned_line, with_tuned
 from alignheads.loading import library_progress_bars_off
@@ -32,7 +33,7 @@ from alignheads.storage.store_errors import writing
 from alignheads.storage.tracking import flatten
 from alignheads.tasks import calibrate as calibrate_stage
 from alignheads.tasks import evaluate as evaluate_stage
-from alignheads.tasks import generate as generate_stage
+from alignheads.tasks import method_sweep
 from alignheads.tasks import report as report_stage
 from alignheads.tasks import train as train_stage
 from alignheads.tasks.cached import RunOutcome, run_stage
@@ -118,10 +119,10 @@ def sweep_and_report(
     run: RunTracking,
     outcome: RunOutcome,
 ) -> None:
-    """α calibration to the target KLs (one cached task per method, on calibration prompts),
-    then α-sweep generation of every method at the sweep's α and its calibrated α (one cached
-    task per method, all α batched, mapped over the runner), the evaluation and the report;
-    records each result in `outcome`."""
+    """Per method, over one load of it (one task per method, mapped over the runner): α
+    calibration to the target KLs on the calibration prompts, α-sweep generation at the sweep's α
+    and its calibrated α (all α batched), and its held-out accuracy; then the evaluation and the
+    report. Records each result in `outcome` and logs the model loads."""
     sweep: SweepConfig = cfg.sweep
     targets = cfg.evaluate.target_kls
     n_calibration = cfg.evaluate.calibration_prompts if targets else 0
@@ -133,31 +134,36 @@ def sweep_and_report(
             "%d sweep prompts left out: they are training prompts (data.train_overlap: drop)",
             counts["dropped_train_prompts"],
         )
-    alphas = {name: list(sweep.alphas) for name in plans}
     prompts_path = save_prompt_set(cfg.store, prompts)
-    if n_calibration:
-        calibration_path = save_prompt_set(cfg.store, calibration_prompts)
-        cplans = [
-            calibrate_stage.plan_calibrate(
+    calibration_path = save_prompt_set(cfg.store, calibration_prompts) if n_calibration else None
+    splans = [
+        method_sweep.plan_method_sweep(
+            outcome.train[name].path,
+            list(sweep.alphas),
+            prompts_path,
+            sweep,
+            model_source,
+            calibrate=calibrate_stage.plan_calibrate(
                 outcome.train[name].path, calibration_path, sweep, cfg.evaluate, model_source
             )
-            for name in plans
-        ]
-        for name, result in zip(plans, calibrations(cfg, cplans), strict=True):
-            outcome.calibrate[name] = result
-            extra = calibrate_stage.calibrated_alphas(result).values()
-            alphas[name] += sorted(set(extra) - set(alphas[name]))
-    gen_plans = [
-        generate_stage.plan_generate(outcome.train[name].path, alpha, prompts_path, sweep, model_source)
-        for name in plans
-        for alpha in alphas[name]
+            if calibration_path
+            else None,
+            train_plan=asdict(plan),
+        )
+        for name, plan in plans.items()
     ]
-    outcome.generate = generations(cfg, gen_plans)
+    for name, swept in zip(plans, method_sweeps(cfg, splans), strict=True):
+        if swept.calibrate is not None:
+            outcome.calibrate[name] = swept.calibrate
+        outcome.generate += swept.generate
+        outcome.accuracy[name] = swept.accuracy
+        outcome.model_loads[name] = swept.loads
+    get_run_logger().info(method_sweep.loads_line(outcome.model_loads))
     eplan = evaluate_stage.plan_evaluate(
         [g.path for g in outcome.generate],
         cfg.evaluate.reward,
         run_id=run.run_id or "",
-        trained={name: (asdict(plan), outcome.train[name].path) for name, plan in plans.items()},
+        accuracy_paths=[result.path for result in outcome.accuracy.values()],
         calibration={name: result.info["targets"] for name, result in outcome.calibrate.items()},
         statistics=evaluate_stage.statistics_settings(cfg.evaluate, sweep.seed),
         reward_revision=cfg.evaluate.reward_revision,

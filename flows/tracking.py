@@ -252,9 +252,15 @@ class RunTracking:
         self.tracker.log_artifacts(self.run_id, [outcome.dial_evaluate.directory], "dial_evaluate")
 
     def headline(self, outcome: RunOutcome) -> None:
-        """The parent run's headline numbers: each method's held-out preference accuracy at α = 1
-        (not for a run that computed nothing: they are the results run's)."""
-        if self.tracker is None or not computed_anything(outcome):
+        """The parent run's headline numbers: the model loads of the methods' sweeps (`model_loads`
+        and `<method>/model_loads`), and each method's held-out preference accuracy at α = 1 (not
+        for a run that computed nothing: they are the results run's)."""
+        if self.tracker is None:
+            return
+        if outcome.model_loads:
+            loads = {f"{name}/model_loads": float(n) for name, n in outcome.model_loads.items()}
+            self.tracker.log_metrics(self.run_id, {"model_loads": float(sum(outcome.model_loads.values()))} | loads, 0)
+        if not computed_anything(outcome):
             return
         metrics = {
             f"{name}/eval_accuracy": result.info["eval"]["eval/rewards/accuracies"]

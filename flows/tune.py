@@ -3,8 +3,8 @@ method with the same number of trials, each trial scored on validation prompts.
 
     world/data/tokenize/refpass (as the pipeline: `pipeline.prepare_inputs`)
       ─> train every trial (mapped over the run's task runner; each an ordinary cached train artifact)
-      ─> calibrate α to `space.target_kl` on the validation prompts (mapped)
-      ─> generate at the calibrated α on them (mapped) ─> evaluate (one per trial)
+      ─> per trial, over one load of it (mapped): calibrate α to `space.target_kl` on the
+         validation prompts ─> generate at the calibrated α on them ─> evaluate (one per trial)
       ─> the search's result (`flows.tuned`: `<store>/search/<key>/`, table `trials`)
 
 The validation prompts are the prompt source's next `space.validation_prompts` after the sweep's
@@ -46,7 +46,7 @@ from alignheads.config import (
     with_overrides,
 )
 from alignheads.flows.failures import user_errors_fail_in_one_line
-from alignheads.flows.mapped import calibrations, generations, task_runner
+from alignheads.flows.mapped import method_sweeps, task_runner
 from alignheads.flows.pipeline import prepare_inputs
 from alignheads.flows.tracking import ChildRun, RunTracking, tracked
 from alignheads.flows.tuned import save_search
@@ -58,7 +58,7 @@ from alignheads.storage.tables import read_table
 from alignheads.storage.tracking import flatten
 from alignheads.tasks import calibrate as calibrate_stage
 from alignheads.tasks import evaluate as evaluate_stage
-from alignheads.tasks import generate as generate_stage
+from alignheads.tasks import method_sweep
 from alignheads.tasks import train as train_stage
 from alignheads.tasks.cached import RESULTS_DIR, RunOutcome, StageResult, is_complete, run_stage, with_status
 from alignheads.tasks.prompts import save_prompt_set, validation_prompt_set
@@ -183,27 +183,27 @@ def run_search(
     )
 
     target = cfg.evaluate.model_copy(update={"target_kls": [space.target_kl]})
-    cplans = [
-        calibrate_stage.plan_calibrate(t.path, validation_path, cfg.sweep, target, model_source)
-        for t in trained
-    ]
-    calibrated = calibrations(cfg, cplans)
-    gen_plans = [
-        [
-            generate_stage.plan_generate(t.path, alpha, validation_path, cfg.sweep, model_source)
+    splans = [
+        method_sweep.plan_method_sweep(
+            t.path,
             # only the calibrated α: at α = 0 every trial of every method is the base LM itself,
             # the same samples again for each trial (the trial's score does not pair with them)
-            for alpha in sorted(set(calibrate_stage.calibrated_alphas(c).values())) or [0.0]
-        ]
-        for t, c in zip(trained, calibrated, strict=True)
+            [],
+            validation_path,
+            cfg.sweep,
+            model_source,
+            calibrate=calibrate_stage.plan_calibrate(t.path, validation_path, cfg.sweep, target, model_source),
+        )
+        for t in trained
     ]
-    generated = generations(cfg, [p for group in gen_plans for p in group])
-    by_key = {g.key: g for g in generated}
+    swept = method_sweeps(cfg, splans)
+    loads = {f"{method}[{i}]": result.loads for (method, i, _), result in zip(order, swept, strict=True)}
+    get_run_logger().info(method_sweep.loads_line(loads))
 
     out = []
     statistics = evaluate_stage.statistics_settings(cfg.evaluate, cfg.sweep.seed)
-    for (method, i, values), t, c, group in zip(order, trained, calibrated, gen_plans, strict=True):
-        gens = [by_key[p.key] for p in group]
+    for (method, i, values), t, result in zip(order, trained, swept, strict=True):
+        c, gens = result.calibrate, result.generate
         eplan = evaluate_stage.plan_evaluate(
             [g.path for g in gens],
             cfg.evaluate.reward,

@@ -28,6 +28,7 @@ VIEW_NAMES = (
     "calibrated",
     "comparisons",
     "calibration",
+    "accuracy",
     "dials",
     "dial_generations",
     "dial_scores",

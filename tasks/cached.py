@@ -132,7 +132,7 @@ def with_status(state: Any) -> StageResult:
 class RunOutcome(BaseModel):
     """What a pipeline (or stage-only) flow run returns: each stage's result, typed.
 
-    `train` and `calibrate` are keyed by method name; `generate` holds one result per (method, α) in sweep order
+    `train`, `calibrate` and `accuracy` are keyed by method name; `generate` holds one result per (method, α) in sweep order
     (each result's info names its `head` and `alpha`); `mlflow_run` is the MLflow parent run id
     (None with tracking off).
     """
@@ -144,6 +144,10 @@ class RunOutcome(BaseModel):
     train: dict[str, StageResult] = {}
     calibrate: dict[str, StageResult] = {}
     generate: list[StageResult] = []
+    accuracy: dict[str, StageResult] = {}
+    # how many times each method was loaded for its calibration, generations and accuracy
+    # (`tasks.method_sweep`: at most once per method; 0 when all were complete)
+    model_loads: dict[str, int] = {}
     evaluate: StageResult | None = None
     report: StageResult | None = None
     # the dials (`flows.dials`): per dial its data and training (a GenARM reward LM as
@@ -168,6 +172,7 @@ class RunOutcome(BaseModel):
         named += [(f"calibrate {name}", result) for name, result in self.calibrate.items()]
         # α to 4 significant digits: a calibrated α (0.313388) would wrap the 80-column stage table
         named += [(f"generate {g.info['head']} α={g.info['alpha']:.4g}", g) for g in self.generate]
+        named += [(f"accuracy {name}", result) for name, result in self.accuracy.items()]
         named += [("evaluate", self.evaluate), ("report", self.report)]
         named += [(f"data dial {name}", result) for name, result in self.dial_data.items()]
         named += [(f"train dial {name}", result) for name, result in self.dial_train.items()]

@@ -1,7 +1,8 @@
 """Calibrate stage: for one trained method, the α at which its KL to the base reaches each target.
 
 Input: a train artifact and the calibration prompts (disjoint from the evaluation prompts, so the
-choice of α does not reuse the evaluation's noise). The method is loaded once; the sweep's α grid
+choice of α does not reuse the evaluation's noise). The method is loaded once (by
+`tasks.method_sweep`, which shares that load with the generations); the sweep's α grid
 (α ≥ 0) is sampled on the calibration prompts in one pass, then the safeguarded secant
 search of `models.calibration` measures a few more α per target (all targets of a step in one
 call) until a measured KL is within `evaluate.calibration_tolerance` of each target.
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from prefect import task
 
 from alignheads.config import EvaluateConfig, SweepConfig
 from alignheads.models.calibration import calibrate
@@ -31,8 +31,8 @@ from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure
 from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.tables import write_table
-from alignheads.tasks.cached import StageResult, task_options
-from alignheads.tasks.generate import method_sampler
+from alignheads.tasks.cached import StageResult
+from alignheads.tasks.loaded_method import LoadedMethod
 from alignheads.tasks.prompts import prompt_set_identity, read_prompt_set
 
 STAGE = "calibrate"
@@ -118,14 +118,23 @@ def mean_kl(rows: list[dict[str, Any]]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
 
 
-def run_calibrate(store: Path, plan: CalibratePlan, device: str = "auto", progress: bool = True) -> ArtifactResult:
-    """Build the calibration artifact unless a complete one exists (the method loaded once)."""
+def run_calibrate(
+    store: Path,
+    plan: CalibratePlan,
+    device: str = "auto",
+    progress: bool = True,
+    method: LoadedMethod | None = None,
+) -> ArtifactResult:
+    """Build the calibration artifact unless a complete one exists. `method`: the method already
+    loaded by the caller (`tasks.method_sweep` shares one load between stages); by default it is
+    loaded here, only if the artifact must be built."""
     sweep = SweepConfig.model_validate(plan.sweep)
 
     def build(staging: Path) -> ArtifactContent:
         counts: dict[float, int] = {}
         prompts = read_prompt_set(plan.prompts_path)
-        with method_sampler(plan.head, plan.train_path, plan.model, sweep, device=device, progress=progress) as sample:
+        loaded = method or LoadedMethod(plan.head, plan.train_path, plan.model, device)
+        with loaded.sampler(sweep, progress) as sample:
 
             def measure(alphas: list[float]) -> list[float]:
                 desc = f"calibrate {plan.head} α={', '.join(f'{a:g}' for a in alphas)}"
@@ -162,10 +171,9 @@ def run_calibrate(store: Path, plan: CalibratePlan, device: str = "auto", progre
 
 def calibrated_alphas(result: StageResult) -> dict[float, float]:
     """``{target KL: α}`` of a finished calibration."""
-    return {float(t["target"]): float(t["alpha"]) for t in result.info["targets"]}
+    return targets_alphas(result.info["targets"])
 
 
-@task(**task_options(STAGE))
-def calibrate_task(store: str, key: str, plan: dict[str, Any]) -> StageResult:
-    """The calibrate stage of one method as a cached Prefect task."""
-    return StageResult.of(run_calibrate(Path(store), CalibratePlan(**plan)))
+def targets_alphas(targets: list[dict[str, Any]]) -> dict[float, float]:
+    """``{target KL: α}`` of a calibration manifest's info `targets`."""
+    return {float(t["target"]): float(t["alpha"]) for t in targets}

@@ -39,7 +39,8 @@ from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.tables import write_table
 from alignheads.tasks.cached import StageResult, task_options
 from alignheads.tasks.dial_set import vector_label
-from alignheads.tasks.generate import SweepPass, build_per_point, resolve_device
+from alignheads.tasks.generate import SweepPass, build_per_point
+from alignheads.tasks.loaded_method import resolve_device
 from alignheads.tasks.prompts import prompt_set_identity, read_prompt_set
 from alignheads.tasks.sampling import decoding_settings, eos_ids, sample_batches
 

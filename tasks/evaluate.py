@@ -11,7 +11,7 @@ the calibrate stage's choice of α per (method, target KL). Output artifact
   95 % bootstrap intervals over prompts (``reward_lo/hi``, ``win_rate_lo/hi``, ``kl_lo/hi``; each
   prompt first reduced to the mean over its samples, `models.intervals`), ``n_prompts`` and
   ``n_samples``, the run id, and each trained method's held-out preference accuracy at that α
-  (computed here, one model load per method, all of its α at once). Its `kl` is the mean over
+  (read from its accuracy artifact, `tasks.accuracy`). Its `kl` is the mean over
   responses of each response's mean per-token KL to the base (`metrics.KL_DEFINITION`, the
   column's description in the schema; why: `metrics.summarize_group`);
 - `calibrated` (`CALIBRATED_SCHEMA`, one row per (method, target KL)): the summary row at the
@@ -42,13 +42,17 @@ from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure
 from alignheads.storage.fingerprint import artifact_key
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.tables import read_table, write_table
+from alignheads.tasks.accuracy import STAGE as ACCURACY_STAGE
+from alignheads.tasks.accuracy import read_accuracies
 from alignheads.tasks.cached import StageResult, task_options
 from alignheads.tasks.generate import GENERATIONS_SCHEMA
 from alignheads.tasks.generate import TABLE as GENERATIONS_TABLE
 from alignheads.tasks.rewards import WORLD_REWARD, compute_rewards, reward_spec
 
 STAGE = "evaluate"
-EVALUATE_VERSION = 2  # 2: intervals, the calibrated and comparisons tables
+# 2: intervals, the calibrated and comparisons tables
+# 3: the held-out accuracy read from accuracy artifacts (inputs `accuracy[i]`, not `train[name]`)
+EVALUATE_VERSION = 3
 
 # columns that may be null (per-head statistics); every other column must be filled
 _NULLABLE = {"kl_mean", "kl_sum", "strength_mean", "strength_max", "utilisation", "align_norm_mean"}
@@ -160,8 +164,8 @@ class EvaluatePlan:
     """The evaluate stage's inputs, resolved, with the artifact key they hash to (JSON-able).
 
     `generation_paths` are sorted by artifact key, so the order they were given in does not
-    matter. `trained` is ``{method: (train plan as a dict, train artifact path)}`` of the methods
-    whose held-out preference accuracy the summary carries (none: the column stays empty).
+    matter. `accuracy_paths` are the accuracy artifacts (`tasks.accuracy`) of the methods whose
+    held-out preference accuracy the summary carries (none: the column stays empty).
     `run_id` is written into the summary but is not part of the key (see `plan_evaluate`).
     """
 
@@ -169,7 +173,7 @@ class EvaluatePlan:
     generation_paths: tuple[str, ...]
     reward: dict
     run_id: str
-    trained: dict
+    accuracy_paths: tuple[str, ...]
     calibration: dict
     statistics: dict
     batch_size: int
@@ -203,7 +207,7 @@ def plan_evaluate(
     reward: str = WORLD_REWARD,
     *,
     run_id: str = "",
-    trained: dict[str, tuple[dict, str]] | None = None,
+    accuracy_paths: list[str] | list[Path] | None = None,
     calibration: dict[str, list[dict]] | None = None,
     statistics: dict[str, Any] | None = None,
     reward_revision: str | None = None,
@@ -212,10 +216,11 @@ def plan_evaluate(
     reward_batch_size: int = 16,
     trust_remote_code: bool = False,
 ) -> EvaluatePlan:
-    """Key = hash(the generation artifacts' keys, the reward spec, the trained artifacts whose
-    held-out preference accuracy is computed, format version).
+    """Key = hash(the generation artifacts' keys, the reward spec, the accuracy artifacts' keys,
+    format version).
 
-    `trained`: ``{method: (TrainPlan as a dict, its complete train artifact)}``. `run_id` (the
+    `accuracy_paths`: complete accuracy artifacts (`tasks.accuracy`), each one method's held-out
+    preference accuracy at its α. `run_id` (the
     pipeline's MLflow parent run id, or '') is not in the key: a rerun that finds the artifact
     complete reuses it, and its summary keeps the run id of the run that computed it.
     `reward_batch_size` is not (scores do not depend on it). `calibration`: ``{method: [{target,
@@ -238,7 +243,7 @@ def plan_evaluate(
         by_key[manifest.key] = str(p)
     keys = sorted(by_key)
     spec = reward_spec(reward, reward_revision, reward_dtype, reward_max_length, trust_remote_code)
-    trained = dict(sorted((trained or {}).items()))
+    accuracy = {read_manifest(Path(p), ACCURACY_STAGE).key: str(p) for p in accuracy_paths or ()}
     statistics = dict(statistics or {"confidence": 0.95, "n_resamples": 2000, "seed": 0})
     calibration = {name: list(rows) for name, rows in sorted((calibration or {}).items())}
     config = {
@@ -248,13 +253,13 @@ def plan_evaluate(
         "calibration": calibration,
     }
     inputs = {f"generations[{i}]": k for i, k in enumerate(keys)}
-    inputs |= {f"train[{name}]": plan["key"] for name, (plan, _) in trained.items()}
+    inputs |= {f"accuracy[{i}]": k for i, k in enumerate(sorted(accuracy))}
     return EvaluatePlan(
         key=artifact_key(STAGE, config, inputs, EVALUATE_VERSION),
         generation_paths=tuple(by_key[k] for k in keys),
         reward={**spec, "revision": reward_revision} if spec["kind"] == "model" else spec,
         run_id=str(run_id or ""),
-        trained={name: [dict(plan), str(path)] for name, (plan, path) in trained.items()},
+        accuracy_paths=tuple(accuracy[k] for k in sorted(accuracy)),
         calibration=calibration,
         statistics=statistics,
         batch_size=int(reward_batch_size),
@@ -506,48 +511,6 @@ def comparisons_table(
     return pa.Table.from_pylist(rows, schema=COMPARISONS_SCHEMA)
 
 
-def held_out_accuracy(plan: Any, artifact: str | Path, alphas: list[float]) -> dict[str, float]:
-    """Held-out preference accuracy of a trained method's implicit reward at each α (keys
-    ``repr(float(α))``), the reference from the cache; the model (and a baseline's tuned copy)
-    is loaded once for all α. At α = 0 a method is the reference itself: its margins are
-    rounding noise, ties that count as half."""
-    import torch
-
-    from alignheads.models.losses import preference_accuracy
-    from alignheads.tasks.generate import resolve_device
-    from alignheads.tasks.train import load_run_model, pair_streams
-    from alignheads.tasks.training.batches import collate
-
-    entry, cfg = plan.method, plan.settings
-    model, _, pad_id = load_run_model(plan.model)
-    model = model.to(resolve_device("auto"))
-    loaded = entry.load(plan.saved_in(artifact), model, plan.model)
-    needs, with_sequences = entry.batches(cfg)
-    _, test = pair_streams(plan)
-    device = next(model.parameters()).device
-    margins: dict[float, list] = {float(a): [] for a in alphas}
-    for _, records in test.micro_batches(cfg.batch_size, seed=None, drop_last=False):
-        batch = collate(records, needs, with_sequences, pad_id).to(device)
-        for alpha, m in entry.score(loaded, batch, list(margins), cfg).items():
-            margins[alpha].append(m)
-    return {_alpha_key(a): preference_accuracy(torch.cat(m)) if m else math.nan for a, m in margins.items()}
-
-
-def preference_accuracies(trained: dict, generations: pa.Table) -> dict[str, dict[str, float]]:
-    """``{method: {α: accuracy}}`` at every α the generations hold for each trained method."""
-    from alignheads.tasks.train import TrainPlan
-
-    alphas: dict[str, set[float]] = {}
-    for head, alpha in zip(
-        generations.column("head").to_pylist(), generations.column("alpha").to_pylist(), strict=True
-    ):
-        alphas.setdefault(head, set()).add(float(alpha))
-    return {
-        name: held_out_accuracy(TrainPlan(**plan), path, sorted(alphas.get(name, ())))
-        for name, (plan, path) in trained.items()
-    }
-
-
 def run_evaluate(store: Path, plan: EvaluatePlan, device: str | None = None) -> ArtifactResult:
     """Build the evaluate artifact (tables `scores` and `summary`) unless a complete one exists.
 
@@ -565,7 +528,7 @@ def run_evaluate(store: Path, plan: EvaluatePlan, device: str | None = None) -> 
             device,
         )
         scores = score_table(generations, rewards, reward_info["source"])
-        accuracy = preference_accuracies(plan.trained, generations)
+        accuracy = read_accuracies(plan.accuracy_paths)
         summary = summary_table(scores, plan.run_id, accuracy, plan.statistics)
         calibrated = calibrated_table(summary, plan.calibration, plan.run_id)
         comparisons = comparisons_table(scores, plan.calibration, plan.run_id, plan.statistics)

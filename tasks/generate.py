@@ -2,7 +2,7 @@
 
 Every method decodes through its registry entry (alignheads.models.methods): a head installed as
 the LM's output layer, or base and fine-tuned LM side by side; both go through the one
-common-random-numbers sampling loop below (`sample_batches`).
+common-random-numbers sampling loop, `tasks.sampling.sample_batches`.
 
 Key = hash(train artifact key, method, α, prompt-set fingerprint, decoding settings, model
 dtype, format version): adding one α to the sweep builds only that α's artifact, and another
@@ -33,7 +33,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
 
 from alignheads.config import SweepConfig
 from alignheads.models.methods import METHODS
@@ -41,9 +40,9 @@ from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure
 from alignheads.storage.fingerprint import artifact_key, fingerprint
 from alignheads.storage.manifest import read_manifest
 from alignheads.storage.tables import write_table
-from alignheads.tasks.cached import StageResult, is_complete, task_options
-from alignheads.tasks.prompts import Prompt, prompt_set_identity, read_prompt_set
-from alignheads.tasks.sampling import decoding_settings, eos_ids, sample_batches
+from alignheads.tasks.cached import is_complete
+from alignheads.tasks.loaded_method import LoadedMethod, Sampler
+from alignheads.tasks.prompts import prompt_set_identity, read_prompt_set
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +150,6 @@ def generations_table(rows: list[dict[str, Any]], head: str, head_key: str, alph
     return pa.Table.from_pydict(columns, schema=GENERATIONS_SCHEMA)
 
 
-def resolve_device(device: str) -> str:
-    """`auto`: CUDA when visible, else the CPU; any other name as given."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _summary(table: pa.Table) -> dict[str, Any]:
     def mean(name: str) -> float | None:
         value = pc.mean(table.column(name)).as_py()
@@ -185,38 +175,28 @@ def method_sampler(
     *,
     device: str = "auto",
     progress: bool = True,
-) -> Iterator[Callable[[Sequence[Prompt], Sequence[float], str], list[dict[str, Any]]]]:
+) -> Iterator[Sampler]:
     """The trained method at `train_path` loaded once (base model, tokenizer and the method's
     trained part) for any number of sampling calls: yields ``sample(prompts, alphas, desc) ->
     rows`` (`tasks.sampling.sample_batches` rows: every (α, prompt, sample), all α batched
     together with one α per row). The model is put on `device` ('auto': CUDA when visible)."""
-    from alignheads.models.methods import method
-    from alignheads.tasks.train import load_run_model
-
-    entry = method(head)
-    model, tokenizer, _ = load_run_model(model_source)
-    model = model.to(resolve_device(device))
-    loaded = entry.load(Path(train_path) / entry.saved_as, model, model_source)
-    stops = eos_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    decode, done = entry.decoder(loaded, decoding_settings(sweep, stops, pad_id))
-
-    def sample(prompts: Sequence[Prompt], alphas: Sequence[float], desc: str) -> list[dict[str, Any]]:
-        return sample_batches(decode, tokenizer, prompts, alphas, sweep, stops, pad_id, model, progress, desc)
-
-    try:
+    with LoadedMethod(head, train_path, model_source, device) as loaded, loaded.sampler(sweep, progress) as sample:
         yield sample
-    finally:
-        done()
 
 
 def run_generate(
-    store: Path, plans: Sequence[GeneratePlan], *, device: str = "auto", progress: bool = True
+    store: Path,
+    plans: Sequence[GeneratePlan],
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    method: LoadedMethod | None = None,
 ) -> list[ArtifactResult]:
     """The (method, α) artifacts of `plans` (one method, one prompt set, one sweep), building
     those not yet complete in one sampling pass over the model loaded once (batches of one α
-    each: an α's rows do not depend on which others are missing). Returns one result per plan,
-    in order."""
+    each: an α's rows do not depend on which others are missing). `method`: the method already
+    loaded by the caller (`tasks.method_sweep` shares one load between stages); by default it is
+    loaded here, only if an artifact is missing. Returns one result per plan, in order."""
     if not plans:
         return []
     first = plans[0]
@@ -227,8 +207,8 @@ def run_generate(
     entry = METHODS[first.head]
 
     def sample_pass(alphas: list[float]) -> SweepPass:
-        with method_sampler(first.head, first.train_path, first.model, first.sweep_config,
-                            device=device, progress=progress) as sample:  # fmt: skip
+        loaded = method or LoadedMethod(first.head, first.train_path, first.model, device)
+        with loaded.sampler(first.sweep_config, progress) as sample:
             desc = f"generate {first.head} α={', '.join(f'{a:g}' for a in alphas)}"
             return SweepPass.timed(lambda: sample(read_prompt_set(first.prompts_path), alphas, desc))
 
@@ -298,10 +278,3 @@ def sweep_key(plans: Sequence[Any]) -> str:
     """The cache key of one task that builds several sweep points (a method's α, a dial family's
     α vectors): the hash of their artifact keys."""
     return fingerprint(sorted(p.key for p in plans))[:32]
-
-
-@task(**task_options(STAGE))
-def generate_task(store: str, key: str, plans: list[dict[str, Any]]) -> list[StageResult]:
-    """The generate stage of one method (all its α) as a cached Prefect task."""
-    results = run_generate(Path(store), [GeneratePlan(**p) for p in plans])
-    return [StageResult.of(r) for r in results]

@@ -11,6 +11,7 @@ from rich.table import Table
 from alignheads.config import RunConfig
 from alignheads.models.metrics import KL_DEFINITION
 from alignheads.tasks.cached import RunOutcome
+from alignheads.tasks.method_sweep import loads_line
 
 
 def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | None = None) -> None:
@@ -53,6 +54,8 @@ def print_run_summary(cfg: RunConfig, outcome: RunOutcome, console: Console | No
         reused = [s for s, result in stages if result.status != "computed"]
         tail = f"; reused from the store: {', '.join(reused)}" if reused else ""
         console.print(f"Computed: {', '.join(done)}{tail}.")
+    if outcome.model_loads:
+        console.print(loads_line(outcome.model_loads).capitalize() + ".")
     if outcome.mlflow_run is not None:  # the run this flow run logged to (a cached run points on)
         uri = cfg.tracking.uri or default_tracking_uri(cfg.store)
         console.print(f"MLflow run id: {outcome.mlflow_run} (experiment '{cfg.name}')")

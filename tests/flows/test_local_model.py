@@ -27,7 +27,7 @@ from tests.helpers.local_model import BOS, EOS, build_local_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STAGE_MODULES = {"refpass", "train", "generate", "evaluate", "calibrate"}
+STAGE_MODULES = {"refpass", "train", "method_sweep", "generate", "accuracy", "evaluate", "calibrate"}
 
 
 class _Collect(logging.Handler):
@@ -103,6 +103,8 @@ def test_every_stage_runs_on_a_local_model_with_its_own_tokenizer(local_run):
         "generate iav α=1": "computed",
         "generate calm α=0": "computed",
         "generate calm α=1": "computed",
+        "accuracy iav": "computed",
+        "accuracy calm": "computed",
         "evaluate": "computed",
         "report": "computed",
     }
@@ -135,17 +137,19 @@ def test_pad_is_eos_with_a_warning(local_run):
 
 
 def test_each_model_is_loaded_once_per_stage_task_that_needs_it(local_run):
-    """Reference pass: one load per shard (1 shard); training, generation and held-out accuracy: one
-    per method (2 methods); the reward model once."""
+    """Reference pass: one load per shard (1 shard); training: one per method (2 methods); the
+    generations and the held-out accuracy share one load per method (the method's sweep task);
+    the reward model once."""
     *_, loads, _ = local_run
     assert dict(loads) == {
         ("refpass", "LlamaForCausalLM", "llama"): 1,
         ("train", "LlamaForCausalLM", "llama"): 2,
-        ("generate", "LlamaForCausalLM", "llama"): 2,
-        ("evaluate", "LlamaForCausalLM", "llama"): 2,
+        ("method_sweep", "LlamaForCausalLM", "llama"): 2,
         ("evaluate", "LlamaForSequenceClassification", "reward"): 1,
     }
-    assert sum(loads.values()) == 8
+    assert sum(loads.values()) == 6
+    _, _, outcome, _, _ = local_run
+    assert outcome.model_loads == {"iav": 1, "calm": 1}
 
 
 def test_the_local_models_heads_export_and_load_through_mlflow(local_run, tmp_path, capsys):

@@ -70,10 +70,12 @@ STAGES = (
     "generate iav α=1",
     "generate calm α=0",
     "generate calm α=1",
+    "accuracy iav",
+    "accuracy calm",
     "evaluate",
     "report",
 )
-SWEEP = ("generate calm α=0", "generate calm α=1", "evaluate", "report")
+SWEEP = ("generate calm α=0", "generate calm α=1", "accuracy calm", "evaluate", "report")
 NO_TRAINING = {"iav": {"enabled": False}, "calm": {"enabled": False}}
 
 
@@ -104,6 +106,8 @@ def test_first_run_builds_every_stage(first_run):
         verify_artifact(path, out.stage)  # every shard and file matches its checksum
     # the world's build report travels in the manifest (its properties are tested in tests/world)
     assert outcomes.world.info["pair_accuracy"] == 1.0
+    # each method is loaded once for its generations and its held-out accuracy
+    assert outcomes.model_loads == {"iav": 1, "calm": 1}
 
 
 def _search_runs(uri: str, experiment: str, filter_string: str) -> list:
@@ -135,6 +139,8 @@ def test_heads_are_trained_and_tracked_in_mlflow(first_run):
     parent = client.get_run(parent_id)
     assert parent.data.params["train.iav.lr"] == "0.01" and parent.data.params["name"] == "tiny-test"
     assert parent.data.metrics["iav/eval_accuracy"] >= 0.8
+    loads = {k: v for k, v in parent.data.metrics.items() if k.endswith("model_loads")}
+    assert loads == {"model_loads": 2.0, "iav/model_loads": 1.0, "calm/model_loads": 1.0}
     children = _search_runs(
         uri, "tiny-test", f"tags.mlflow.parentRunId = '{parent_id}' AND attributes.run_name LIKE 'train-%'"
     )
@@ -218,9 +224,11 @@ def test_adding_an_alpha_generates_only_that_alpha(first_run):
     more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"alphas": [0, 1, 0.5]})})
     out = pipeline(config=more)
     new = {"generate iav α=0.5": "computed", "generate calm α=0.5": "computed"}
-    # one generate task per method (all its α in one batched pass): it ran, found α = 0 and 1 built
+    new |= {"accuracy iav": "computed", "accuracy calm": "computed"}  # now at α = 0.5 too
+    # one sweep task per method (all its α in one batched pass): it ran, found α = 0 and 1 built
     reused = {f"generate {m} α={a}": "reused" for m in ("iav", "calm") for a in (0, 1)}
     assert _statuses(out) == _all("cached", {"evaluate": "computed", "report": "computed"}) | reused | new
+    assert out.model_loads == {"iav": 1, "calm": 1}  # one load per method for the new α and accuracy
 
 
 def test_changing_a_training_setting_reruns_only_that_head(first_run):
@@ -253,6 +261,7 @@ def test_second_run_recomputes_nothing(first_run, capsys):
     again = pipeline(config=cfg)
     assert _statuses(again) == _all("cached")
     assert {s: o.key for s, o in again.stages()} == {s: o.key for s, o in outcomes.stages()}
+    assert again.model_loads == {"iav": 0, "calm": 0}
     from alignheads.tasks.reporting.printing import print_run_summary
 
     print_run_summary(cfg, again)

@@ -127,6 +127,7 @@ def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
         # α calibrated to a target KL on 4 calibration prompts disjoint from the 4 evaluation ones
         evaluate=EvaluateConfig(target_kls=[0.05], calibration_prompts=4),
     )
+    assert out.model_loads == {"dpo-dera": 1}  # calibration, generations and accuracy share one load
     (found,) = out.calibrate["dpo-dera"].info["targets"]
     alpha = found["alpha"]
     assert alpha > 0 and found["target"] == 0.05
@@ -136,6 +137,7 @@ def test_a_baseline_trained_and_swept_by_the_stage_flows(filled):
         "generate dpo-dera α=0": "computed",
         "generate dpo-dera α=1": "computed",
         f"generate dpo-dera α={alpha:.4g}": "computed",
+        "accuracy dpo-dera": "computed",
         "evaluate": "computed",
         "report": "computed",
     }
@@ -192,6 +194,8 @@ def test_sweep_flow_generates_only_new_alphas(filled):
         "generate iav α=0.5": "computed",
         "generate calm α=0": "reused",
         "generate calm α=0.5": "computed",
+        "accuracy iav": "computed",  # at the new α too
+        "accuracy calm": "computed",
         "evaluate": "computed",
         "report": "computed",
     }

@@ -8,6 +8,8 @@ real data, tokenize and reference-pass stages. Each baseline is trained once (a 
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,14 @@ import torch
 
 from alignheads.config import (
     DPOTrainConfig,
+    EvaluateConfig,
     GenARMTrainConfig,
     RefPassConfig,
     SweepConfig,
 )
 from alignheads.loading import load_causal_lm, load_tokenizer
 from alignheads.storage.tables import read_table
+from alignheads.tasks import accuracy as accuracy_stage
 from alignheads.tasks import evaluate as evaluate_stage
 from alignheads.tasks import generate as gen
 from alignheads.tasks import sampling
@@ -114,11 +118,18 @@ def test_baselines_learn_the_preference_and_are_cached(world, trained):
         assert {"loss", "rewards/accuracies", "eval/rewards/accuracies"} <= names
 
 
-def test_dpo_preference_accuracy_at_alpha_one_is_the_trained_models(trained):
+def test_dpo_preference_accuracy_at_alpha_one_is_the_trained_models(world, trained):
     plan, result = trained["dpo-dera"]
-    acc = evaluate_stage.held_out_accuracy(plan, result.path, [0.0, 1.0, 2.0])
-    assert acc["1.0"] == pytest.approx(result.manifest.info["eval"]["eval/rewards/accuracies"])
-    assert acc["2.0"] >= 0.9 and set(acc) == {"0.0", "1.0", "2.0"}
+    aplan = accuracy_stage.plan_accuracy(asdict(plan), result.path, [2.0, 0.0, 1.0, 1.0])
+    built = accuracy_stage.run_accuracy(world["store"], aplan)
+    acc = accuracy_stage.read_accuracies([str(built.path)])["dpo-dera"]
+    assert list(acc) == [0.0, 1.0, 2.0] and aplan.inputs == {"train": result.key}
+    assert acc[1.0] == pytest.approx(result.manifest.info["eval"]["eval/rewards/accuracies"])
+    assert acc[2.0] >= 0.9
+    rows = read_table(built.path, accuracy_stage.TABLE).to_pylist()
+    held_out = train_stage.pair_streams(plan)[1].count_pairs()
+    assert held_out > 0 and [r["n_pairs"] for r in rows] == [held_out] * 3
+    assert not accuracy_stage.run_accuracy(world["store"], aplan).computed  # cached on its key
 
 
 def test_sweep_generations_share_schema_seeds_and_cache_with_the_heads(world, trained):
@@ -153,3 +164,51 @@ def test_sweep_generations_share_schema_seeds_and_cache_with_the_heads(world, tr
         # DeRa returns the base logits themselves (KL exactly 0); GenARM their log-softmax (roundoff)
         assert all(0.0 <= r["kl_mean"] <= (0.0 if head == "dpo-dera" else 1e-6) for r in at0)
     assert all(r["kl_mean"] > 0 for r in rows if r["alpha"] == 1.0)
+
+
+def test_a_methods_sweep_loads_it_once_and_builds_what_its_stages_build_alone(world, trained, tmp_path, monkeypatch):
+    """Calibrate, generate and the held-out accuracy share one load of the method (GenARM: the LM
+    and its reward LM) and give exactly the artifacts each stage gives with its own load; a rerun
+    loads nothing, and a missing artifact is rebuilt alone over one new load."""
+    from alignheads.tasks import calibrate as calibrate_stage
+    from alignheads.tasks import method_sweep
+
+    loads = []
+    real = train_stage.load_run_model
+    monkeypatch.setattr(train_stage, "load_run_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    plan, result = trained["genarm"]
+    sweep = SweepConfig(alphas=[0, 1], n_prompts=4, max_new_tokens=5, batch_size=4, do_sample=True)
+    prompts = save_prompt_set(world["store"], prompt_set(world["data"], sweep))
+    calibration = save_prompt_set(world["store"], prompt_set(world["data"], sweep.model_copy(update={"seed": 9})))
+    targets = EvaluateConfig(target_kls=[0.05], calibration_steps=2)
+    cplan = calibrate_stage.plan_calibrate(result.path, calibration, sweep, targets, world["source"])
+    splan = method_sweep.plan_method_sweep(
+        result.path, [0.0, 1.0], prompts, sweep, world["source"], calibrate=cplan, train_plan=asdict(plan)
+    )
+
+    alone = tmp_path / "alone"  # each stage on its own, one load each
+    calibrated = calibrate_stage.run_calibrate(alone, cplan, progress=False)
+    alpha = calibrate_stage.targets_alphas(calibrated.manifest.info["targets"])[0.05]
+    alphas = [0.0, 1.0] + ([alpha] if alpha not in (0.0, 1.0) else [])
+    gens = gen.run_generate(alone, [gen.plan_generate(result.path, a, prompts, sweep, world["source"]) for a in alphas], progress=False)
+    acc = accuracy_stage.run_accuracy(alone, accuracy_stage.plan_accuracy(asdict(plan), result.path, alphas))
+    assert len(loads) == 3
+
+    shared = tmp_path / "shared"
+    loads.clear()
+    swept = method_sweep.run_method_sweep(shared, splan, progress=False)
+    assert swept.loads == 1 and len(loads) == 1
+    assert [g.info["alpha"] for g in swept.generate] == alphas and swept.calibrate.key == calibrated.key
+    for mine, theirs, table in [(swept.calibrate, calibrated, "calibration"), (swept.accuracy, acc, "accuracy")] + [
+        (g, r, gen.TABLE) for g, r in zip(swept.generate, gens, strict=True)
+    ]:
+        assert mine.key == theirs.key and mine.computed
+        assert read_table(Path(mine.path), table).equals(read_table(theirs.path, table)), table
+
+    again = method_sweep.run_method_sweep(shared, splan, progress=False)
+    assert again.loads == 0 and len(loads) == 1 and not any(r.computed for r in again.results())
+    assert method_sweep.is_swept(shared, splan)
+    shutil.rmtree(swept.generate[1].path)
+    assert not method_sweep.is_swept(shared, splan)
+    rebuilt = method_sweep.run_method_sweep(shared, splan, progress=False)
+    assert rebuilt.loads == 1 and [r.computed for r in rebuilt.results()] == [False, False, True] + [False] * (len(alphas) - 1)

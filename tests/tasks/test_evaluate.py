@@ -4,6 +4,7 @@ and the Hugging Face reward-model path with a tiny Llama classifier."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
 from alignheads.storage.query import run_query
 from alignheads.storage.tables import read_table, write_table
+from alignheads.tasks.accuracy import ACCURACY_SCHEMA
 from alignheads.tasks.evaluate import (
     GENERATIONS_SCHEMA,
     SCORES_SCHEMA,
@@ -81,6 +83,17 @@ def make_generation_artifact(store: Path, head: str, alpha: float, table: pa.Tab
         return ArtifactContent(tables={"generations": write_table(table, staging, "generations")})
 
     return ensure_artifact(store, "generate", key, 1, {"head": head, "alpha": alpha}, {}, build).path
+
+
+def make_accuracy_artifact(store: Path, head: str, key: str, accuracy: dict[float, float]) -> Path:
+    """An accuracy artifact (`tasks.accuracy`'s table) of `head` trained as `key`."""
+    rows = [{"head": head, "head_key": key, "alpha": a, "preference_accuracy": v, "n_pairs": 10} for a, v in accuracy.items()]
+    table = pa.Table.from_pylist(rows, schema=ACCURACY_SCHEMA)
+
+    def build(staging):
+        return ArtifactContent(tables={"accuracy": write_table(table, staging, "accuracy")})
+
+    return ensure_artifact(store, "accuracy", f"acc-{key}", 1, {"head": head}, {"train": key}, build).path
 
 
 @pytest.fixture()
@@ -187,6 +200,18 @@ def test_summary_one_row_per_head_alpha_with_hand_computed_numbers(sweep):
     assert rows[("calm", 0.0)]["preference_accuracy"] is None
 
 
+def test_summary_carries_the_accuracy_artifacts_numbers(sweep):
+    store, paths = sweep
+    accuracy = [
+        make_accuracy_artifact(store, "iav", "key-iav", {0.0: 0.5, 1.0: 0.93}),
+        make_accuracy_artifact(store, "calm", "key-calm", {2.0: 0.8}),
+    ]
+    result = run_evaluate(store, plan_evaluate(paths, run_id="run-1", accuracy_paths=accuracy))
+    rows = _by(read_table(result.path, "summary"), "head", "alpha")
+    got = {arm: row["preference_accuracy"] for arm, row in rows.items()}
+    assert got == {("calm", 0.0): None, ("calm", 2.0): 0.8, ("iav", 0.0): 0.5, ("iav", 1.0): 0.93}
+
+
 def test_views_answer_and_rerun_is_cached(sweep):
     store, paths = sweep
     plan = plan_evaluate(paths, run_id="run-1")
@@ -224,13 +249,15 @@ def test_key_depends_on_inputs_reward_and_trained_artifacts_not_run_id(sweep, tm
     base = plan_evaluate(paths, run_id="a")
     assert plan_evaluate(paths, run_id="b").key == base.key
     assert plan_evaluate(paths[:-1]).key != base.key
-    # the trained artifacts whose held-out accuracy the summary carries are inputs, by key
-    scored = plan_evaluate(paths, trained={"iav": ({"key": "train-1"}, "/somewhere/train-1")})
-    assert scored.key != base.key and scored.inputs["train[iav]"] == "train-1"
-    moved = plan_evaluate(paths, trained={"iav": ({"key": "train-1"}, "/elsewhere/train-1")})
-    assert moved.key == scored.key
-    other = plan_evaluate(paths, trained={"iav": ({"key": "train-2"}, "/somewhere/train-2")})
-    assert other.key != scored.key
+    # the accuracy artifacts the summary carries are inputs, by key: not by where they are
+    first = make_accuracy_artifact(store, "iav", "train-1", {0.0: 0.5, 1.0: 0.9})
+    scored = plan_evaluate(paths, accuracy_paths=[first])
+    assert scored.key != base.key and scored.inputs["accuracy[0]"] == "acc-train-1"
+    moved = tmp_path / "elsewhere" / "acc-train-1"
+    shutil.copytree(first, moved)
+    assert plan_evaluate(paths, accuracy_paths=[moved]).key == scored.key
+    other = make_accuracy_artifact(store, "iav", "train-2", {0.0: 0.5, 1.0: 0.9})
+    assert plan_evaluate(paths, accuracy_paths=[other]).key != scored.key
     model_dir = tmp_path / "rm"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
