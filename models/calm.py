@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from alignheads.models.context import TokenContext
 from alignheads.models.head_base import LogitHead, SteeringOutput, lm_output_layer
 
-__all__ = ["CALMConfig", "CALMHead", "CALMOutput"]
+__all__ = ["CALMConfig", "CALMHead", "CALMOutput", "calm_codes", "gate_activation", "modulated_logits"]
 
 
 class CALMConfig(BaseModel):
@@ -96,19 +97,11 @@ class CALMHead(LogitHead):
 
     def modulation(self, hidden: Tensor, context: TokenContext) -> tuple[Tensor, Tensor]:
         """``(v (B, T, V), s (B, T))`` for ``hidden (B, T, H)`` and its token context."""
-        if context is None:
-            raise ValueError(
-                "CALMHead needs the tokens' causal context (positions and prefix means): "
-                "compute it with alignheads.models.context.token_context(hidden, attention_mask), "
-                "or call the model through AlignedLM, which tracks it"
-            )
-        if context.length != hidden.shape[1]:
-            raise ValueError(f"context covers {context.length} positions but hidden has {hidden.shape[1]}")
-        h = hidden.to(self.dtype)
-        positions = context.positions.to(h.device).clamp(max=self.config.max_positions - 1)
-        v = self.up(self.down(h + self.position(positions)))
-        s = self.config.s_max * torch.sigmoid(self.gate(context.context.to(device=h.device, dtype=h.dtype)))
-        return v, s.squeeze(-1)
+        h = self._checked_hidden(hidden, context)
+        down, up, table, gate_weight, gate_bias = self._weights()
+        v = F.linear(calm_codes(h, context.positions, down, table), up)
+        gate = gate_activation(context.context.to(device=h.device, dtype=h.dtype), gate_weight, gate_bias)
+        return v, (self.config.s_max * gate).squeeze(-1)
 
     def forward(
         self, hidden: Tensor, *, frozen_head: nn.Module | None = None, context: TokenContext | None = None
@@ -124,11 +117,75 @@ class CALMHead(LogitHead):
         frozen_head: nn.Module | None = None,
         context: TokenContext | None = None,
     ) -> Tensor:
+        """``z(α) = base + α · s · v`` ``(B, T, V)``, computed as ``base + α s_max · U(σ(g(c)) · D(h + p))``
+        in one matmul-add (:func:`modulated_logits`): the rank-R codes are gated, not the V-wide
+        modulation, so no ``(B, T, V)`` intermediate is made. α = 0 gives the frozen head's logits."""
         base = _frozen_logits(frozen_head, hidden)
         if alpha == 0:
             return base
-        v, s = self.modulation(hidden, context)
-        return base + alpha * (s.unsqueeze(-1) * v)
+        h = self._checked_hidden(hidden, context)
+        down, up, table, gate_weight, gate_bias = self._weights()
+        codes = calm_codes(h, context.positions, down, table)
+        gate = gate_activation(context.context.to(device=h.device, dtype=h.dtype), gate_weight, gate_bias)
+        return modulated_logits(base, codes, gate, up, alpha * self.config.s_max)
+
+    def _checked_hidden(self, hidden: Tensor, context: TokenContext | None) -> Tensor:
+        """``hidden (B, T, H)`` in the head's dtype, once ``context`` is known to cover it."""
+        if context is None:
+            raise ValueError(
+                "CALMHead needs the tokens' causal context (positions and prefix means): "
+                "compute it with alignheads.models.context.token_context(hidden, attention_mask), "
+                "or call the model through AlignedLM, which tracks it"
+            )
+        if context.length != hidden.shape[1]:
+            raise ValueError(f"context covers {context.length} positions but hidden has {hidden.shape[1]}")
+        return hidden.to(self._weights()[0].dtype)
+
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """``(D (R, H), U (V, R), position table (P, H), gate weight (1, H), gate bias (1,))``.
+
+        Read from the layers' parameter dicts and used through ``torch.nn.functional`` (the same
+        maths as calling the layers): a decoding step needs them every token, and each
+        ``self.up.weight`` costs two ``nn.Module.__getattr__`` look-ups (~1 µs each)."""
+        layers = self._modules
+        gate = layers["gate"]._parameters
+        return (
+            layers["down"]._parameters["weight"],
+            layers["up"]._parameters["weight"],
+            layers["position"]._parameters["weight"],
+            gate["weight"],
+            gate["bias"],
+        )
+
+
+def calm_codes(hidden: Tensor, positions: Tensor, down: Tensor, position_table: Tensor) -> Tensor:
+    """``D(h + p[pos])`` ``(B, T, R)``: ``hidden (B, T, H)``, true ``positions (B, T)`` (past the
+    table's ``P`` rows they share the last one), ``down (R, H)``, ``position_table (P, H)``."""
+    positions = positions.to(hidden.device).clamp(max=position_table.shape[0] - 1)
+    return F.linear(hidden + F.embedding(positions, position_table), down)
+
+
+def gate_activation(context: Tensor, gate_weight: Tensor, gate_bias: Tensor | None) -> Tensor:
+    """``σ(w · c + b)`` ``(B, T, 1)`` for the context means ``context (B, T, H)``, ``gate_weight (1, H)``,
+    ``gate_bias (1,)``; the strength is ``s = s_max ·`` this."""
+    return torch.sigmoid(F.linear(context, gate_weight, gate_bias))
+
+
+def modulated_logits(base: Tensor, codes: Tensor, gate: Tensor, up: Tensor, coefficient: float) -> Tensor:
+    """``base + coefficient · U(gate · codes)`` ``(B, T, V)`` in one ``addmm``: ``base (B, T, V)``,
+    ``codes (B, T, R)``, ``gate (B, T, 1)``, ``up (V, R)``, ``coefficient`` = α · s_max; computed in the
+    wider of ``base``'s and the codes' dtypes.
+
+    Equal to ``base + α · (s · U codes)`` up to float rounding: gating the R-wide codes before ``U``
+    instead of the V-wide result, and scaling and adding inside the matmul, reorders the products."""
+    scaled = codes * gate
+    if scaled.dtype != base.dtype:  # a head kept in another dtype than the LM's output layer
+        dtype = torch.promote_types(base.dtype, scaled.dtype)
+        base, scaled, up = base.to(dtype), scaled.to(dtype), up.to(dtype)
+    flat = torch.addmm(
+        base.reshape(-1, base.shape[-1]), scaled.view(-1, scaled.shape[-1]), up.t(), alpha=coefficient
+    )
+    return flat.view(base.shape)
 
 
 def _frozen_logits(frozen_head: nn.Module | None, hidden: Tensor) -> Tensor:

@@ -10,7 +10,9 @@ For every token the CALM head needs
 :func:`token_context` computes both for whole sequences (training, full forward passes).
 :func:`continue_context` does the same for a chunk of new tokens given the
 :class:`RunningContext` left by the previous chunk, so that KV-cached decoding sees exactly
-what a full forward pass over the same tokens sees.
+what a full forward pass over the same tokens sees. :func:`step_context` is its special case
+for one new token (each step of cached decoding), with a handful of small ops instead of the
+cumulative sums: at the tiny model's size every op of a step is a measurable share of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RunningContext", "TokenContext", "continue_context", "token_context"]
+__all__ = ["RunningContext", "TokenContext", "continue_context", "step_context", "token_context"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,45 @@ def continue_context(
     positions = (counts - 1).clamp(min=0).round().long()
     new_state = RunningContext(sums[:, -1].detach(), counts[:, -1].detach(), prev_seen + length)
     return TokenContext(positions, context), new_state
+
+
+def step_context(
+    hidden: Tensor, attention_mask: Tensor | None, state: RunningContext
+) -> tuple[TokenContext, RunningContext]:
+    """:func:`continue_context` for one new token following ``state`` (a decoding step), equal to it
+    bit for bit for a 0/1 mask.
+
+    hidden: ``(B, 1, H)``; attention_mask: ``(B, 1)`` the token's mask column, ``None`` = real.
+    Returns the token's :class:`TokenContext` (positions ``(B, 1)``, context ``(B, 1, H)``) and the
+    state after it (detached).
+
+    The same float ops on the same values as the general path (a cumulative sum over one token is
+    that token; ``m · h`` is exact for ``m`` in {0, 1}, so ``S + m · h`` in one ``addcmul`` rounds
+    alike), without its allocations; the position ``max(N − 1, 0)`` is read off the denominator
+    ``max(N, 1)`` as ``max(N, 1) − 1`` (the counts are whole numbers: no rounding needed).
+    """
+    batch, length, _width = hidden.shape
+    if length != 1:
+        raise ValueError(f"step_context takes one new token, got {length}")
+    if state.batch_size != batch:
+        raise ValueError(f"running context has {state.batch_size} rows but the new chunk has {batch}")
+    h = hidden[:, 0].float()
+    prev_sum, prev_count = state.hidden_sum.to(h.device), state.count.to(h.device)
+    if attention_mask is None:
+        hidden_sum, count = prev_sum + h, prev_count + 1
+    else:
+        mask = attention_mask.to(device=h.device, dtype=h.dtype)  # once: mixed-dtype ops cost more
+        hidden_sum, count = torch.addcmul(prev_sum, h, mask), prev_count + mask.view(-1)
+    denominator = count.clamp(min=1).unsqueeze(-1)  # (B, 1)
+    context = (hidden_sum / denominator).unsqueeze(1)
+    positions = (denominator - 1).long()
+    new_state = RunningContext(_detached(hidden_sum), _detached(count), state.seen + 1)
+    return TokenContext(positions, context), new_state
+
+
+def _detached(tensor: Tensor) -> Tensor:
+    """``tensor`` cut from the autograd graph; as is when no graph holds it (decoding: no op)."""
+    return tensor.detach() if tensor.requires_grad else tensor
 
 
 def token_context(hidden: Tensor, attention_mask: Tensor | None = None) -> TokenContext:

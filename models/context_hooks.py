@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from alignheads.models.context import RunningContext, TokenContext, continue_context
+from alignheads.models.context import RunningContext, TokenContext, continue_context, step_context
 
 __all__ = ["ContextTracker", "attach_running_context", "running_context_of"]
 
@@ -142,8 +142,11 @@ class ContextTracker:
         arguments = _bound_arguments(self._backbone_signature, args, kwargs)
         self._mask = arguments.get("attention_mask")
         self._cache_in = arguments.get("past_key_values")
-        # the backbone fills the cache in place: measure it before it runs
-        self._cache_len = self._cache_in.get_seq_length() if self._cache_in is not None else 0
+        # the backbone fills the cache in place: measure it before it runs; only a call without a
+        # padding mask needs it (the mask's columns count the past tokens otherwise)
+        self._cache_len = (
+            self._cache_in.get_seq_length() if self._mask is None and self._cache_in is not None else 0
+        )
 
     def _after_backbone(self, _module: nn.Module, _args: tuple, output: Any) -> None:
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
@@ -174,7 +177,12 @@ class ContextTracker:
                 raise RuntimeError(
                     f"the head's running context covers {state.seen} tokens but the KV cache holds {past}"
                 )
-        context, new_state = continue_context(hidden, new_mask, state)
+        # a decoding step (one new token after a prefix) takes the one-token path: same numbers,
+        # a few small ops instead of the cumulative sums
+        if length == 1 and state is not None:
+            context, new_state = step_context(hidden, new_mask, state)
+        else:
+            context, new_state = continue_context(hidden, new_mask, state)
         cache_out = getattr(output, "past_key_values", None)
         if cache_out is None:
             cache_out = cache_in
@@ -195,7 +203,7 @@ class ContextTracker:
         keep = self._logits_to_keep
         if isinstance(keep, Tensor):
             context = context.select(keep.to(context.positions.device))
-        elif keep:
+        elif keep and int(keep) < context.length:  # keeping as many as there are (a step): all
             context = context.select(slice(-int(keep), None))
         if context.length != n_positions:
             raise RuntimeError(
