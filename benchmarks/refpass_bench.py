@@ -16,9 +16,15 @@ table with, per k:
   top-k + tail KL (`losses.topk_tail_kl`) and the extrapolated one (`losses.topk_extrapolated_kl`,
   what `kl: topk` trains with);
 - the reference pass's tokens/s divided by a bare forward pass's (model(...).logits) tokens/s
-  over the same length-sorted batches: compute only with the former extraction (`before`: its own
-  logsumexp pass, kept here as `legacy_topk_reference`) and the current one (`after`), interleaved
-  in one run, and compute + Parquet write; and whether both extractions give bit-identical values.
+  over the same length-sorted batches: compute only with the former extraction (`before`:
+  `torch.topk` over the (N, V) logits, kept here as `legacy_topk_reference`) and the current one
+  (`after`: `reference.sorted_topk`, a partition and a sort of k keys, `torch.topk` only for rows
+  with ties), interleaved in one run, and compute + Parquet write; and whether both extractions
+  give bit-identical values.
+
+Then, at k = 64, where the reference pass's time goes: seconds per step of one pass over all
+shards (each step timed around its function, best of `--repeats`), next to the bare forward's
+backbone and output layer.
 
 The tiny world's backbone is so small (2 layers, width 64) that the per-token work the cache
 adds (log-sum-exp and top-k over the vocabulary) weighs as much as the model itself; one line
@@ -116,12 +122,13 @@ def kl_errors(reference, tables: dict[int, object], tokenized, noise: float, see
 
 
 def legacy_topk_reference(logits, targets, k: int):
-    """`models.reference.topk_reference` as it was before (its own logsumexp pass, then top-k):
-    the "before" of the throughput columns."""
+    """`models.reference.topk_reference` as it was before `sorted_topk` (`torch.topk` over the
+    (N, V) logits, the log-sum-exp reusing its maximum): the "before" of the throughput columns."""
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    target_lp = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
     values, ids = logits.topk(k, dim=-1, sorted=True)
+    top = values[:, :1]
+    lse = (logits - top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    target_lp = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
     return target_lp, ids.to(torch.int32), values - lse.unsqueeze(-1)
 
 
@@ -201,6 +208,93 @@ def throughput(store: Path, plan, reference, repeats: int) -> dict[str, float]:
             seconds[name].append(run())
     best = {name: min(v) for name, v in seconds.items()}
     return {name: best["bare"] / best[name] for name in ("before", "after", "write")}
+
+
+# the steps of the reference pass that `step_profile` times: (label, module, attribute)
+PROFILED_STEPS = (
+    ("read tokenized rows", "alignheads.tasks.refpass", "read_table_rows"),
+    ("pack_batch", "alignheads.models.reference", "pack_batch"),
+    ("backbone", None, "backbone"),
+    ("output layer (N rows)", "alignheads.models.reference", "ReferenceModel.output_logits"),
+    ("sorted_topk", "alignheads.models.reference", "sorted_topk"),
+    ("topk_reference (incl. sorted_topk)", "alignheads.models.reference", "topk_reference"),
+    ("extract (incl. the two above)", "alignheads.models.reference", "ReferenceModel.extract"),
+    ("restore input order", "alignheads.models.reference", "_restore_order"),
+    ("build_rows", "alignheads.tasks.refpass", "build_rows"),
+)
+
+
+@contextlib.contextmanager
+def timed_steps(reference, seconds: dict[str, float]):
+    """Wrap each of PROFILED_STEPS (and the reference's backbone) so that its wall time is added to
+    ``seconds[label]`` while the context is open."""
+    import importlib
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    undo = []
+    for label, module, name in PROFILED_STEPS:
+        if module is None:  # the backbone module instance: its forward
+            owner, attr = reference.backbone, "forward"
+        else:
+            owner = importlib.import_module(module)
+            *path, attr = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+        original = owner.__dict__[attr] if attr in owner.__dict__ else getattr(owner, attr)
+        undo.append((owner, attr, original, attr in owner.__dict__))
+        setattr(owner, attr, timed(label, getattr(owner, attr)))
+    try:
+        yield seconds
+    finally:
+        for owner, attr, original, own in reversed(undo):
+            if own:
+                setattr(owner, attr, original)
+            else:
+                delattr(owner, attr)
+
+
+def step_profile(plan, reference, repeats: int) -> dict[str, float]:
+    """Seconds per step of one reference pass over all shards (compute only, best of `repeats`),
+    with the whole pass, the bare forward over the same batches and its output layer alone."""
+    batches = shard_batches(plan)
+    best: dict[str, float] = {}
+
+    def keep(name: str, value: float) -> None:
+        best[name] = min(best.get(name, float("inf")), value)
+
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for b in batches:
+                _ = reference.model(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+                ).logits
+        keep("bare forward", time.perf_counter() - t)
+        with torch.inference_mode():
+            hidden = [reference.backbone(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+                      for b in batches]  # fmt: skip
+            t = time.perf_counter()
+            for h in hidden:
+                _ = reference.output_logits(h)
+        keep("bare: output layer (all B·T rows)", time.perf_counter() - t)
+        seconds: dict[str, float] = {}
+        with timed_steps(reference, seconds):
+            t = time.perf_counter()
+            for index in range(plan.n_shards):
+                compute_refpass_shard(plan, index, reference, progress=False)
+            seconds["reference pass (all)"] = time.perf_counter() - t
+        for name, value in seconds.items():
+            keep(name, value)
+    return best
 
 
 def llama_scale_check(tokens: int = 256, hidden: int = 4096, vocab: int = LLAMA_VOCAB, k: int = 64):
@@ -312,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
             identical &= same_scores(reference, shard_batches(plan), k)
             speed = throughput(store, plan, reference, args.repeats)
             rows[k] = {"bytes": per_token, "tokens": tokens, "speed": speed, "vocab": plan.vocab_size}
+        cfg = RefPassConfig(k=64, dtype="float16", batch_size=16, pairs_per_shard=128, device="cpu")
+        profile = step_profile(plan_refpass(cfg, model_cfg, model_dir, tok.path, fp), reference, args.repeats)
         exact, errors = kl_errors(reference, tables, tokenized, args.noise, seed=0)
         fidelity = llama_kl_fidelity(store, args) if args.fidelity_pairs else []
     matmul, extract = llama_scale_check()
@@ -337,9 +433,16 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
     print_table(columns, table)
     print(
-        "speed: refpass compute tokens/s / bare forward tokens/s; before = the former extraction (its own "
-        "logsumexp pass), after = logsumexp from topk's maximum; "
+        "speed: refpass compute tokens/s / bare forward tokens/s; before = the former extraction (torch.topk "
+        "over the (N, V) logits), after = sorted_topk (partition + sort of k keys, torch.topk for tied rows); "
         f"statistics bit-identical before/after on every batch: {'yes' if identical else 'NO'}"
+    )
+    whole = profile["reference pass (all)"]
+    print(f"where the reference pass's time goes at k = 64 (compute only, best of {args.repeats}; nested steps "
+          "include their parts):")  # fmt: skip
+    print_table(
+        [("step", 36), ("ms", 7), ("of the pass", 11)],
+        [[name, f"{value * 1e3:.1f}", f"{value / whole:.1%}"] for name, value in profile.items()],
     )
     print(
         f"Llama size (H = 4096, V = 32000, 256 tokens, same threads): output-layer matmul {matmul * 1e3:.0f} ms, "

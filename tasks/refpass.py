@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from prefect import task
 
 from alignheads.config import ModelConfig, RefPassConfig
@@ -264,6 +266,25 @@ class _Ticking:
         return scores
 
 
+def _token_lists(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A ``list<int>`` column as (values ``(M,)``, offsets ``(R + 1,)`` from 0): row ``r``'s
+    tokens are ``values[offsets[r]:offsets[r + 1]]`` (views of the column's buffers)."""
+    arr = column.combine_chunks()
+    # a sliced list array keeps its parent's values: its offsets index into them
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy()[offsets[0] : offsets[-1]]
+    return values, offsets - offsets[0]
+
+
+def _first_row_outside(values: np.ndarray, offsets: np.ndarray, vocab_size: int) -> int | None:
+    """The first row (of ``offsets``, see :func:`_token_lists`) holding a token id outside
+    ``0 .. vocab_size − 1``, or None."""
+    outside = np.flatnonzero((values < 0) | (values >= vocab_size))
+    if not outside.size:
+        return None
+    return int(np.searchsorted(offsets, outside[0], side="right")) - 1
+
+
 def compute_refpass_shard(
     plan: RefPassPlan, index: int, reference: ReferenceModel | None = None, progress: bool = True
 ) -> ShardData:
@@ -274,16 +295,19 @@ def compute_refpass_shard(
     reference = _reference(plan, reference)
     start, stop = plan.shard_rows(index)
     pairs = read_table_rows(Path(plan.tokenize_path), "tokenized", start, stop)
-    prompts = pairs.column("prompt_ids").to_pylist()
-    chosen = pairs.column("chosen_ids").to_pylist()
-    rejected = pairs.column("rejected_ids").to_pylist()
-    for name, seqs in (("prompt_ids", prompts), ("chosen_ids", chosen), ("rejected_ids", rejected)):
-        for row, ids in enumerate(seqs):
-            if ids and (max(ids) >= plan.vocab_size or min(ids) < 0):
-                raise ValueError(
-                    f"{plan.tokenize_path}: tokenized row {start + row}, field '{name}': token id "
-                    f"outside the reference model's vocabulary (0..{plan.vocab_size - 1})"
-                )
+    fields = {}
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        values, offsets = _token_lists(pairs.column(name))
+        row = _first_row_outside(values, offsets, plan.vocab_size)
+        if row is not None:
+            raise ValueError(
+                f"{plan.tokenize_path}: tokenized row {start + row}, field '{name}': token id "
+                f"outside the reference model's vocabulary (0..{plan.vocab_size - 1})"
+            )
+        # numpy views, one per row: pack_batch copies them without a Python int per token
+        bounds = offsets.tolist()
+        fields[name] = [values[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    prompts, chosen, rejected = fields["prompt_ids"], fields["chosen_ids"], fields["rejected_ids"]
     # sequences interleaved chosen/rejected per pair: the row order of the refcache table
     seq_prompts = [p for p in prompts for _ in range(2)]
     seq_responses = [r for pair in zip(chosen, rejected, strict=True) for r in pair]
