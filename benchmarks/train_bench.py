@@ -57,7 +57,8 @@ Preset `memory`: a 1-layer random Llama of 7B shape (H = 4096, V = 32,000, float
 cache with its hidden states, then a fresh process per (head, how the LM is in memory) that trains
 the head with `features: cached` through the training loop for a few steps and reads its resident
 set's high-water mark (VmHWM, reset before the model is built), next to the sizes of the head,
-lm_head, AdamW state, gradients and one batch. `whole-lm` loads the whole LM (as the train stage's
+lm_head, AdamW state, gradients and one batch (and what of the head is lm_head's own storage: IAV's
+frozen W_b). `whole-lm` loads the whole LM (as the train stage's
 loader does today), `output-layer` builds its backbone on the "meta" device and loads only lm_head.
 """
 
@@ -736,7 +737,7 @@ def memory_child(spec_file: Path) -> None:
 
     from alignheads.loading import load_causal_lm, load_output_layer_only
     from alignheads.models.methods import method
-    from alignheads.models.trainees import base_head_frozen, head_shape
+    from alignheads.models.trainees import base_head_frozen, head_shape, share_frozen_base
     from alignheads.tasks.training.loop import TrainJob, train
 
     spec = json.loads(spec_file.read_text())
@@ -773,20 +774,25 @@ def memory_child(spec_file: Path) -> None:
     peak = _status_kib("VmHWM") * 1024
     # the sizes the bound adds up (a fresh head of the same shape: the trained one is the loop's)
     head = new_head(kind, model, dtype=torch.float32, **head_shape(cfg))
+    lm_head = lm_output_layer(model).weight
     if base_head_frozen(cfg):
         head.base.requires_grad_(False)
+        share_frozen_base(head.base, lm_output_layer(model))  # as the trainee does
     head_bytes = sum(p.numel() * p.element_size() for p in head.parameters())
+    # what of the head is the output layer's own storage (a frozen W_b), counted once in memory
+    shared = sum(
+        p.numel() * p.element_size() for p in head.parameters() if p.data_ptr() == lm_head.data_ptr()
+    )
     trainable = sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
     batch = collate(first, needs, False, 0)
     batch_bytes = sum(
         v.numel() * v.element_size() for v in vars(batch).values() if isinstance(v, torch.Tensor)
     )
-    lm_head = lm_output_layer(model).weight
     out = {
         "rss_start": start, "rss_peak": peak, "seconds": seconds, "losses": losses,
         "devices": sorted({p.device.type for p in model.model.parameters()}),
         "head": head_bytes, "lm_head": lm_head.numel() * lm_head.element_size(), "optimizer": 2 * trainable,
-        "gradients": trainable, "batch": batch_bytes,
+        "gradients": trainable, "batch": batch_bytes, "shared": shared,
         "model": sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta"),
     }  # fmt: skip
     print(json.dumps(out))
@@ -848,21 +854,23 @@ def print_memory(args: argparse.Namespace, results: dict, sizes: dict) -> None:
     )
     print(
         "bound = head + lm_head + AdamW state + one batch's tensors; + grads: also the head's gradient; "
-        "rest = resident - (bound + grads): the step's working memory (chunk logits, weight-gradient "
-        "temporaries), allocator and Arrow pools"
+        "held = bound + grads, the head's storage shared with lm_head (IAV's frozen W_b) counted once; "
+        "rest = resident - held: the step's working memory (chunk logits), Python, torch, allocator and "
+        "Arrow pools"
     )
     columns = [
         ("head", 4), ("LM in memory", 12), ("backbone on", 11), ("resident MiB", 12), ("bound MiB", 9),
-        ("bound + grads MiB", 17), ("rest MiB", 8), ("s", 5), ("losses", 13),
+        ("bound + grads MiB", 17), ("held MiB", 8), ("rest MiB", 8), ("s", 5), ("losses", 13),
     ]  # fmt: skip
     table = []
     for (kind, placement), r in results.items():
         bound = r["head"] + r["lm_head"] + r["optimizer"] + r["batch"]
         grads = bound + r["gradients"]
+        held = grads - r["shared"]
         used = r["rss_peak"] - r["rss_start"]
         table.append(
             [kind, placement, ",".join(r["devices"]), f"{used / MIB:.0f}", f"{bound / MIB:.0f}",
-             f"{grads / MIB:.0f}", f"{(used - grads) / MIB:.0f}", f"{r['seconds']:.1f}",
+             f"{grads / MIB:.0f}", f"{held / MIB:.0f}", f"{(used - held) / MIB:.0f}", f"{r['seconds']:.1f}",
              " ".join(f"{x:.4f}" for x in r["losses"])]
         )  # fmt: skip
     print_table(columns, table)
@@ -871,7 +879,8 @@ def print_memory(args: argparse.Namespace, results: dict, sizes: dict) -> None:
         whole = results[(kind, "whole-lm")]
         print(
             f"  {kind}: head {r['head'] / MIB:.0f} MiB, lm_head {r['lm_head'] / MIB:.0f}, AdamW state "
-            f"{r['optimizer'] / MIB:.0f}, gradients {r['gradients'] / MIB:.0f}, batch {r['batch'] / MIB:.1f}; "
+            f"{r['optimizer'] / MIB:.0f}, gradients {r['gradients'] / MIB:.0f}, batch {r['batch'] / MIB:.1f}, "
+            f"head storage shared with lm_head {r['shared'] / MIB:.0f}; "
             f"same losses with and without the backbone loaded: {'yes' if r['losses'] == whole['losses'] else 'NO'}"
         )
 

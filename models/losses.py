@@ -18,15 +18,16 @@ The maths (docs/architecture.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "IN_PLACE_GRAD_ELEMENTS",
     "LOGITS_PER_CHUNK",
     "CALMLoss",
     "CALMWeights",
@@ -35,6 +36,8 @@ __all__ = [
     "IAVWeights",
     "PreferenceLogps",
     "calm_loss",
+    "add_weight_grad",
+    "chunk_ranges",
     "chunk_tokens",
     "chunked_rows",
     "dpo_loss",
@@ -329,27 +332,200 @@ def chunk_tokens(vocab_size: int, budget: int = LOGITS_PER_CHUNK) -> int:
     return max(1, budget // vocab_size)
 
 
-def chunked_rows(fn: Callable[[int, int], Tensor], n: int, chunk: int) -> Tensor:
+# Weights whose gradient a chunked loss sums in place (elements): above one chunk's budget of
+# logits, a per-chunk copy of the gradient would outweigh the chunk itself (IAV's W_a at 7B size:
+# 131M elements, 500 MiB). Smaller ones (CALM's maps) are summed by autograd's own kernels, bit for
+# bit as before; read when the backward pass runs.
+IN_PLACE_GRAD_ELEMENTS = LOGITS_PER_CHUNK
+
+
+def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each chunk of ``chunk`` rows over ``[0, n)``."""
+    return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+
+
+def chunked_rows(
+    fn: Callable[[int, int], Tensor], n: int, chunk: int, weights: Sequence[Tensor] = ()
+) -> Tensor:
     """``fn(start, stop)`` (per-row values ``(stop − start, ...)``) over ``[0, n)`` in chunks of
     ``chunk`` rows, concatenated: ``(n, ...)``.
 
     The rows are tokens and ``fn`` computes a few scalars per token from vocabulary-sized
-    intermediates. When autograd records and there is more than one chunk, each chunk runs under
-    activation checkpointing: only its small outputs are kept, and the backward pass recomputes
-    one chunk's intermediates at a time, so peak memory is set by ``chunk``, not by ``n``. (One
-    chunk is run plainly: recomputing it would save nothing.) Rows are independent, so the values
-    and gradients are those of one call over all rows, up to the kernels' rounding.
+    intermediates. When autograd records and there is more than one chunk, only the small outputs
+    are kept: the backward pass recomputes one chunk's intermediates at a time
+    (:class:`_Recomputed`), so peak memory is set by ``chunk``, not by ``n``. The gradient of a
+    linear map's weight of more than :data:`IN_PLACE_GRAD_ELEMENTS` (IAV's ``V x H`` W_a) is summed
+    over the chunks in place, in one buffer (:func:`add_weight_grad`), never a second
+    weight-sized tensor per chunk; a smaller weight's per-chunk gradient fits in a chunk's own
+    budget, and autograd's kernels sum it. ``weights``: every tensor requiring grad that ``fn``
+    reads (a head's parameters); with none, the chunks are recorded plainly (correct gradients, no
+    saving). (One chunk is run plainly: recomputing it would save nothing.) Rows are independent,
+    so the values and gradients are those of one call over all rows, up to the kernels' rounding.
+    ``fn`` must be deterministic (it runs twice).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if n <= chunk:
         return fn(0, n)
-    record = torch.is_grad_enabled()
-    parts = []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        parts.append(checkpoint(fn, start, stop, use_reentrant=False) if record else fn(start, stop))
-    return torch.cat(parts)
+    trainable = [w for w in weights if w.requires_grad]
+    if not (torch.is_grad_enabled() and trainable):
+        return torch.cat([fn(start, stop) for start, stop in chunk_ranges(n, chunk)])
+    return _Recomputed.apply(fn, n, chunk, *trainable)
+
+
+def add_weight_grad(sink: Tensor | None, grad_out: Tensor, inputs: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sink + grad_outᵀ · inputs``: a linear map's weight gradient ``(O, I)`` from one chunk's
+    output gradient ``grad_out (..., O)`` and inputs ``(..., I)``, added into ``sink`` in place
+    (``sink`` None: a new ``(O, I)`` tensor of ``dtype``, the weight's).
+
+    The products run in ``grad_out``'s dtype, as the linear map computed them (under bf16
+    autocast: bf16, then summed in the weight's float32 as autograd's cast would), so that the
+    sum equals autograd's sum of the per-chunk gradients up to the kernels' rounding; in the
+    weight's own dtype ``addmm_`` adds them without any temporary.
+    """
+    g = grad_out.reshape(-1, grad_out.shape[-1]).t()
+    x = inputs.reshape(-1, inputs.shape[-1]).to(g.dtype)
+    if sink is None:
+        return g.mm(x).to(dtype)
+    if sink.dtype == g.dtype:
+        return sink.addmm_(g, x)
+    return sink.add_(g.mm(x))
+
+
+class _GradSink:
+    """Where one backward pass's recomputations sum a weight's gradient: ``grad`` (or None)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+
+class _LinearIntoSink(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward adds the weight's gradient into a
+    :class:`_GradSink` (:func:`add_weight_grad`) and returns none for the weight itself: the
+    recomputing :class:`_Recomputed` hands the summed gradient to autograd once. ``weight`` is an
+    input all the same, so that autograd runs this backward when asked for the weight's
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, sink: _GradSink) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.sink = sink
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.sink.grad = add_weight_grad(ctx.sink.grad, grad, x, weight.dtype)
+        grad_x = grad.matmul(weight.to(grad.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, None
+
+
+class _RouteLinears(TorchFunctionMode):
+    """While active, ``F.linear`` calls (``nn.Linear``'s) whose weight has a sink go through
+    :class:`_LinearIntoSink`; sinks: ``id(weight) -> _GradSink``."""
+
+    def __init__(self, sinks: dict[int, _GradSink]) -> None:
+        super().__init__()
+        self.sinks = sinks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, bias = _linear_args(args, kwargs)
+            sink = self.sinks.get(id(weight))
+            if sink is not None:
+                return _LinearIntoSink.apply(x, weight, bias, sink)
+        return func(*args, **kwargs)
+
+
+def _linear_args(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(input, weight, bias)`` of an ``F.linear`` call, positional or by keyword."""
+    named = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
+    return named["input"], named["weight"], named.get("bias")
+
+
+def _sum_grads(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` (in place into ``a``) where both exist, else whichever does."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a.add_(b)
+
+
+@dataclass(frozen=True)
+class _AutocastState:
+    """Autocast as the forward pass ran under it, for the backward's recomputation."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+    cache: bool
+
+    @classmethod
+    def now(cls, device_type: str) -> _AutocastState:
+        return cls(
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+            torch.is_autocast_cache_enabled(),
+        )
+
+    def __call__(self) -> torch.autocast:
+        return torch.autocast(self.device_type, self.dtype, self.enabled, self.cache)
+
+
+class _Recomputed(torch.autograd.Function):
+    """:func:`chunked_rows` with autograd recording: the forward pass keeps only the concatenated
+    outputs; the backward pass recomputes each chunk, routes its linear maps' weight gradients
+    into one sink per weight (:class:`_RouteLinears`) and takes the other gradients with
+    ``torch.autograd.grad`` (which leaves ``.grad`` alone), then returns each weight's sum once,
+    as autograd's own gradient of the weight: gradient accumulation, ``no_sync`` and
+    DistributedDataParallel's hooks see one gradient per weight, as for any module."""
+
+    @staticmethod
+    def forward(ctx, fn: Callable[[int, int], Tensor], n: int, chunk: int, *weights: Tensor) -> Tensor:
+        ctx.fn, ctx.n, ctx.chunk = fn, n, chunk
+        # kept on ctx, not saved: the weights are parameters (the graph's inputs, alive anyway), and
+        # saved tensors would be offered to any saved-tensor hooks as if the graph held them
+        ctx.weights, ctx.versions = weights, [w._version for w in weights]
+        ctx.autocast = _AutocastState.now(weights[0].device.type)
+        return torch.cat([fn(start, stop) for start, stop in chunk_ranges(n, chunk)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weights = ctx.weights
+        if [w._version for w in weights] != ctx.versions:
+            raise RuntimeError(
+                "a weight of a chunked loss was modified in place between its forward and backward pass"
+            )
+        sinks = {id(w): _GradSink() for w in weights if w.numel() > IN_PLACE_GRAD_ELEMENTS}
+        others: list[Tensor | None] = [None] * len(weights)
+        # last chunk first, as autograd's engine runs checkpointed chunks (the later first): the
+        # gradients it sums add up in the same order, so they equal its sums bit for bit
+        for start, stop in reversed(chunk_ranges(ctx.n, ctx.chunk)):
+            # the recomputation's saved tensors are transient, not the graph's: outer saved-tensor
+            # hooks do not see them (as for torch.utils.checkpoint)
+            with torch.enable_grad(), ctx.autocast(), _RouteLinears(sinks), _identity_saved_tensors():
+                part = ctx.fn(start, stop)
+            if not part.requires_grad:
+                continue
+            grads = torch.autograd.grad(part, weights, grad[start:stop], allow_unused=True)
+            others = [_sum_grads(a, b) for a, b in zip(others, grads, strict=True)]
+            del part, grads
+        summed = [_sum_grads(_sunk(sinks, w), other) for w, other in zip(weights, others, strict=True)]
+        return (None, None, None, *summed)
+
+
+def _sunk(sinks: dict[int, _GradSink], weight: Tensor) -> Tensor | None:
+    """The gradient summed into ``weight``'s sink, if it has one."""
+    sink = sinks.get(id(weight))
+    return None if sink is None else sink.grad
+
+
+def _identity_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
 
 # --------------------------------------------------------------------------- totals

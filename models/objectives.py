@@ -331,6 +331,14 @@ def _chunk_size(head: nn.Module, chunk: int | None) -> int:
     return chunk if chunk is not None else chunk_tokens(head.config.vocab_size)
 
 
+def grad_inputs(head: nn.Module, tokens: ScoredTokens) -> list[Tensor]:
+    """What a chunked objective of ``head`` over ``tokens`` reads that may require a gradient (the
+    ``weights`` of :func:`alignheads.models.losses.chunked_rows`): the head's parameters, and the
+    tokens' features and context (from a frozen backbone or the cache: none in training)."""
+    features = [tokens.hidden] + ([] if tokens.context is None else [tokens.context.context])
+    return [*head.parameters(), *features]
+
+
 def iav_chunked_objective(
     head: nn.Module,
     tokens: ScoredTokens,
@@ -354,7 +362,7 @@ def iav_chunked_objective(
             out, part.targets.unsqueeze(0), kl(soft_cap(base, cap), part).unsqueeze(0), cap
         )[0]
 
-    grid = tokens.grid(chunked_rows(terms, tokens.n, _chunk_size(head, chunk)))
+    grid = tokens.grid(chunked_rows(terms, tokens.n, _chunk_size(head, chunk), grad_inputs(head, tokens)))
     return HeadStepLoss(iav_reduce(grid, batch, weights, nll_weight), grid)
 
 
@@ -376,7 +384,7 @@ def calm_chunked_objective(
         out = head(part.hidden.unsqueeze(0), frozen_head=frozen, context=part.context)
         return calm_token_terms(out, part.targets.unsqueeze(0), cap)[0]
 
-    grid = tokens.grid(chunked_rows(terms, tokens.n, _chunk_size(head, chunk)))
+    grid = tokens.grid(chunked_rows(terms, tokens.n, _chunk_size(head, chunk), grad_inputs(head, tokens)))
     return HeadStepLoss(calm_reduce(grid, batch, weights, nll_weight), grid)
 
 
@@ -396,7 +404,7 @@ def head_response_logps(
         z = head.logits(part.hidden.unsqueeze(0), alpha, frozen_head=frozen, context=part.context)
         return token_logprobs(soft_cap(z, cap).squeeze(0), part.targets)
 
-    per_token = tokens.grid(chunked_rows(logp, tokens.n, _chunk_size(head, chunk)))
+    per_token = tokens.grid(chunked_rows(logp, tokens.n, _chunk_size(head, chunk), grad_inputs(head, tokens)))
     return per_token.sum(-1)
 
 

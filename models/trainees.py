@@ -157,6 +157,7 @@ class HeadTrainee(Trainee):
         self.module = new_head(kind, model, dtype=torch.float32, **head_shape(cfg)).to(device)
         if base_head_frozen(cfg):
             self.module.base.requires_grad_(False)
+            share_frozen_base(self.module.base, self.frozen)
         self.needs, self.with_sequences = head_batches(cfg)
         self.features = head_features(cfg, model.base_model, self.module.needs_token_context, self.frozen)
         self.objective = head_objective(cfg, self.frozen, self.cap, chunk)
@@ -187,6 +188,22 @@ class HeadTrainee(Trainee):
         logps = head_response_logps(module, self.tokens(batch), self.frozen, alpha, self.cap, self.chunk)
         b = batch.n_pairs
         return dpo_loss(logps[:b], logps[b:], batch.ref_logps[:b], batch.ref_logps[b:], self.cfg.beta)
+
+
+def share_frozen_base(base: nn.Linear, frozen: nn.Module) -> None:
+    """Make a frozen IAV base head ``base`` (W_b ``(V, H)``, a copy of the LM's output layer
+    ``frozen``) hold the output layer's own tensors where the copy is exact (same dtype, device
+    and shape): the two are then one ``V x H`` weight in memory instead of two (500 MiB at a
+    7B model's 32,000 x 4,096 in float32), with the same values, so training and the saved head
+    are unchanged. W_b gets its own Parameter objects (a later ``.to()`` of the head re-points
+    them, never the LM's). Neither is ever written: W_b is frozen, and so is the LM. A layer in
+    another dtype (a bf16 LM under a float32 head) keeps its own copy."""
+    for name in ("weight", "bias"):
+        mine, theirs = getattr(base, name, None), getattr(frozen, name, None)
+        if mine is None or theirs is None:
+            continue
+        if (mine.dtype, mine.device, mine.shape) == (theirs.dtype, theirs.device, theirs.shape):
+            setattr(base, name, nn.Parameter(theirs.detach(), requires_grad=False))
 
 
 def base_head_frozen(cfg: HeadTrainConfig) -> bool:

@@ -19,7 +19,15 @@ from torch import nn
 
 from alignheads.models.context import TokenContext
 from alignheads.models.head_base import lm_output_layer, soft_cap
-from alignheads.models.losses import CALMWeights, IAVWeights, chunk_tokens, chunked_rows, topk_extrapolated_kl
+from alignheads.models.losses import (
+    IN_PLACE_GRAD_ELEMENTS,
+    CALMWeights,
+    IAVWeights,
+    add_weight_grad,
+    chunk_tokens,
+    chunked_rows,
+    topk_extrapolated_kl,
+)
 from alignheads.models.objectives import (
     PairBatch,
     calm_chunked_objective,
@@ -227,11 +235,17 @@ def _iav_step(chunk: int):
     return HeadStep(head, objective), frozen
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, in_place: bool) -> None:
     """One process of a 2-process (gloo) run: the chunked loss through a DDP-wrapped HeadStep on
-    this rank's batch; writes the synchronised gradient."""
+    this rank's batch; writes the synchronised gradient. ``in_place``: W_a's and W_b's gradients
+    summed in place over the chunks (as a 7B-sized W_a's is)."""
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel
+
+    from alignheads.models import losses
+
+    if in_place:
+        losses.IN_PLACE_GRAD_ELEMENTS = 0
 
     torch.set_num_threads(1)
     # a TCP store on loopback: a file store can leave the slower rank waiting on a file the
@@ -250,7 +264,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_average_the_chunked_gradients(tmp_path):
+@pytest.mark.parametrize("in_place", [False, True], ids=["autograd-sums", "in-place-sums"])
+def test_two_processes_average_the_chunked_gradients(tmp_path, in_place):
     """The chunked, checkpointed loss runs inside one forward of the wrapped HeadStep, so
     DistributedDataParallel averages its gradients as for any module: each rank ends with the
     mean of the two single-process gradients of its batch (chunks of 3 tokens)."""
@@ -263,7 +278,11 @@ def test_two_processes_average_the_chunked_gradients(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     procs = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        _ddp_worker,
+        args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path), in_place),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + 120  # a hang fails the test instead of stalling the suite
     while not procs.join(timeout=5):
@@ -282,3 +301,153 @@ def test_two_processes_average_the_chunked_gradients(tmp_path):
         assert synced.keys() == single[0].keys() == {"align.weight", "base.weight"}
         for name, grad in synced.items():
             torch.testing.assert_close(grad, (single[0][name] + single[1][name]) / 2, atol=1e-12, rtol=1e-10)
+
+
+# --- the weight gradients summed in place --------------------------------------------------------
+
+
+def test_add_weight_grad_is_autograds_weight_gradient_summed_in_place():
+    """Two chunks of a linear map: the first makes the ``(O, I)`` buffer, the second is added into
+    it in place (the same tensor); the sum is autograd's gradient of the weight over both."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(1, 9, 5, dtype=torch.float64, generator=gen)
+    grad_out = torch.randn(1, 9, 7, dtype=torch.float64, generator=gen)
+    torch.nn.functional.linear(x, weight).backward(grad_out)
+    sink = add_weight_grad(None, grad_out[:, :4], x[:, :4], torch.float64)
+    assert sink.shape == weight.shape and sink.dtype == torch.float64
+    ptr = sink.data_ptr()
+    sink = add_weight_grad(sink, grad_out[:, 4:], x[:, 4:], torch.float64)
+    assert sink.data_ptr() == ptr
+    torch.testing.assert_close(sink, weight.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_add_weight_grad_rounds_bf16_products_as_autocast_does():
+    """Under bf16 autocast a linear map's weight gradient is a bf16 product cast to float32; the
+    sum over chunks adds those casts, so one chunk's gradient is autograd's bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 4, generator=gen, requires_grad=True)
+    x = torch.randn(5, 4, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.nn.functional.linear(x, weight)
+    grad_out = torch.randn(out.shape, generator=gen).to(out.dtype)
+    out.backward(grad_out)
+    sink = add_weight_grad(None, grad_out, x, torch.float32)
+    assert sink.dtype == torch.float32
+    assert torch.equal(sink, weight.grad)
+    twice = add_weight_grad(sink.clone(), grad_out, x, torch.float32)
+    assert torch.equal(twice, 2 * weight.grad)
+
+
+@pytest.fixture
+def every_weight_in_place(monkeypatch):
+    """Sum every linear map's weight gradient in place, however small (the tiny heads' maps are
+    below :data:`IN_PLACE_GRAD_ELEMENTS`); counts the in-place additions."""
+    from alignheads.models import losses
+
+    calls = []
+
+    def counted(sink, grad_out, inputs, dtype):
+        out = losses_add(sink, grad_out, inputs, dtype)
+        calls.append(out.data_ptr())
+        return out
+
+    losses_add = losses.add_weight_grad
+    monkeypatch.setattr(losses, "IN_PLACE_GRAD_ELEMENTS", 0)
+    monkeypatch.setattr(losses, "add_weight_grad", counted)
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_iav_in_place_sums_equal_the_whole_grid(chunk, every_weight_in_place):
+    """With W_a and W_b summed in place (W_b trains through the KL, as against another
+    reference), the chunked loss and its gradients are the whole grid's."""
+    head, frozen, batch, hidden, _ = _setup("iav")
+    head.base.requires_grad_(True)
+    out = head(hidden, frozen_head=frozen)
+    whole = iav_objective(out, batch, topk_kl_per_token(out.base_logits, batch), IAV_WEIGHTS, nll_weight=0.7)
+    result = iav_chunked_objective(
+        head, scored_tokens(batch, hidden, None), batch, frozen, topk_kl_per_token, IAV_WEIGHTS,
+        nll_weight=0.7, chunk=chunk,
+    )  # fmt: skip
+    _assert_same(result.loss, whole, head, ("loss", "pref", "kl", "l2"))
+    assert len(every_weight_in_place) == 2 * math.ceil(sum(LENGTHS) / chunk)  # W_a, W_b per chunk
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_calm_in_place_sums_equal_the_whole_grid(chunk, every_weight_in_place):
+    head, frozen, batch, hidden, context = _setup("calm")
+    whole = calm_objective(head(hidden, frozen_head=frozen, context=context), batch, CALM_WEIGHTS, 0.7)
+    result = calm_chunked_objective(
+        head, scored_tokens(batch, hidden, context), batch, frozen, CALM_WEIGHTS, nll_weight=0.7, chunk=chunk
+    )
+    _assert_same(result.loss, whole, head, ("loss", "pref", "l2", "strength_var", "entropy"))
+    assert len(every_weight_in_place) == 3 * math.ceil(sum(LENGTHS) / chunk)  # down, up, gate
+
+
+def test_the_in_place_sum_becomes_the_weights_grad(every_weight_in_place):
+    """The buffer the chunks are summed into is handed to autograd once and becomes ``.grad``
+    itself: no copy of the weight's size is made after the chunks."""
+    head, frozen, batch, hidden, _ = _setup("iav")
+    head.base.requires_grad_(False)  # as the trainee keeps it: W_a is the one weight summed
+    result = iav_chunked_objective(
+        head, scored_tokens(batch, hidden, None), batch, frozen, topk_kl_per_token, IAV_WEIGHTS, chunk=3
+    )
+    result.loss.loss.backward()
+    assert head.align.weight.grad.data_ptr() == every_weight_in_place[-1]
+    assert len(every_weight_in_place) == math.ceil(sum(LENGTHS) / 3)
+    assert head.base.weight.grad is None  # a frozen W_b gets no sink and no gradient
+
+
+def _backward_peak_bytes(loss: torch.Tensor) -> int:
+    """Peak of torch's CPU allocations during ``loss.backward()`` above what was allocated before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    events = prof.profiler.kineto_results.events()
+    current = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def test_a_large_weights_gradient_is_one_buffer_during_backward():
+    """A weight above :data:`IN_PLACE_GRAD_ELEMENTS` (a 2,048 x 2,049 map, 32 MiB in float64) in a
+    loss of 10 chunks: the backward pass allocates its gradient once plus one chunk's working
+    memory, where summing per-chunk gradients would hold a second weight-sized tensor."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.zeros(2048, 2049, dtype=torch.float64, requires_grad=True)
+    assert weight.numel() > IN_PLACE_GRAD_ELEMENTS
+    x = torch.randn(40, 2049, dtype=torch.float64, generator=gen)
+
+    def fn(start: int, stop: int) -> torch.Tensor:
+        return torch.logsumexp(torch.nn.functional.linear(x[start:stop], weight), -1, keepdim=True)
+
+    loss = chunked_rows(fn, 40, 4, [weight]).sum()
+    peak = _backward_peak_bytes(loss)
+    size = weight.numel() * weight.element_size()
+    assert size <= peak < size + 8 * 4 * 2048 * 8  # the gradient + a few (4, 2048) chunk tensors
+    want = torch.softmax(x @ weight.detach().t(), -1).t() @ x
+    torch.testing.assert_close(weight.grad, want, atol=1e-12, rtol=1e-10)
+
+
+def test_a_weight_changed_in_place_before_backward_is_refused():
+    """The backward pass recomputes the chunks from the weights: one modified in place since the
+    forward pass would give another function's gradient, so it raises (as autograd does)."""
+    weight = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    loss = chunked_rows(lambda a, b: torch.nn.functional.linear(x[a:b], weight), 6, 2, [weight]).sum()
+    with torch.no_grad():
+        weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_chunks_without_weights_are_recorded_plainly():
+    """No weights named: the chunks are recorded as they run (gradients still right)."""
+    weight = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    chunked_rows(lambda a, b: torch.nn.functional.linear(x[a:b], weight) ** 2, 6, 2).sum().backward()
+    torch.testing.assert_close(weight.grad, 2 * (x @ weight.detach().t()).t() @ x)

@@ -203,6 +203,14 @@ def collate(records: list[PairRecord], needs: BatchNeeds, with_sequences: bool, 
     return batch
 
 
+def release_arrow_memory() -> None:
+    """Give Arrow's memory pool's free pages back to the system. The records of a shard are
+    copies (numpy arrays, Python lists); the Parquet table they were read from is gone, but Arrow's
+    allocator (mimalloc or jemalloc) keeps the freed pages for reuse: 76 of 143 MiB resident after
+    reading a 48-sequence shard with hidden states of width 4,096, held through training."""
+    pa.default_memory_pool().release_unused()
+
+
 class PairStream:
     """The training (or evaluation) pairs of one reference cache, as a seeded stream of micro-batches."""
 
@@ -227,6 +235,7 @@ class PairStream:
         order = rng.permutation(len(self.shards)) if rng is not None else range(len(self.shards))
         for i in order:
             recs = _shard_records(self.cache_dir, self.shards[int(i)], self.tokenized, self.split, self.needs)
+            release_arrow_memory()
             if rng is not None:
                 recs = [recs[j] for j in rng.permutation(len(recs))]
             yield from recs
