@@ -100,6 +100,14 @@ def plan_train(
             f"train.{entry.section}.features is 'cached' but the reference cache {refpass_path} holds no "
             "hidden states: set refpass.store_hidden: true"
         )
+    if getattr(cfg, "features", None) == "cached" and not refpass.config.get("model", {}).get("own", True):
+        # the cached states are the reference's backbone's, while the head steers the run model's
+        # at decoding time: training on them would fit a head to another model's features
+        raise ValueError(
+            f"train.{entry.section}.features is 'cached' but the reference cache {refpass_path} scores "
+            "another reference model (refpass.reference_model), so its hidden states are that model's, "
+            "not the run model's: use features: backbone"
+        )
     if getattr(cfg, "features", None) == "cached" and refpass.config.get("hidden_dtype") == "float16":
         log.warning(
             "train.%s.features is 'cached' over float16 hidden states: the head trains on rounded "

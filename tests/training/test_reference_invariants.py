@@ -295,6 +295,11 @@ def test_the_plan_freezes_w_b_for_the_own_model_and_trains_it_for_another(llama,
     assert other.settings.base_head == "trained"  # what the (launched) trainee is built from
     with pytest.raises(ValueError, match="kl is 'exact'"):
         plan_train("iav", IAVTrainConfig(kl="exact"), other_reference["refpass"], other_source)
+    # that cache holds the reference's hidden states, not the run model's: no head trains on them
+    for kind, settings in (("iav", IAVTrainConfig(features="cached")), ("calm", CALMTrainConfig(features="cached"))):
+        with pytest.raises(ValueError, match=r"features is 'cached' .* another reference model"):
+            plan_train(kind, settings, other_reference["refpass"], other_source)
+    assert plan_train("iav", IAVTrainConfig(features="cached"), llama["refpass"], source).settings.features == "cached"
     # CALM has no W_b: its settings are not touched
     assert "base_head" not in plan_train("calm", CALMTrainConfig(), llama["refpass"], source).train
 
