@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from torch import nn
 
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000}
 MIB = 2**20
+# (split, prompt ids, chosen ids, rejected ids) of one synthetic preference pair
+SyntheticPair = tuple[str, list[int], list[int], list[int]]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -40,6 +42,37 @@ class TinyWorld:
     def pad_id(self) -> int:
         t = self.tokenizer
         return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+
+
+def write_tokenized(
+    store: Path, config: dict[str, Any], inputs: dict[str, str], pairs: Callable[[], Iterable[SyntheticPair]]
+) -> Any:
+    """A `tokenize` artifact of synthetic pairs, written with the storage layer like the real
+    stage's and keyed by ``config`` and ``inputs`` (reused when complete). ``pairs`` is called only
+    when the artifact is built, and yields ``(split, prompt, chosen, rejected)`` token-id lists."""
+    import pyarrow as pa
+
+    from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
+    from alignheads.storage.fingerprint import artifact_key
+    from alignheads.storage.tables import write_table
+    from alignheads.tasks.tokenize import STAGE, TOKENIZE_VERSION, TOKENIZED_SCHEMA
+
+    def build(staging: Path) -> ArtifactContent:
+        cols: dict[str, list] = {name: [] for name in TOKENIZED_SCHEMA.names}
+        for i, (split, *seqs) in enumerate(pairs()):
+            cols["id"].append(f"synthetic-{i}")
+            cols["split"].append(split)
+            for name, seq in zip(("prompt", "chosen", "rejected"), seqs, strict=True):
+                cols[f"{name}_ids"].append(seq)
+                cols[f"{name}_len"].append(len(seq))
+                cols[f"{name}_truncated"].append(False)
+        table = pa.Table.from_pydict(cols, schema=TOKENIZED_SCHEMA)
+        return ArtifactContent(
+            tables={"tokenized": write_table(table, staging, "tokenized")}, info={"rows": len(cols["id"])}
+        )
+
+    key = artifact_key(STAGE, config, inputs, TOKENIZE_VERSION)
+    return ensure_artifact(store, STAGE, key, TOKENIZE_VERSION, config, inputs, build)
 
 
 def prepare_tiny_world(store: Path, world_config: Any = None) -> TinyWorld:

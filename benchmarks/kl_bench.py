@@ -55,10 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from common import interleaved, machine_line, print_table, random_llama
+from common import interleaved, machine_line, print_table, random_llama, write_tokenized
 from torch import nn
 from train_bench import Setup, Variant, make_clock, read_batches, refpass_in_memory
 
@@ -110,13 +109,7 @@ def preference_tokenized(store: Path, sizes: Sizes, seed: int = 0):
     """A `tokenize` artifact of synthetic pairs: random prompts of ¾P..P ids; responses of ¾L..L
     ids ending in EOS (2), the chosen one drawing each id from the lower half of the vocabulary
     with probability ¾, the rejected one with probability ¼ (a preference a head can learn). The
-    first `train_pairs` rows are split "train", the rest "test". Written with the storage layer
-    like the real stage's (as train_bench.synthetic_tokenized)."""
-    from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
-    from alignheads.storage.fingerprint import artifact_key
-    from alignheads.storage.tables import write_table
-    from alignheads.tasks.tokenize import STAGE, TOKENIZE_VERSION, TOKENIZED_SCHEMA
-
+    first `train_pairs` rows are split "train", the rest "test"."""
     n_pairs = sizes.train_pairs + sizes.test_pairs
     config = {
         "synthetic": "preference-halves",
@@ -141,27 +134,13 @@ def preference_tokenized(store: Path, sizes: Sizes, seed: int = 0):
         ids[-1] = 2
         return ids
 
-    def build(staging: Path) -> ArtifactContent:
-        cols: dict[str, list] = {name: [] for name in TOKENIZED_SCHEMA.names}
+    def pairs():
         for i in range(n_pairs):
-            cols["id"].append(f"synthetic-{i}")
-            cols["split"].append("train" if i < sizes.train_pairs else "test")
-            seqs = {
-                "prompt": rng.integers(3, sizes.vocab, length(sizes.prompt_len)).tolist(),
-                "chosen": response(0.75),
-                "rejected": response(0.25),
-            }
-            for name, seq in seqs.items():
-                cols[f"{name}_ids"].append(seq)
-                cols[f"{name}_len"].append(len(seq))
-                cols[f"{name}_truncated"].append(False)
-        table = pa.Table.from_pydict(cols, schema=TOKENIZED_SCHEMA)
-        return ArtifactContent(
-            tables={"tokenized": write_table(table, staging, "tokenized")}, info={"rows": n_pairs}
-        )
+            prompt = rng.integers(3, sizes.vocab, length(sizes.prompt_len)).tolist()
+            chosen = response(0.75)
+            yield "train" if i < sizes.train_pairs else "test", prompt, chosen, response(0.25)
 
-    key = artifact_key(STAGE, config, inputs, TOKENIZE_VERSION)
-    return ensure_artifact(store, STAGE, key, TOKENIZE_VERSION, config, inputs, build)
+    return write_tokenized(store, config, inputs, pairs)
 
 
 @dataclass

@@ -77,9 +77,8 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
-from common import LLAMA_7B, MIB, machine_line, prepare_tiny_world, print_table, random_llama
+from common import LLAMA_7B, MIB, machine_line, prepare_tiny_world, print_table, random_llama, write_tokenized
 from torch import nn
 
 from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig
@@ -165,12 +164,7 @@ def prepare_cpu(store: Path, args: argparse.Namespace) -> Setup:
 
 def synthetic_tokenized(store: Path, n_pairs: int, prompt_len: int, response_len: int, vocab: int, seed: int):
     """A `tokenize` artifact of random token ids: prompts of ¾P..P tokens, responses of ¾L..L
-    (ending in EOS = 2), written with the storage layer like the real stage's."""
-    from alignheads.storage.artifacts import ArtifactContent, ensure_artifact
-    from alignheads.storage.fingerprint import artifact_key
-    from alignheads.storage.tables import write_table
-    from alignheads.tasks.tokenize import STAGE, TOKENIZE_VERSION, TOKENIZED_SCHEMA
-
+    (ending in EOS = 2), all split "train"."""
     config = {
         "synthetic": True,
         "n_pairs": n_pairs,
@@ -189,27 +183,13 @@ def synthetic_tokenized(store: Path, n_pairs: int, prompt_len: int, response_len
             out[-1] = 2
         return out
 
-    def build(staging: Path) -> ArtifactContent:
-        cols: dict[str, list] = {name: [] for name in TOKENIZED_SCHEMA.names}
-        for i in range(n_pairs):
-            cols["id"].append(f"synthetic-{i}")
-            cols["split"].append("train")
-            for name, max_len, eos in (
-                ("prompt", prompt_len, False),
-                ("chosen", response_len, True),
-                ("rejected", response_len, True),
-            ):
-                seq = ids(max_len, eos)
-                cols[f"{name}_ids"].append(seq)
-                cols[f"{name}_len"].append(len(seq))
-                cols[f"{name}_truncated"].append(False)
-        table = pa.Table.from_pydict(cols, schema=TOKENIZED_SCHEMA)
-        return ArtifactContent(
-            tables={"tokenized": write_table(table, staging, "tokenized")}, info={"rows": n_pairs}
-        )
+    def pairs():
+        for _ in range(n_pairs):
+            prompt = ids(prompt_len, False)
+            chosen = ids(response_len, True)
+            yield "train", prompt, chosen, ids(response_len, True)
 
-    key = artifact_key(STAGE, config, inputs, TOKENIZE_VERSION)
-    return ensure_artifact(store, STAGE, key, TOKENIZE_VERSION, config, inputs, build)
+    return write_tokenized(store, config, inputs, pairs)
 
 
 def refpass_in_memory(
