@@ -6,7 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-import decode_bench  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import calm_step_bench  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import decode_bench
 import pipeline_bench
 import pytest
 import scale_bench
@@ -33,6 +34,19 @@ def test_decode_bench_dry_run(capsys) -> None:
     sweep = [r for r in sweep if len(r) == 9]
     assert len(sweep) == 4 and all(r[-1] == "100.0%" for r in sweep)
     assert {r[2] for r in sweep} == {"5", "10"}  # 5 alphas x batch 1 and 2
+
+
+def test_calm_step_bench_dry_run(capsys) -> None:
+    """Each batch size times the output layer, CALM's step and a decode step, and prints CALM's
+    implied speed (no timing is asserted: only that every cell is a measured number)."""
+    calm_step_bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    for name in ("lm_head", "calm eager", "decode step"):
+        rows = table_rows(out, name)
+        assert [r[1] for r in rows] == ["1", "16"], name
+        assert all(float(r[3]) > 0 for r in rows), name
+    assert all(float(r[4]) > 0 for r in table_rows(out, "calm eager"))
+    assert not table_rows(out, "calm compiled")  # the dry run skips torch.compile
 
 
 def test_pipeline_bench_dry_run(capsys) -> None:
