@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NOOP_FLOW = "from prefect import flow\n\n@flow\ndef noop():\n    return 1\n\nnoop()\n"
 IMPORT_ONLY = "import alignheads.flows.pipeline\n"
 DRY_RUN = "print('Nothing recomputed: dry run')"
+# issue 20's targets: the cached re-run's own work beyond Prefect's start-up, and the cold run
+CACHED_TARGET_S = 5.0
+COLD_TARGET_S = 300.0
 
 
 def commands(args: argparse.Namespace, store: Path) -> dict[str, list[str]]:
@@ -134,9 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([label, f"{best[name]:.1f}", f"{statistics.median(times[name]):.1f}", str(args.repeats)])
     print_table([("process", 32), ("best s", 8), ("median s", 8), ("runs", 4)], rows)
     overhead = best["cached"] - best["prefect"]
-    verdict = "met" if overhead <= 15 else "not met"
+    verdict = "met" if overhead <= CACHED_TARGET_S else "not met"
+    cold_verdict = "met" if cold <= COLD_TARGET_S else "not met"
     print(
-        f"cached re-run beyond Prefect's start-up: {overhead:.1f} s (target <= 15 s: {verdict}); "
+        f"cached re-run beyond Prefect's start-up: {overhead:.1f} s (target <= {CACHED_TARGET_S:.0f} s: {verdict}); "
+        f"cold run {cold:.1f} s (target <= {COLD_TARGET_S:.0f} s: {cold_verdict}); "
         f"cold / cached = {cold / best['cached']:.1f}x"
     )
 
