@@ -121,6 +121,16 @@ def kl_errors(reference, tables: dict[int, object], tokenized, noise: float, see
     return exact, errors
 
 
+def bare_forward_seconds(reference, batches) -> float:
+    """Wall seconds of the plain forward pass (``model(...).logits``, all positions) over ``batches``:
+    what the reference pass is compared with."""
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            _ = reference.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    return time.perf_counter() - t
+
+
 def legacy_topk_reference(logits, targets, k: int):
     """`models.reference.topk_reference` as it was before `sorted_topk` (`torch.topk` over the
     (N, V) logits, the log-sum-exp reusing its maximum): the "before" of the throughput columns."""
@@ -180,13 +190,7 @@ def throughput(store: Path, plan, reference, repeats: int) -> dict[str, float]:
     batches = shard_batches(plan)
 
     def bare() -> float:
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for b in batches:
-                _ = reference.model(
-                    input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
-                ).logits
-        return time.perf_counter() - t
+        return bare_forward_seconds(reference, batches)
 
     def refpass(write: bool) -> float:
         t = time.perf_counter()
@@ -272,13 +276,7 @@ def step_profile(plan, reference, repeats: int) -> dict[str, float]:
         best[name] = min(best.get(name, float("inf")), value)
 
     for _ in range(repeats):
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for b in batches:
-                _ = reference.model(
-                    input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
-                ).logits
-        keep("bare forward", time.perf_counter() - t)
+        keep("bare forward", bare_forward_seconds(reference, batches))
         with torch.inference_mode():
             hidden = [reference.backbone(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
                       for b in batches]  # fmt: skip

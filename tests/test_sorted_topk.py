@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from refpass_bench import legacy_topk_reference  # benchmarks/ is on pytest's pythonpath
 
 from alignheads.models.reference import (
     pack_batch,
@@ -96,16 +97,6 @@ def test_untied_topk_flags_exactly_the_rows_whose_answer_depends_on_tie_breaking
     assert np.array_equal(values, want.values.numpy()) and np.array_equal(ids, want.indices.numpy())
 
 
-def _former_topk_reference(logits: torch.Tensor, targets: torch.Tensor, k: int):
-    """`topk_reference` as it was with `torch.topk` (the log-sum-exp reusing its maximum)."""
-    logits = logits.float()
-    values, ids = logits.topk(k, dim=-1, sorted=True)
-    top = values[:, :1]
-    lse = (logits - top).exp_().sum(-1).log_().add_(top.squeeze(-1))
-    target_lp = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
-    return target_lp, ids.to(torch.int32), values - lse.unsqueeze(-1)
-
-
 @pytest.mark.parametrize("k", [1, 16, 64, 200])
 def test_topk_reference_equals_the_torch_topk_extraction_bit_for_bit(k):
     gen = torch.Generator().manual_seed(k)
@@ -115,7 +106,7 @@ def test_topk_reference_equals_the_torch_topk_extraction_bit_for_bit(k):
     logits[::9, 7] = logits[::9, 8]  # some ties
     targets = torch.randint(0, 200, (120,), generator=gen)
     got = topk_reference(logits, targets, k)
-    want = _former_topk_reference(logits, targets, k)
+    want = legacy_topk_reference(logits, targets, k)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and torch.equal(_bits(g), _bits(w))
     # and what it stands for: top-k of the log-softmax (equal up to rounding)
