@@ -2,7 +2,10 @@
 method: its calibration, its generations at all of its α and its held-out accuracy, over one load
 of the method) and the dial sweep's generations (one task per dial family, all of its α vectors),
 each a sub-flow that submits one cached task per item to the run's task runner (threads, or Dask
-via prefect-dask). Items already complete on disk are not recomputed, whichever process made them.
+via prefect-dask). Items already complete on disk are not recomputed, whichever process made them;
+when every item is complete, their tasks are submitted from the calling flow itself: no sub-flow
+run (about a second of Prefect's start-up and shut-down each) and no task runner (a Dask cluster)
+is started for work that is only read back.
 """
 
 from __future__ import annotations
@@ -98,15 +101,20 @@ def _grouped_results(
     return out
 
 
-@flow(name="dial-generations")
-def dial_generations_flow(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
+def _dial_results(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
     """Submit one dial generation task per family (its whole α-vector grid, sampled in one pass over
-    the dials loaded once) to this flow's task runner; every (family, vector) result, in order."""
+    the dials loaded once) to the running flow's task runner; every (family, vector) result, in order."""
     return _grouped_results(
         dial_generate_task, store, grids, refresh,
         key_of=lambda plans: sweep_key([DialGeneratePlan(**p) for p in plans]),
         name_of=lambda plans: f"dialgen-{plans[0]['family']}",
     )  # fmt: skip
+
+
+@flow(name="dial-generations")
+def dial_generations_flow(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
+    """The dial sweep's generation tasks (`_dial_results`) on this flow's task runner."""
+    return _dial_results(store, grids, refresh)
 
 
 def dial_generations(cfg: RunConfig, plans: list[DialGeneratePlan]) -> list[StageResult]:
@@ -117,18 +125,25 @@ def dial_generations(cfg: RunConfig, plans: list[DialGeneratePlan]) -> list[Stag
         by_family.setdefault(plan.family, []).append(plan)
     grids = list(by_family.values())
     refresh = [not all(is_complete(cfg.store, DIALGEN_STAGE, p.key) for p in group) for group in grids]
-    results = dial_generations_flow.with_options(task_runner=task_runner(cfg.runner))(
-        store=str(cfg.store), grids=[[asdict(p) for p in group] for group in grids], refresh=refresh
-    )
+    params = {"store": str(cfg.store), "grids": [[asdict(p) for p in group] for group in grids], "refresh": refresh}
+    if any(refresh):
+        results = dial_generations_flow.with_options(task_runner=task_runner(cfg.runner))(**params)
+    else:  # all on disk: the tasks only read their results back
+        results = _dial_results(**params)
     by_key = {r.key: r for r in results}
     return [by_key[p.key] for p in plans]
 
 
 @flow(name="method-sweeps")
 def method_sweeps_flow(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[MethodSweepResult]:
+    """The methods' sweep tasks (`_sweep_results`) on this flow's task runner."""
+    return _sweep_results(store, plans, refresh)
+
+
+def _sweep_results(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[MethodSweepResult]:
     """Submit one sweep task per method (calibrate, generate at every α, held-out accuracy, over
-    one load of the method) to this flow's task runner; results in order. `refresh[i]` makes
-    method i ignore a cache record."""
+    one load of the method) to the running flow's task runner; results in order. `refresh[i]`
+    makes method i ignore a cache record."""
     results = Path(store) / RESULTS_DIR
     futures = [
         method_sweep_task.with_options(result_storage=results, refresh_cache=fresh).submit(
@@ -167,6 +182,7 @@ def method_sweeps(cfg: RunConfig, plans: list[MethodSweepPlan]) -> list[MethodSw
     if not plans:
         return []
     refresh = [not is_swept(cfg.store, plan) for plan in plans]
-    return method_sweeps_flow.with_options(task_runner=task_runner(cfg.runner))(
-        store=str(cfg.store), plans=[asdict(plan) for plan in plans], refresh=refresh
-    )
+    params = {"store": str(cfg.store), "plans": [asdict(plan) for plan in plans], "refresh": refresh}
+    if any(refresh):
+        return method_sweeps_flow.with_options(task_runner=task_runner(cfg.runner))(**params)
+    return _sweep_results(**params)  # all on disk: the tasks only read their results back
