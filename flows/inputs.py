@@ -16,6 +16,7 @@ from alignheads.flows.mapped import reference_pass
 from alignheads.flows.tracking import RunTracking
 from alignheads.loading import load_tokenizer, model_location
 from alignheads.storage.fingerprint import tokenizer_fingerprint
+from alignheads.storage.tokenizer_memo import memoized_fingerprint
 from alignheads.tasks import data as data_stage
 from alignheads.tasks import refpass as refpass_stage
 from alignheads.tasks import tokenize as tokenize_stage
@@ -62,7 +63,11 @@ def run_inputs(cfg: RunConfig, outcome: RunOutcome) -> RunInputs:
         world_key=outcome.world.key if outcome.world is not None else None,
         model_path=model_path,
         tokenizer_source=tokenizer_source,
-        tokenizer_fp=tokenizer_fingerprint(load_tokenizer(**tokenizer_source)),
+        # from the store's memo when the tokenizer's files are unchanged: a cached re-run loads no
+        # tokenizer (nor transformers) only to hash it again
+        tokenizer_fp=memoized_fingerprint(
+            cfg.store, tokenizer_source, lambda: tokenizer_fingerprint(load_tokenizer(**tokenizer_source))
+        ),
         dtype=cfg.model.dtype,
     )
 
