@@ -42,7 +42,7 @@ def world_sources(world_dir: Path, objective: str | None = None) -> dict[str, So
     """The tiny world's pair files: its main pairs, or those of one objective (a dial's)."""
     if objective is None:
         return {split: SourceConfig(path=str(Path(world_dir) / f"{split}.jsonl")) for split in SPLITS}
-    from alignheads.world.build import objective_pair_files
+    from alignheads.world.layout import objective_pair_files
 
     return {split: SourceConfig(path=str(path)) for split, path in objective_pair_files(Path(world_dir), objective).items()}
 

@@ -25,19 +25,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignheads.config import WorldConfig
 from alignheads.world import corpus
+from alignheads.world.layout import objective_pair_files
 from alignheads.world.pretrain import encode_corpus, make_model, one_thread, pretrain
 from alignheads.world.reward import OBJECTIVES, TERMS, objective_sums, reward_terms, rewards
 from alignheads.world.tokenizer import build_tokenizer
-
-OBJECTIVES_DIR = "objectives"
-SPLITS: tuple[str, ...] = ("train", "test")
-
-
-def objective_pair_files(world_dir: Path, objective: str) -> dict[str, Path]:
-    """Split -> the pair file of ``objective`` in a built world (raises ValueError if unknown)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
-    return {split: Path(world_dir) / OBJECTIVES_DIR / objective / f"{split}.jsonl" for split in SPLITS}
 
 
 def tiny_test_config(**overrides: Any) -> WorldConfig:

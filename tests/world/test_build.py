@@ -10,13 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignheads.world.build import (
-    OBJECTIVES_DIR,
-    build_world,
-    format_report,
-    objective_pair_files,
-    tiny_test_config,
-)
+from alignheads.world.build import build_world, format_report, tiny_test_config
+from alignheads.world.layout import OBJECTIVES_DIR, objective_pair_files
 from alignheads.world.reward import OBJECTIVES, TERMS, objective_scores, reward, reward_terms
 
 pytestmark = pytest.mark.slow
