@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +35,16 @@ def library_progress_bars_off() -> Iterator[None]:
     The pipeline's flows and the command line run inside it, so their terminal shows the stages'
     own bars (pretraining, reference pass, training, generation); importing or calling the
     package from a notebook leaves the libraries' bars alone. Nested and concurrent uses (flows
-    in threads) restore the setting when the last one ends.
+    in threads) restore the setting when the last one ends. transformers is not imported for it
+    (0.7 s, which a run that loads no model would pay for nothing): until it is, the Hub's switch,
+    which transformers reads when it is imported, is the one turned off.
     """
     global _quiet_depth, _bars_were_on
-    from transformers.utils import logging as hf_logging
 
     with _QUIET_LOCK:
         if _quiet_depth == 0:
-            _bars_were_on = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
+            _bars_were_on = _bars_enabled()
+            _set_bars(False)
         _quiet_depth += 1
     try:
         yield
@@ -50,7 +52,29 @@ def library_progress_bars_off() -> Iterator[None]:
         with _QUIET_LOCK:
             _quiet_depth -= 1
             if _quiet_depth == 0 and _bars_were_on:
-                hf_logging.enable_progress_bar()
+                _set_bars(True)
+
+
+def _bars_enabled() -> bool:
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        return hf_logging.is_progress_bar_enabled()
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    return not are_progress_bars_disabled()
+
+
+def _set_bars(on: bool) -> None:
+    """transformers' switch (which sets the Hub's too) once it is imported, else the Hub's."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar() if on else hf_logging.disable_progress_bar()
+        return
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    enable_progress_bars() if on else disable_progress_bars()
 
 
 def model_location(model: ModelConfig, world_dir: Path | None) -> tuple[str, str | None]:
@@ -171,6 +195,30 @@ def _checkpoint_file(name_or_path: str, revision: str | None, tensor: str) -> Pa
         return None if shard is None else Path(fetch(shard))
     single = fetch("model.safetensors")
     return None if single is None else Path(single)
+
+
+def model_shape(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(vocabulary size, hidden size) of a causal LM's text model, without loading its weights.
+
+    A local directory whose ``config.json`` states both as plain integers, with no nested
+    sub-config (``text_config``, ``vision_config``: a multimodal model's text sizes live there)
+    is read as JSON, without importing transformers (2 s, which a cached re-run would pay only
+    for this); anything else goes through ``AutoConfig`` and its text config.
+    """
+    config_file = Path(name_or_path).expanduser() / "config.json"
+    if not trust_remote_code and config_file.is_file():
+        import json
+
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        nested = any(isinstance(v, dict) and k.endswith("_config") for k, v in raw.items())
+        sizes = raw.get("vocab_size"), raw.get("hidden_size")
+        if not nested and all(type(n) is int for n in sizes):
+            return sizes
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.vocab_size), int(text.hidden_size)
 
 
 def load_output_layer_only(

@@ -143,15 +143,6 @@ def model_identity(name_or_path: str, revision: str | None) -> dict[str, Any]:
     return {"kind": "hub", "id": name_or_path, "revision": revision}
 
 
-def _model_shape(name_or_path: str, revision: str | None, trust_remote_code: bool) -> tuple[int, int]:
-    """(vocabulary size, hidden size) from the model's config, without loading its weights."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(text.vocab_size), int(text.hidden_size)
-
-
 def plan_refpass(
     cfg: RefPassConfig,
     model: ModelConfig,
@@ -166,7 +157,7 @@ def plan_refpass(
     tokenizer_fp: the run tokenizer's fingerprint. Raises ValueError if a configured reference
     model's tokenizer differs from the run's, or if k exceeds the vocabulary.
     """
-    from alignheads.loading import load_tokenizer
+    from alignheads.loading import load_tokenizer, model_shape
     from alignheads.storage.fingerprint import tokenizer_fingerprint
 
     tokenize = read_manifest(Path(tokenize_path), "tokenize")
@@ -184,7 +175,7 @@ def plan_refpass(
     else:
         ref_path, ref_revision = model_path, model.revision
         own_model, run_identity = True, None
-    vocab_size, hidden_size = _model_shape(ref_path, ref_revision, model.trust_remote_code)
+    vocab_size, hidden_size = model_shape(ref_path, ref_revision, model.trust_remote_code)
     if cfg.k > vocab_size:
         raise ValueError(
             f"refpass.k = {cfg.k} exceeds the vocabulary of the reference model {ref_path} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import torch
@@ -61,3 +63,20 @@ def test_library_progress_bars_are_off_only_inside_the_pipelines_block(tmp_path,
     loud = capsys.readouterr().err
     assert "Writing model shards" in loud and "Loading weights" in loud
     assert "Writing model shards" not in quiet and "Loading weights" not in quiet
+
+
+def test_progress_bars_stay_off_for_transformers_imported_inside_the_block():
+    """The block does not import transformers itself; a transformers imported inside it (a stage
+    that loads a model) starts with its bars off, and they are on again after the block."""
+    script = """
+import sys
+from alignheads.loading import library_progress_bars_off
+with library_progress_bars_off():
+    assert "transformers" not in sys.modules
+    from transformers.utils import logging as hf_logging
+    assert not hf_logging.is_progress_bar_enabled()
+assert hf_logging.is_progress_bar_enabled()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

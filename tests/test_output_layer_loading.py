@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from alignheads.loading import load_causal_lm, load_output_layer_only, read_safetensors_tensor
+from alignheads.loading import load_causal_lm, load_output_layer_only, model_shape, read_safetensors_tensor
 from alignheads.models.head_io import BaseModelInfo
 from tests.helpers.tiny_models import tiny_llama
 
@@ -74,3 +74,32 @@ def test_a_truncated_tensor_is_named(tmp_path):
                key=lambda kv: kv[1]["data_offsets"][1] if kv[0] != "__metadata__" else -1)[0]  # fmt: skip
     with pytest.raises(ValueError, match=f"{last} is truncated"):
         read_safetensors_tensor(path, last)
+
+
+def _auto_shape(path) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(str(path)).get_text_config()
+    return text.vocab_size, text.hidden_size
+
+
+def test_model_shape_reads_a_plain_config_as_autoconfig_does(tmp_path):
+    from tests.helpers.tiny_models import tiny_gemma2
+
+    tiny_llama(tied=False, vocab=96, hidden=24).save_pretrained(tmp_path / "llama")
+    tiny_gemma2(vocab=80).save_pretrained(tmp_path / "gemma2")
+    for name, expected in (("llama", (96, 24)), ("gemma2", (80, 32))):
+        assert model_shape(str(tmp_path / name)) == _auto_shape(tmp_path / name) == expected
+
+
+def test_model_shape_of_a_multimodal_config_is_its_text_models(tmp_path):
+    """A nested text config holds the sizes that count, whatever the top level says: AutoConfig
+    reads it, not the JSON."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(vocab_size=77, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    LlavaConfig(text_config=text, vision_config=vision).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(raw | {"vocab_size": 5, "hidden_size": 3}))
+    assert model_shape(str(tmp_path)) == _auto_shape(tmp_path) == (77, 16)
