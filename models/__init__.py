@@ -15,27 +15,51 @@ Several dials on one LM (``z = z_LM + Σ_i α_i Δ_i``; `alignheads.models.dials
     out = aligned.generate(input_ids, attention_mask=mask, alpha={"helpful": 1.0, "polite": 0.5})
 """
 
-from alignheads.models.aligned import AlignedLM, SteeredLMHead
-from alignheads.models.calm import CALMConfig, CALMHead, CALMOutput
-from alignheads.models.context import RunningContext, TokenContext, continue_context, token_context
-from alignheads.models.dials import DialLMHead, dial_alpha, dial_head_decoder, multi_genarm_decoder
-from alignheads.models.genarm import multi_genarm_generate, multi_genarm_logits
-from alignheads.models.guided import multi_guided_decode
-from alignheads.models.head_base import LogitHead, SteeringOutput
-from alignheads.models.head_io import (
-    BaseModelInfo,
-    HeadFile,
-    HeadFormatError,
-    HeadMismatchError,
-    load_aligned,
-    load_head,
-    read_head_file,
-    save_head,
-)
-from alignheads.models.iav import IAVConfig, IAVHead, IAVOutput
-from alignheads.models.merge import merge_iav, merge_iav_dials
-from alignheads.models.recording import StepRecorder
-from alignheads.models.registry import HEAD_TYPES, head_class, new_head
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it. Imported on first use (PEP 562): a module of the
+# package (`alignheads.models.intervals`, say) can then be imported without torch, which every
+# head module needs and which a fully cached pipeline run never has to load.
+_EXPORTS: dict[str, str] = {
+    "AlignedLM": "aligned",
+    "SteeredLMHead": "aligned",
+    "CALMConfig": "calm",
+    "CALMHead": "calm",
+    "CALMOutput": "calm",
+    "RunningContext": "context",
+    "TokenContext": "context",
+    "continue_context": "context",
+    "token_context": "context",
+    "DialLMHead": "dials",
+    "dial_alpha": "dials",
+    "dial_head_decoder": "dials",
+    "multi_genarm_decoder": "dials",
+    "multi_genarm_generate": "genarm",
+    "multi_genarm_logits": "genarm",
+    "multi_guided_decode": "guided",
+    "LogitHead": "head_base",
+    "SteeringOutput": "head_base",
+    "BaseModelInfo": "head_io",
+    "HeadFile": "head_io",
+    "HeadFormatError": "head_io",
+    "HeadMismatchError": "head_io",
+    "load_aligned": "head_io",
+    "load_head": "head_io",
+    "read_head_file": "head_io",
+    "save_head": "head_io",
+    "IAVConfig": "iav",
+    "IAVHead": "iav",
+    "IAVOutput": "iav",
+    "merge_iav": "merge",
+    "merge_iav_dials": "merge",
+    "StepRecorder": "recording",
+    "HEAD_TYPES": "registry",
+    "head_class": "registry",
+    "new_head": "registry",
+}
 
 __all__ = [
     "HEAD_TYPES",
@@ -74,3 +98,17 @@ __all__ = [
     "save_head",
     "token_context",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
