@@ -59,6 +59,20 @@ def test_pipeline_bench_dry_run(capsys) -> None:
                      r"cold run -?\d+\.\d s \(target <= 300 s: (met|not met)\)", out)
 
 
+def test_pipeline_bench_reuses_a_kept_directory_without_a_cold_run(tmp_path: Path, capsys) -> None:
+    pipeline_bench.main(["--dry-run", "--keep", str(tmp_path)])
+    assert (tmp_path / "run.yaml").is_file() and (tmp_path / "cold.log").is_file()
+    (tmp_path / "cold.log").unlink()
+    capsys.readouterr()
+    pipeline_bench.main(["--dry-run", "--reuse", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "cold run: not run (--reuse)" in out and not table_rows(out, "cold run (empty store)")
+    assert not (tmp_path / "cold.log").exists()
+    assert re.search(r"beyond Prefect's start-up: -?\d+\.\d s \(target <= 5 s: (met|not met)\)$", out.strip())
+    with pytest.raises(SystemExit):
+        pipeline_bench.main(["--dry-run", "--reuse", str(tmp_path / "elsewhere")])
+
+
 def test_run_timed_reports_a_failing_command(tmp_path: Path) -> None:
     cmd = [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
     with pytest.raises(RuntimeError, match=r"failed \(3\)[\s\S]*boom"):
