@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from alignheads.config import ConfigError, RunConfig, load_config
+from alignheads.models.methods import METHODS
 
 
 def _prefect_defaults() -> None:
@@ -357,10 +358,10 @@ def _export(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
-# The methods `generate --head` serves (alignheads.models.methods.METHODS, whose import needs
-# torch: tests/test_cli_generate.py holds the two equal), and where each keeps its result.
-METHOD_NAMES = ("iav", "calm", "genarm", "dpo-dera")
-SAVED_AS = {"iav": "head", "calm": "head", "genarm": "model", "dpo-dera": "model"}
+# The methods `generate --head` serves, and where each keeps its result (the registry's entries
+# can be read without torch: their implementations are imported when one is called)
+METHOD_NAMES = tuple(METHODS)
+SAVED_AS = {name: entry.saved_as for name, entry in METHODS.items()}
 
 
 def _newest_head(store: Path, kind: str | None) -> Path:

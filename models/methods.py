@@ -15,6 +15,10 @@ threshold means the same (the policy equals its reference up to rounding) whatev
 trained with, and GenARM's reward-LM β (which has nothing to do with its decoding distribution)
 plays no part.
 
+The table itself is plain data and imports no torch: each entry's callables import
+`models.method_impls`, where they are implemented, on their first call, so that a run can plan
+(names, sections, settings, key rules) without loading the model libraries.
+
 Two families share the table:
 
 * **heads** (IAV, CALM): a small trained output layer over the frozen LM; decoding installs it
@@ -26,14 +30,11 @@ Two families share the table:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
-
-import torch
-from torch import Tensor, nn
 
 from alignheads.config import (
     CALMTrainConfig,
@@ -44,126 +45,46 @@ from alignheads.config import (
     PreferenceTrainConfig,
     TrainConfig,
 )
-from alignheads.models.dera import dera_logits
-from alignheads.models.genarm import genarm_logits
-from alignheads.models.head_base import LogitHead, final_logit_cap, lm_output_layer, soft_cap
-from alignheads.models.objectives import (
-    BatchNeeds,
-    PairBatch,
-    dpo_objective,
-    response_logps,
-    reward_lm_objective,
-)
-from alignheads.models.trainees import (
-    HeadTrainee,
-    LMTrainee,
-    Trainee,
-    head_batches,
-    head_features,
-    response_logits,
-)
 
 __all__ = ["METHODS", "Method", "enabled_methods", "method"]
 
-# Decoding of a batch for the sampling loop (tasks.sampling): (input_ids (B, P), attention_mask
-# (B, P), α per row (B,), seed per row [B]) -> (sequences (B, P + N), recorded {name: (B, N)}).
-# Each row samples from its own seed (models.row_sampling), so rows of any α can share a batch.
-Decode = Callable[[Tensor, Tensor, Tensor, list[int]], tuple[Tensor, dict[str, Tensor]]]
+
+def _impl(name: str) -> Callable[..., Any]:
+    """`models.method_impls.<name>`, imported on the first call. Reading an entry (its name,
+    section, settings, key rules) then needs no torch: a re-run whose stages are all cached plans
+    with the registry and computes nothing (2 s of torch's import saved)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module("alignheads.models.method_impls"), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 @dataclass(frozen=True)
 class Method:
-    """One method of the registry (see the module docstring)."""
+    """One method of the registry (see the module docstring); the callables' implementations are
+    in `models.method_impls`."""
 
     name: str  # as in the sweep's `head` column and the train manifest's `kind`
     section: str  # its settings: `train.<section>` of the run config
     settings: type[PreferenceTrainConfig]
     saved_as: str  # subdirectory of the train artifact holding the trained result
     lm_forwards_per_token: int  # decoding cost
-    batches: Callable[[PreferenceTrainConfig], tuple[BatchNeeds, bool]]  # (cache columns, token ids?)
-    trainee: Callable[[nn.Module, PreferenceTrainConfig, Any], Trainee]  # (frozen LM, settings, device)
+    batches: Callable[[PreferenceTrainConfig], tuple[Any, bool]]  # (cache columns: BatchNeeds, token ids?)
+    trainee: Callable[..., Any]  # (frozen LM, settings, device) -> Trainee
     save: Callable[..., None]  # (trainee, directory, base model, training info) -> None
     load: Callable[..., Any]  # (directory, base model, model source) -> loaded
-    decoder: Callable[..., tuple[Decode, Callable[[], None]]]  # (loaded, decoding) -> (decode, done)
+    decoder: Callable[..., tuple[Any, Callable[[], None]]]  # (loaded, decoding) -> (Decode, done)
     # (loaded, batch, alphas, settings) -> {α: unscaled log-ratio margins (B,)} (module docstring)
-    score: Callable[..., dict[float, Tensor]]
+    score: Callable[..., dict[float, Any]]
     key_excludes: Callable[[PreferenceTrainConfig], set[str]]  # settings that do not change the result
 
     def settings_of(self, train: TrainConfig) -> PreferenceTrainConfig:
         return getattr(train, self.section)
 
 
-# --- heads ----------------------------------------------------------------------------------------
-
 _WATCHING = {"enabled", "resume", "eval_every", "checkpoint_every", "num_processes"}
-
-
-def _save_head(trainee: HeadTrainee, directory: Path, model: nn.Module, training: dict) -> None:
-    from alignheads.models.head_io import save_head
-
-    save_head(trainee.module, directory, base_model=model, training=training)
-
-
-@dataclass
-class LoadedHead:
-    """A trained head loaded for the base LM (not installed in it)."""
-
-    head: LogitHead
-    model: nn.Module
-
-
-def _load_head(directory: Path, model: nn.Module, source: dict) -> LoadedHead:
-    from alignheads.models.head_io import load_head
-
-    return LoadedHead(load_head(directory, model).eval(), model)
-
-
-def _head_decoder(loaded: LoadedHead, settings: dict[str, Any]):
-    """Decode with the head installed as the LM's output layer, one α per row (per-token KL to
-    the base and the head's statistics recorded), through transformers' `generate` with the
-    model's own generation defaults set aside: decoding follows `settings` only."""
-    from contextlib import ExitStack
-
-    from alignheads.models.aligned import AlignedLM, plain_generation_config
-    from alignheads.models.row_sampling import seeded_decoding
-
-    aligned = AlignedLM(loaded.model, loaded.head, alpha=0.0)
-    stack = ExitStack()
-    stack.callback(aligned.remove)
-    stack.enter_context(plain_generation_config(loaded.model))
-
-    def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
-        with aligned.recording() as recorder:
-            out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **seeded_decoding(settings, seeds))
-        return out, recorder.stacked()
-
-    return decode, stack.close
-
-
-def log_ratio_margins(logps: Tensor, batch: PairBatch) -> Tensor:
-    """``(B,)`` margins of the unscaled log-ratio implicit reward from the policy's summed response
-    log-probs ``(2B,)`` (chosen rows first) and the batch's cached reference: the one held-out
-    score of every method (module docstring)."""
-    rewards = logps.double() - batch.ref_logps.double()
-    b = batch.n_pairs
-    return rewards[:b] - rewards[b:]
-
-
-@torch.no_grad()
-def _head_score(
-    loaded: LoadedHead, batch: PairBatch, alphas: list[float], cfg: HeadTrainConfig
-) -> dict[float, Tensor]:
-    """Margins ``(B,)`` of ``log π_α(y) − log π_ref(y)`` at each α, π_α the head's soft-capped
-    decoding distribution, the reference from the cache (not scaled by β: module docstring)."""
-    frozen = lm_output_layer(loaded.model)
-    cap = final_logit_cap(loaded.model)
-    features = head_features(cfg, loaded.model.base_model, loaded.head.needs_token_context, frozen)
-    hidden, ctx = features(batch)
-    out = loaded.head(hidden, frozen_head=frozen, context=ctx)
-    return {
-        alpha: log_ratio_margins(response_logps(soft_cap(out.logits(alpha), cap), batch), batch)
-        for alpha in alphas
-    }
 
 
 def _head_method(name: str, settings: type[HeadTrainConfig]) -> Method:
@@ -173,69 +94,14 @@ def _head_method(name: str, settings: type[HeadTrainConfig]) -> Method:
         settings=settings,
         saved_as="head",
         lm_forwards_per_token=1,
-        batches=head_batches,
-        trainee=partial(HeadTrainee, name),
-        save=_save_head,
-        load=_load_head,
-        decoder=_head_decoder,
-        score=_head_score,
+        batches=_impl("head_batches"),
+        trainee=partial(_impl("head_trainee"), name),
+        save=_impl("save_head"),
+        load=_impl("load_head"),
+        decoder=_impl("head_decoder"),
+        score=_impl("head_score"),
         key_excludes=lambda cfg: _WATCHING,
     )
-
-
-# --- fine-tuned LMs -------------------------------------------------------------------------------
-
-
-def _save_lm(trainee: LMTrainee, directory: Path, model: nn.Module, training: dict) -> None:
-    """The fine-tuned LM as a plain transformers checkpoint, in the dtype the LM was loaded in."""
-    trainee.finished().to(trainee.dtype).save_pretrained(directory)
-
-
-@dataclass
-class LoadedLM:
-    """The base LM and the fine-tuned LM side by side, with the combination rule."""
-
-    base: nn.Module
-    tuned: nn.Module
-    combine: Callable[[Tensor, Tensor, float], Tensor]
-
-
-def _load_lm(combine, directory: Path, model: nn.Module, source: dict) -> LoadedLM:
-    """The fine-tuned copy saved in `directory`, loaded like the base (dtype, remote code) onto
-    the base model's device."""
-    from alignheads.loading import load_causal_lm
-
-    trust = source.get("trust_remote_code", False)
-    tuned = load_causal_lm(str(directory), None, source.get("dtype", "float32"), trust)
-    return LoadedLM(model, tuned.to(next(model.parameters()).device), combine)
-
-
-def _lm_decoder(loaded: LoadedLM, settings: dict[str, Any]):
-    """Decode base and tuned LM side by side (two KV caches), their logits combined at each
-    row's α, each row sampling from its own seed."""
-    from alignheads.models.guided import guided_decode
-    from alignheads.models.row_sampling import seeded_decoding
-
-    def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
-        combine = partial(loaded.combine, alpha=alphas.to(input_ids.device)[:, None])
-        out = guided_decode(loaded.base, loaded.tuned, input_ids, mask, combine, **seeded_decoding(settings, seeds))
-        return out.sequences, {"kl_to_base": out.kl_to_base}
-
-    return decode, lambda: None
-
-
-@torch.no_grad()
-def _lm_score(
-    loaded: LoadedLM, batch: PairBatch, alphas: list[float], cfg: Any = None
-) -> dict[float, Tensor]:
-    """Margins ``(B,)`` of ``log π_α(y) − log π_ref(y)``, π_α the combined decoding distribution
-    (of the two models' soft-capped logits), not scaled by β (module docstring); α = 0 is the
-    base itself: its margins are rounding noise, ties that count as half."""
-    z_base, z_tuned = response_logits(loaded.base, batch), response_logits(loaded.tuned, batch)
-    return {
-        alpha: log_ratio_margins(response_logps(loaded.combine(z_base, z_tuned, alpha), batch), batch)
-        for alpha in alphas
-    }
 
 
 def _lm_key_excludes(cfg: PreferenceTrainConfig) -> set[str]:
@@ -244,19 +110,19 @@ def _lm_key_excludes(cfg: PreferenceTrainConfig) -> set[str]:
     return {"enabled", "eval_every", "resume", "checkpoint_every", "num_processes"} | lora
 
 
-def _lm_method(name: str, section: str, settings, objective, combine) -> Method:
+def _lm_method(name: str, section: str, settings, trainee: str, load: str) -> Method:
     return Method(
         name=name,
         section=section,
         settings=settings,
         saved_as="model",
         lm_forwards_per_token=2,
-        batches=lambda cfg: (BatchNeeds(topk=False, hidden=False), True),
-        trainee=partial(LMTrainee, objective),
-        save=_save_lm,
-        load=partial(_load_lm, combine),
-        decoder=_lm_decoder,
-        score=_lm_score,
+        batches=_impl("lm_batches"),
+        trainee=_impl(trainee),
+        save=_impl("save_lm"),
+        load=_impl(load),
+        decoder=_impl("lm_decoder"),
+        score=_impl("lm_score"),
         key_excludes=_lm_key_excludes,
     )
 
@@ -266,8 +132,10 @@ METHODS: dict[str, Method] = {
     for m in (
         _head_method("iav", IAVTrainConfig),
         _head_method("calm", CALMTrainConfig),
-        _lm_method("genarm", "genarm", GenARMTrainConfig, reward_lm_objective, genarm_logits),
-        _lm_method("dpo-dera", "dpo", DPOTrainConfig, dpo_objective, dera_logits),
+        # GenARM: a reward LM (loss -log σ(β (log π_r(y_w) − log π_r(y_l)))), decoded with genarm_logits
+        _lm_method("genarm", "genarm", GenARMTrainConfig, "genarm_trainee", "genarm_load"),
+        # DPO + DeRa: the LM fine-tuned with DPO, decoded with dera_logits
+        _lm_method("dpo-dera", "dpo", DPOTrainConfig, "dpo_trainee", "dera_load"),
     )
 }
 

@@ -38,7 +38,8 @@ from alignheads.models.dera import dera_logits
 from alignheads.models.features import backbone_features, gather_time
 from alignheads.models.head_io import load_head
 from alignheads.models.losses import preference_accuracy
-from alignheads.models.methods import LoadedHead, LoadedLM, method
+from alignheads.models.method_impls import LoadedHead, LoadedLM
+from alignheads.models.methods import method
 from alignheads.models.objectives import BatchNeeds, response_logps
 from alignheads.tasks.train import plan_train
 from alignheads.tasks.training.batches import PairStream, collate
