@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from alignheads.config import ConfigError
-from alignheads.models.head_io import HeadFormatError, HeadMismatchError
+from alignheads.models.head_errors import HeadFormatError, HeadMismatchError
 from alignheads.storage.manifest import ArtifactError
 from alignheads.storage.query import QueryError
 from alignheads.tasks.ingest import DataError

@@ -23,6 +23,7 @@ from torch import nn
 import alignheads
 from alignheads.models.aligned import AlignedLM
 from alignheads.models.head_base import LogitHead, lm_output_layer
+from alignheads.models.head_errors import HeadFormatError, HeadMismatchError
 from alignheads.models.registry import head_class
 from alignheads.storage.atomic import atomic_path, write_bytes_atomic
 
@@ -46,14 +47,6 @@ FORMAT_NAME = "alignheads-head"
 FORMAT_VERSION = 1
 CONFIG_FILE = "head_config.json"
 WEIGHTS_FILE = "head_model.safetensors"
-
-
-class HeadFormatError(ValueError):
-    """A head directory that cannot be read; the message names the file and the field."""
-
-
-class HeadMismatchError(ValueError):
-    """A head loaded onto a base model it was not trained for; the message says what differs."""
 
 
 def _normalise_id(name_or_path: str | None) -> str | None:

@@ -30,11 +30,13 @@ reads the top-k or hidden columns.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
 
-from alignheads.models.reference import BatchScores
+if TYPE_CHECKING:  # scores come from the reference pass; reading the cache needs no torch
+    from alignheads.models.reference import BatchScores
 
 __all__ = [
     "SIDES",
@@ -99,6 +101,8 @@ def rounded(values: np.ndarray, dtype: str) -> np.ndarray:
     and so never reach here (the values are log-probs, ``z − logsumexp z``).
     """
     if dtype == "float16" and values.dtype == np.float32:  # (float64 would round twice in torch)
+        import torch
+
         return torch.from_numpy(np.ascontiguousarray(values)).to(torch.float16).numpy()
     return values.astype(_NUMPY[dtype])
 

@@ -37,18 +37,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
 
 from alignheads.config import ModelConfig, RefPassConfig
-from alignheads.models.reference import ReferenceModel, load_reference, score_sequences
 from alignheads.storage.artifacts import ArtifactResult
 from alignheads.storage.fingerprint import artifact_key, file_sha256, fingerprint
 from alignheads.storage.manifest import ArtifactError, Manifest, read_manifest, verify_artifact
-from alignheads.storage.refcache import TABLE, build_rows
+from alignheads.storage.refcache import TABLE
 from alignheads.storage.sharded_artifact import (
     ShardData,
     ShardedArtifact,
@@ -58,6 +57,9 @@ from alignheads.storage.sharded_artifact import (
 )
 from alignheads.storage.tables import read_table_rows
 from alignheads.tasks.cached import StageResult, task_options
+
+if TYPE_CHECKING:  # the reference model and its scoring need torch: imported where a shard is scored
+    from alignheads.models.reference import ReferenceModel
 
 __all__ = [
     "REFPASS_VERSION",
@@ -229,6 +231,8 @@ def refpass_artifact(store: Path, plan: RefPassPlan) -> ShardedArtifact:
 
 
 def _reference(plan: RefPassPlan, reference: ReferenceModel | None) -> ReferenceModel:
+    from alignheads.models.reference import load_reference
+
     if reference is None:
         reference = load_reference(
             plan.model_path, plan.model_revision, plan.model_dtype, plan.trust_remote_code, plan.device
@@ -282,6 +286,9 @@ def compute_refpass_shard(
     """Score shard `index`'s pairs (chosen and rejected) and build its refcache rows, with a
     progress bar over the shard's sequences (`progress`)."""
     from tqdm.auto import tqdm
+
+    from alignheads.models.reference import score_sequences
+    from alignheads.storage.refcache import build_rows
 
     reference = _reference(plan, reference)
     start, stop = plan.shard_rows(index)
