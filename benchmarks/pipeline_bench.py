@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(machine_line("pipeline benchmark"))
     what = "python -c (dry run)" if args.dry_run else f"alignheads run --config {args.config.name}"
-    print(f"run: {what}; fresh subprocess each; load average (1 min) {load_before:.1f} before the cold run")
+    print(f"run: {what}; fresh subprocess each; load average (1 min) {load_before:.1f} before the first run")
     print(f"cold run: {cold_status}")
     for r, status in enumerate(cached_status):
         print(f"cached run {r + 1}: {status}")
