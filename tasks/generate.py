@@ -229,25 +229,35 @@ def run_generate(
 @dataclass(frozen=True)
 class SweepPass:
     """The rows of one sampling pass by sweep point (their `alpha`: a float, or a dial vector's
-    tuple), and the pass's wall time."""
+    tuple), the pass's wall time, and torch's intra-op thread count during it."""
 
     rows: dict[Any, list[dict[str, Any]]]
     seconds: float
+    torch_threads: int = 0
 
     @classmethod
     def timed(cls, sample: Callable[[], list[dict[str, Any]]]) -> SweepPass:
+        import torch
+
         started = time.perf_counter()
         rows: dict[Any, list[dict[str, Any]]] = {}
         for row in sample():
             rows.setdefault(row["alpha"], []).append(row)
-        return cls(rows, time.perf_counter() - started)
+        return cls(rows, time.perf_counter() - started, torch.get_num_threads())
 
     def cost(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """`decode_seconds` (the pass's time shared out by generated tokens) and
-        `generated_tokens` of one point's rows."""
+        """`decode_seconds` (the pass's time shared out by generated tokens), `generated_tokens` of
+        one point's rows, and `torch_threads`: on a CPU the thread count changes how matrix
+        products are summed, so the last bits of the logits, so now and then a sampled token (the
+        embedded default's results differ between 1 and 2 threads; README, Results). It is not
+        part of the key, as the device is not: it is recorded so that a difference can be traced."""
         tokens = sum(r["n_tokens"] for r in rows)
         every = sum(r["n_tokens"] for point in self.rows.values() for r in point) or 1
-        return {"decode_seconds": self.seconds * tokens / every, "generated_tokens": tokens}
+        return {
+            "decode_seconds": self.seconds * tokens / every,
+            "generated_tokens": tokens,
+            "torch_threads": self.torch_threads,
+        }
 
 
 def build_per_point(

@@ -374,6 +374,8 @@ def test_run_generate_builds_every_missing_alpha_with_one_model_load(world, monk
     assert len(loads) == 2  # once per call, not once per α
     assert [r.computed for r in results] == [False, True, True] and results[0].path == done.path
     assert all(r.manifest.info["rows"] == 4 for r in results)
+    # the thread count the rows were sampled with (conftest sets one), for tracing a difference
+    assert [r.manifest.info["torch_threads"] for r in results] == [torch.get_num_threads()] * 3 == [1] * 3
     texts = [read_table(r.path, gen.TABLE).column("response").to_pylist() for r in results]
     assert texts[0] != texts[2]
     assert gen.run_generate(world["store"], plans, progress=False) and len(loads) == 2  # all complete
