@@ -11,6 +11,7 @@ than one chunk the autograd graph keeps no vocabulary-sized tensor.
 from __future__ import annotations
 
 import math
+import os
 from datetime import timedelta
 
 import pytest
@@ -259,8 +260,13 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, in_place: b
     wrapped(scored_tokens(batch, hidden, None), batch).loss.loss.backward()
     grads = {n: p.grad.contiguous() for n, p in step.head.named_parameters() if p.grad is not None}
     save_file(grads, f"{out_dir}/rank{rank}.safetensors")
-    # no destroy_process_group: tearing gloo down while the other rank still finishes has hung on a
-    # loaded machine; the group goes with the process
+    # Both ranks have written their file once they pass this barrier; then leave without tearing
+    # gloo down. destroy_process_group while the other rank still finishes has hung on a loaded
+    # machine, and a plain exit with the group alive sometimes aborted the process ("terminate
+    # called without an active exception": gloo's threads outlived the interpreter), failing the
+    # run after its results were written. os._exit skips those destructors.
+    torch.distributed.barrier()
+    os._exit(0)
 
 
 @pytest.mark.slow
