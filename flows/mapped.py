@@ -101,7 +101,8 @@ def _grouped_results(
     return out
 
 
-def _dial_results(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
+@flow(name="dial-generations")
+def dial_generations_flow(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
     """Submit one dial generation task per family (its whole α-vector grid, sampled in one pass over
     the dials loaded once) to the running flow's task runner; every (family, vector) result, in order."""
     return _grouped_results(
@@ -111,10 +112,13 @@ def _dial_results(store: str, grids: list[list[dict[str, Any]]], refresh: list[b
     )  # fmt: skip
 
 
-@flow(name="dial-generations")
-def dial_generations_flow(store: str, grids: list[list[dict[str, Any]]], refresh: list[bool]) -> list[StageResult]:
-    """The dial sweep's generation tasks (`_dial_results`) on this flow's task runner."""
-    return _dial_results(store, grids, refresh)
+def _mapped(cfg: RunConfig, subflow: Any, **params: Any) -> Any:
+    """`subflow(**params)` as a sub-flow on the configured runner when an item is to be built
+    (`params["refresh"]` names one); else its function in the calling flow, whose task runner then
+    answers the tasks: they only read their results back."""
+    if any(params["refresh"]):
+        return subflow.with_options(task_runner=task_runner(cfg.runner))(**params)
+    return subflow.fn(**params)
 
 
 def dial_generations(cfg: RunConfig, plans: list[DialGeneratePlan]) -> list[StageResult]:
@@ -125,22 +129,14 @@ def dial_generations(cfg: RunConfig, plans: list[DialGeneratePlan]) -> list[Stag
         by_family.setdefault(plan.family, []).append(plan)
     grids = list(by_family.values())
     refresh = [not all(is_complete(cfg.store, DIALGEN_STAGE, p.key) for p in group) for group in grids]
-    params = {"store": str(cfg.store), "grids": [[asdict(p) for p in group] for group in grids], "refresh": refresh}
-    if any(refresh):
-        results = dial_generations_flow.with_options(task_runner=task_runner(cfg.runner))(**params)
-    else:  # all on disk: the tasks only read their results back
-        results = _dial_results(**params)
+    grids_json = [[asdict(p) for p in group] for group in grids]
+    results = _mapped(cfg, dial_generations_flow, store=str(cfg.store), grids=grids_json, refresh=refresh)
     by_key = {r.key: r for r in results}
     return [by_key[p.key] for p in plans]
 
 
 @flow(name="method-sweeps")
 def method_sweeps_flow(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[MethodSweepResult]:
-    """The methods' sweep tasks (`_sweep_results`) on this flow's task runner."""
-    return _sweep_results(store, plans, refresh)
-
-
-def _sweep_results(store: str, plans: list[dict[str, Any]], refresh: list[bool]) -> list[MethodSweepResult]:
     """Submit one sweep task per method (calibrate, generate at every α, held-out accuracy, over
     one load of the method) to the running flow's task runner; results in order. `refresh[i]`
     makes method i ignore a cache record."""
@@ -182,7 +178,4 @@ def method_sweeps(cfg: RunConfig, plans: list[MethodSweepPlan]) -> list[MethodSw
     if not plans:
         return []
     refresh = [not is_swept(cfg.store, plan) for plan in plans]
-    params = {"store": str(cfg.store), "plans": [asdict(plan) for plan in plans], "refresh": refresh}
-    if any(refresh):
-        return method_sweeps_flow.with_options(task_runner=task_runner(cfg.runner))(**params)
-    return _sweep_results(**params)  # all on disk: the tasks only read their results back
+    return _mapped(cfg, method_sweeps_flow, store=str(cfg.store), plans=[asdict(p) for p in plans], refresh=refresh)
