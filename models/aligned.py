@@ -314,9 +314,13 @@ class AlignedLM(nn.Module):
 
         A per-row ``alpha (B,)`` (dials: ``(B, K)``) needs a batch of B rows throughout: beam
         search and ``num_return_sequences > 1`` are refused (ValueError); a uniform α serves any.
+        Unless the call chooses its cache, the KV cache is `models.kv_cache.prefix_cache`.
         """
+        from alignheads.models.kv_cache import with_prefix_cache
+
         with self.use_alpha(alpha):
-            return self.model.generate(*args, **kwargs)
+            # a KV cache written in place (bit-identical to transformers' default, fewer copies)
+            return self.model.generate(*args, **with_prefix_cache(self.model, kwargs))
 
     def alpha_sweep_generate(
         self,

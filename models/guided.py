@@ -7,8 +7,9 @@ takes the combination rule as a function ``combine(base_logits (B, V), [other_lo
 -> (B, V)``. :func:`guided_decode` is its two-model case (K = 1), with the rule
 ``combine(base_logits (B, V), other_logits (B, V)) -> (B, V)``.
 
-Each model keeps its own KV cache: the prompt is prefilled once, then every step feeds each
-model only the new token (K + 1 forwards per token). Positions follow the left padding as in
+Each model keeps its own KV cache (`models.kv_cache.prefix_cache`, with room for every new token
+reserved up front): the prompt is prefilled once, then every step feeds each model only the new
+token (K + 1 forwards per token). Positions follow the left padding as in
 transformers' `generate()` (``cumsum(mask) − 1``), so a left-padded batch decodes like each
 prompt alone.
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alignheads.models.kv_cache import prefix_cache
 from alignheads.models.losses import exact_kl
 from alignheads.models.row_sampling import warpers as sampling_warpers
 
@@ -126,8 +128,9 @@ def multi_guided_decode(
     eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     mask = attention_mask.long()
     positions = _positions(mask)
-    base_logits, base_cache = _step(base, input_ids, mask, positions, None)
-    steps = [_step(model, input_ids, mask, positions, None) for model in others]
+    # each model's cache has room for the new tokens up front: no re-concatenation per step
+    base_logits, base_cache = _step(base, input_ids, mask, positions, prefix_cache(base, max_new_tokens))
+    steps = [_step(model, input_ids, mask, positions, prefix_cache(model, max_new_tokens)) for model in others]
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     kls: list[Tensor] = []

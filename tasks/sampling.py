@@ -119,6 +119,7 @@ def sample_responses(
     table's per-row columns plus `token_ids` (the counted generated tokens).
     """
     from alignheads.models.aligned import AlignedLM, plain_generation_config
+    from alignheads.models.kv_cache import with_prefix_cache
     from alignheads.models.row_sampling import seeded_decoding
 
     aligned = lm if isinstance(lm, AlignedLM) else None
@@ -129,7 +130,8 @@ def sample_responses(
 
     def decode(input_ids, mask, alphas, seeds):
         if aligned is None:
-            return model.generate(input_ids, attention_mask=mask, **seeded_decoding(settings, seeds)), {}
+            kwargs = with_prefix_cache(model, seeded_decoding(settings, seeds))
+            return model.generate(input_ids, attention_mask=mask, **kwargs), {}
         with aligned.recording() as recorder:
             out = aligned.generate(input_ids, attention_mask=mask, alpha=alphas, **seeded_decoding(settings, seeds))
         return out, recorder.stacked()
