@@ -345,6 +345,7 @@ def _new_tokens(
     model: Any, tokenizer: Any, prompts: Sequence[str], seeds: list[int] | None, kwargs: dict[str, Any]
 ) -> list[list[int]]:
     """Generated token ids per prompt (up to and including the first EOS), through `generate`."""
+    from alignheads.models.kv_cache import with_prefix_cache
     from alignheads.tasks.sampling import until_eos
 
     if not prompts:
@@ -356,8 +357,8 @@ def _new_tokens(
         "pad_token_id": pad_id,
     }
     settings |= _seeded(model, kwargs, seeds)
-    with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=mask, **settings)
+    with torch.inference_mode():  # the in-place KV cache unless the caller chose one
+        out = model.generate(input_ids, attention_mask=mask, **with_prefix_cache(model, settings))
     stop = settings["eos_token_id"]
     stop = {int(stop)} if isinstance(stop, int) else {int(i) for i in stop}
     return [until_eos(ids, stop)[0] for ids in out[:, input_ids.shape[1] :].cpu().tolist()]

@@ -36,6 +36,7 @@ from common import best_and_median, interleaved, machine_line, print_table, rand
 from torch import Tensor, nn
 
 from alignheads.models import new_head
+from alignheads.models.kv_cache import with_prefix_cache
 from alignheads.models.context import RunningContext, step_context
 
 ALPHA = 1.0
@@ -66,11 +67,11 @@ def decode_step_seconds(model: nn.Module, batch: int, rounds: int) -> float:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch, PREFIX), generator=gen)
     kw = {"max_new_tokens": 128, "do_sample": False, "use_cache": True, "pad_token_id": 0}
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)  # warm-up
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **with_prefix_cache(model, kw))  # warm-up
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **with_prefix_cache(model, kw))
         times.append((time.perf_counter() - t) / 128)
     return sorted(times)[len(times) // 2]
 

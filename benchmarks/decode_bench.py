@@ -7,7 +7,8 @@ file so that one command reproduces a BENCHMARKS.md table.)
     .venv/bin/python benchmarks/decode_bench.py --preset gpu           # 7B-shaped random Llama, bf16
     .venv/bin/python benchmarks/decode_bench.py --preset gpu --dry-run # its set-up at tiny sizes, any device
 
-Greedy decoding with the KV cache, prompts of 128 random tokens, 128 new tokens (no EOS stops a
+Greedy decoding with the KV cache (the project's own, `models.kv_cache`, for every variant, as the
+sweeps decode), prompts of 128 random tokens, 128 new tokens (no EOS stops a
 row early), at batch 1 and batch 16, for:
 
 - base: the plain LM's `generate()`;
@@ -72,6 +73,7 @@ from common import (
 from torch import Tensor, nn
 
 from alignheads.models import AlignedLM, LogitHead, new_head
+from alignheads.models.kv_cache import with_prefix_cache
 from alignheads.models.merge import merged_dials_head, merged_lm_head
 
 VARIANTS = (
@@ -172,7 +174,7 @@ def decoders(setup: Setup, new_tokens: int) -> dict[str, Callable[[Tensor, Tenso
     kw = {"max_new_tokens": new_tokens, "do_sample": False, "use_cache": True, "pad_token_id": PAD}
 
     def base(ids: Tensor, mask: Tensor) -> Tensor:
-        return model.generate(input_ids=ids, attention_mask=mask, **kw)
+        return model.generate(input_ids=ids, attention_mask=mask, **with_prefix_cache(model, kw))
 
     def installed(
         heads: LogitHead | dict[str, LogitHead], alpha: object
@@ -189,7 +191,7 @@ def decoders(setup: Setup, new_tokens: int) -> dict[str, Callable[[Tensor, Tenso
     def layer(linear: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
         def run(ids: Tensor, mask: Tensor) -> Tensor:
             with output_layer(model, linear):
-                return model.generate(input_ids=ids, attention_mask=mask, **kw)
+                return model.generate(input_ids=ids, attention_mask=mask, **with_prefix_cache(model, kw))
 
         return run
 
@@ -290,7 +292,7 @@ def output_layer_shares(setup: Setup, ids: Tensor, mask: Tensor, new_tokens: int
             with timed(model.get_output_embeddings(), setup.device) as spent:
                 synchronize(setup.device)
                 t = time.perf_counter()
-                model.generate(input_ids=ids, attention_mask=mask, **kw)
+                model.generate(input_ids=ids, attention_mask=mask, **with_prefix_cache(model, kw))
                 synchronize(setup.device)
                 shares[name] = spent[0] / (time.perf_counter() - t)
         finally:
