@@ -36,8 +36,8 @@ from common import best_and_median, interleaved, machine_line, print_table, rand
 from torch import Tensor, nn
 
 from alignheads.models import new_head
-from alignheads.models.kv_cache import with_prefix_cache
 from alignheads.models.context import RunningContext, step_context
+from alignheads.models.kv_cache import with_prefix_cache
 
 ALPHA = 1.0
 PREFIX = 128  # tokens already in the running context: the step after a 128-token prompt

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import calm_step_bench  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import decode_bench
+import kv_cache_bench
 import pipeline_bench
 import pytest
 import scale_bench
@@ -34,6 +35,19 @@ def test_decode_bench_dry_run(capsys) -> None:
     sweep = [r for r in sweep if len(r) == 9]
     assert len(sweep) == 4 and all(r[-1] == "100.0%" for r in sweep)
     assert {r[2] for r in sweep} == {"5", "10"}  # 5 alphas x batch 1 and 2
+
+
+def test_kv_cache_bench_dry_run(capsys) -> None:
+    """Both decoders with both caches at both batch sizes, every cell a measured number, and the
+    in-place cache sampling the tokens transformers' own cache samples."""
+    kv_cache_bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    for decoder in ("generate", "genarm"):
+        for cache in ("dynamic", "in-place"):
+            rows = table_rows(out, f"{decoder} {cache}")
+            assert [r[1] for r in rows] == ["1", "4"], (decoder, cache)
+            assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+        assert [r[5] for r in table_rows(out, f"{decoder} in-place")] == ["yes", "yes"]
 
 
 def test_calm_step_bench_dry_run(capsys) -> None:
