@@ -29,6 +29,10 @@ def train_from_plan(plan_file: Path, out_dir: Path, checkpoint_dir: Path, progre
         summary = result_summary(result) | {"processes": accelerator.num_processes}
         (out_dir / "result.json").write_text(json.dumps(summary))
     accelerator.wait_for_everyone()
+    # tear the gloo/NCCL group down before the interpreter exits: a process that exits with it
+    # alive can abort in its destructor ("terminate called without an active exception") after
+    # its work is done, and the launcher then reports the run as failed
+    accelerator.end_training()
 
 
 def main(argv: list[str] | None = None) -> int:
