@@ -436,6 +436,13 @@ class RunnerConfig(_Section):
         description="Scheduler of an existing Dask cluster (e.g. tcp://127.0.0.1:8786); empty starts "
         "a local cluster in this process (max_workers workers, one thread each, bound to 127.0.0.1)",
     )
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch's CPU threads for the whole run (empty: torch's own choice, OMP_NUM_THREADS "
+        "or the cores). Float sums split over threads add in another order, so sampled tokens depend "
+        "on the count: pin it where samples must reproduce on another machine. Not part of any key",
+    )
 
 
 class EvaluateConfig(_Section):

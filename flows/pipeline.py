@@ -29,6 +29,7 @@ from alignheads.flows.tracking import RunTracking, logged, tracked
 from alignheads.flows.tuned import find_search, tuned_line, with_tuned
 from alignheads.loading import library_progress_bars_off
 from alignheads.models.methods import enabled_methods
+from alignheads.runtime import pin_torch_threads
 from alignheads.storage.store_errors import writing
 from alignheads.storage.tracking import flatten
 from alignheads.tasks import calibrate as calibrate_stage
@@ -58,6 +59,7 @@ def pipeline(
     """
     config = config if config is not None else read_config()
     cfg = (with_overrides(config, overrides) if overrides else config).resolved()
+    pin_torch_threads(cfg.runner.torch_threads)
     if tuned:
         cfg = with_tuned(cfg, tuned)
         get_run_logger().info(tuned_line(find_search(cfg.store, tuned)))

@@ -52,6 +52,7 @@ from alignheads.flows.tracking import ChildRun, RunTracking, tracked
 from alignheads.flows.tuned import save_search
 from alignheads.loading import library_progress_bars_off
 from alignheads.models.methods import METHODS, Method
+from alignheads.runtime import pin_torch_threads
 from alignheads.storage import model_registry
 from alignheads.storage.store_errors import writing
 from alignheads.storage.tables import read_table
@@ -149,6 +150,7 @@ def tune(
     space = space if space is not None else load_search_space()
     config = config if config is not None else read_config()
     cfg = (with_overrides(config, overrides) if overrides else config).resolved()
+    pin_torch_threads(cfg.runner.torch_threads)
     trials = space_trials(space)
     with writing(cfg.store, cfg.store.parent):
         cfg.store.mkdir(parents=True, exist_ok=True)

@@ -293,23 +293,24 @@ def test_second_run_recomputes_nothing(first_run, capsys):
 def test_a_cached_rerun_from_the_command_line_loads_no_model_library(first_run, config_file, tmp_path):
     """`alignheads run` on a store where every stage is complete plans, reads its results back and
     logs its MLflow run, without importing torch or transformers (their import alone is 3-4 s of
-    the re-run's start-up; issue 20)."""
+    the re-run's start-up; issue 20). `runner.torch_threads` is in no key (nothing is recomputed)
+    and is pinned without importing torch: through the environment torch would read."""
     import os
 
     from prefect.settings import PREFECT_API_URL
 
     probe = (
-        "import atexit, sys\n"
-        "atexit.register(lambda: print('loaded:', sorted(m for m in ('torch', 'transformers', 'safetensors')"
-        " if m in sys.modules)))\n"
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: print('threads:', os.environ.get('OMP_NUM_THREADS'), 'loaded:',"
+        " sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules)))\n"
         "from alignheads.cli import main\n"
-        f"sys.exit(main(['run', '--config', {str(config_file)!r}]))\n"
+        f"sys.exit(main(['run', '--config', {str(config_file)!r}, '--set', 'runner.torch_threads=3']))\n"
     )
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "home"))
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Nothing recomputed" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "loaded: []"
+    assert done.stdout.strip().splitlines()[-1] == "threads: 3 loaded: []"
 
 
 def test_refcache_sums_match_the_model(first_run):
