@@ -35,15 +35,18 @@ def test_before_torch_is_imported_the_environment_carries_the_count() -> None:
 
 
 def test_after_torch_is_imported_it_is_set_on_torch() -> None:
+    """Set on torch itself, it holds for threads started later too (the task runner's)."""
     out = _python(
-        "import torch\n"
+        "import os, threading, torch\n"
         "from alignheads.runtime import pin_torch_threads\n"
         "print(torch.get_num_threads())\n"
         "pin_torch_threads(1)\n"
-        "import os\n"
-        "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])\n"
+        "seen = []\n"
+        "worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))\n"
+        "worker.start(); worker.join()\n"
+        "print(torch.get_num_threads(), seen[0], os.environ['OMP_NUM_THREADS'])\n"
     )
-    assert out == ["2", "1", "1"]
+    assert out == ["2", "1", "1", "1"]
 
 
 @pytest.mark.parametrize("torch_first", [False, True])
