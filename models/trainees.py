@@ -19,6 +19,7 @@ trainee per method is `alignheads.models.methods`.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from alignheads.config import CALMTrainConfig, HeadTrainConfig, IAVTrainConfig, PreferenceTrainConfig
 from alignheads.models.features import backbone_features, cached_features, gather_time
-from alignheads.models.head_base import final_logit_cap, lm_output_layer, soft_cap
+from alignheads.models.head_base import LogitHead, final_logit_cap, lm_output_layer, soft_cap
 from alignheads.models.losses import CALMLoss, CALMWeights, DPOOutput, IAVWeights, dpo_loss
 from alignheads.models.objectives import (
     CALM_TERMS,
@@ -130,6 +131,21 @@ def place_frozen_lm(model: nn.Module, cfg: HeadTrainConfig, device: Any) -> None
     (model if cfg.features == "backbone" else lm_output_layer(model)).to(device)
 
 
+# One seeded head initialisation at a time: the draws come from torch's global RNG, which is the
+# process's, and trainings run in threads (a search's trials on the task runner). Two at once
+# would interleave their draws, and a trial's head would depend on what else was starting.
+_SEEDED_INIT = threading.Lock()
+
+
+def seeded_head(kind: str, model: nn.Module, cfg: HeadTrainConfig) -> LogitHead:
+    """A new float32 head of `kind` for `model`, its random parts drawn from ``cfg.seed`` (every
+    process and every thread starts from the same weights); the global RNG's state outside is
+    left as it was."""
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return new_head(kind, model, dtype=torch.float32, **head_shape(cfg))
+
+
 class HeadTrainee(Trainee):
     """A logit head over the frozen LM: features from the backbone (or the cache), frozen lm_head.
 
@@ -153,8 +169,7 @@ class HeadTrainee(Trainee):
         self.cap = final_logit_cap(model)
         # heads train in float32 whatever the LM's dtype: they are the master weights AdamW
         # updates (bf16 would lose small updates); `mixed_precision: bf16` autocasts the compute
-        torch.manual_seed(cfg.seed)  # every process starts from the same weights
-        self.module = new_head(kind, model, dtype=torch.float32, **head_shape(cfg)).to(device)
+        self.module = seeded_head(kind, model, cfg).to(device)
         if base_head_frozen(cfg):
             self.module.base.requires_grad_(False)
             share_frozen_base(self.module.base, self.frozen)
