@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,16 +163,26 @@ def eval_metrics_of(margins: list[Tensor], chosen: list[Tensor], rejected: list[
     }
 
 
+# accelerate's process-wide state is read by every training in the process while it steps
+_ACCELERATOR_STATE = threading.Lock()
+
+
 def new_accelerator(mixed_precision: str) -> Any:
     """An Accelerator for one head's training. accelerate keeps one process-wide state and
     refuses a second mixed-precision setting, but a pipeline trains several heads (each with
-    its own setting) in one process: clear that state first, keeping the process group."""
+    its own setting) in one process: that state is cleared first, keeping the process group,
+    unless it already holds this setting. Trainings running in threads at once (a search's
+    trials) then share the state as it is instead of seeing it cleared under them."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    with _ACCELERATOR_STATE:
+        held = AcceleratorState._shared_state
+        if not held or held.get("_mixed_precision") != mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
