@@ -14,13 +14,16 @@ only wires them together (and `flows.tracking` logs what they did).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from alignheads.config import RunConfig, SweepConfig, TrainConfig, read_config, with_overrides
+from alignheads.flows.beside import beside
 from alignheads.flows.dials import run_dials
 from alignheads.flows.failures import user_errors_fail_in_one_line
 from alignheads.flows.inputs import RunInputs, reference_cache, run_inputs, train_one
@@ -37,7 +40,7 @@ from alignheads.tasks import evaluate as evaluate_stage
 from alignheads.tasks import method_sweep
 from alignheads.tasks import report as report_stage
 from alignheads.tasks import train as train_stage
-from alignheads.tasks.cached import RunOutcome, run_stage
+from alignheads.tasks.cached import RunOutcome, is_complete, run_stage
 from alignheads.tasks.ingest import check_sources
 from alignheads.tasks.prompts import save_prompt_set, sweep_prompt_sets
 
@@ -73,14 +76,23 @@ def pipeline(
 
 
 def run_pipeline(cfg: RunConfig, run: RunTracking) -> RunOutcome:
-    """Every stage of `cfg`, in DAG order (inside a flow run)."""
+    """Every stage of `cfg`, in DAG order (inside a flow run).
+
+    The dials part needs only the run's inputs and data. When a method is still to be trained (a
+    cold run), it runs beside the methods' training and sweeps, as the sub-flow `alignheads-dials`
+    (`flows.beside`); otherwise (a re-run, where the methods' part is mostly read back) after
+    them, in this flow, which starts no sub-flow for work that is only read back."""
     outcome, inputs = prepare_inputs(cfg, run)
     model_source = inputs.model_source
-    plans = train_methods(cfg.store, cfg.train, outcome.refpass.path, model_source, run, outcome)
-    if plans:
-        sweep_and_report(cfg, plans, outcome.data.path, model_source, run, outcome)
-    if cfg.dials.enabled:
-        run_dials(cfg, inputs, outcome.data.path, run, outcome)
+    plans = method_plans(cfg.train, outcome.refpass.path, model_source)
+    dials = partial(run_dials, cfg, inputs, outcome.data.path, run, outcome) if cfg.dials.enabled else None
+    training = any(not is_complete(cfg.store, train_stage.STAGE, plan.key) for plan in plans.values())
+    with beside(dials, "alignheads-dials") if dials is not None and training else nullcontext():
+        train_methods(cfg.store, plans, run, outcome)
+        if plans:
+            sweep_and_report(cfg, plans, outcome.data.path, model_source, run, outcome)
+    if dials is not None and not training:
+        dials()
     return outcome
 
 
@@ -96,21 +108,23 @@ def prepare_inputs(cfg: RunConfig, run: RunTracking) -> tuple[RunOutcome, RunInp
     return outcome, inputs
 
 
-def train_methods(
-    store: Path,
-    train: TrainConfig,
-    refpass_path: str | Path,
-    model_source: dict[str, Any],
-    run: RunTracking,
-    outcome: RunOutcome,
+def method_plans(
+    train: TrainConfig, refpass_path: str | Path, model_source: dict[str, Any]
 ) -> dict[str, train_stage.TrainPlan]:
-    """Train every enabled method over the reference cache, each a cached stage in an MLflow
-    child run; records each result in `outcome.train` and returns the plans by method name."""
-    plans = {}
-    for entry, settings in enabled_methods(train):
-        plan = train_stage.plan_train(entry.name, settings, refpass_path, model_source)
-        plans[entry.name], outcome.train[entry.name] = plan, train_one(store, plan, run)
-    return plans
+    """The train plan of every enabled method over the reference cache, by method name."""
+    return {
+        entry.name: train_stage.plan_train(entry.name, settings, refpass_path, model_source)
+        for entry, settings in enabled_methods(train)
+    }
+
+
+def train_methods(
+    store: Path, plans: dict[str, train_stage.TrainPlan], run: RunTracking, outcome: RunOutcome
+) -> None:
+    """Train every planned method, each a cached stage in an MLflow child run; records each
+    result in `outcome.train`."""
+    for name, plan in plans.items():
+        outcome.train[name] = train_one(store, plan, run)
 
 
 def sweep_and_report(

@@ -27,7 +27,7 @@ from alignheads.config import (
 )
 from alignheads.flows.failures import user_errors_fail_in_one_line
 from alignheads.flows.mapped import reference_pass
-from alignheads.flows.pipeline import sweep_and_report, train_methods
+from alignheads.flows.pipeline import method_plans, sweep_and_report, train_methods
 from alignheads.flows.tracking import logged, tracked
 from alignheads.loading import library_progress_bars_off, load_tokenizer, model_location
 from alignheads.storage.artifacts import artifact_dir
@@ -154,7 +154,7 @@ def train_flow(
     params = {"refpass_key": refpass_key, "model": model.model_dump(mode="json"), "train": train}
     outcome = RunOutcome()
     with tracked(cfg, flatten(params), "stage") as run, library_progress_bars_off():
-        train_methods(cfg.store, train, refpass_path, source, run, outcome)
+        train_methods(cfg.store, method_plans(train, refpass_path, source), run, outcome)
         run.finish(outcome)
     return logged(outcome.model_copy(update={"mlflow_run": run.run_id}), get_run_logger().info)
 

@@ -14,6 +14,7 @@ from alignheads.storage.tables import read_table
 from alignheads.tasks.dial_set import read_dial_set
 from alignheads.tasks.report import report_files
 from alignheads.world.build import tiny_test_config
+from tests.helpers.small_runs import subflow_names
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -218,3 +219,27 @@ def test_cli_merge_folds_iav_dials_into_one_checkpoint(dial_run, capsys, tmp_pat
     assert main(["merge", *store, "--dial", "polite=1", "--out", str(tmp_path / "calm")]) == 1
     assert "only IAV dials merge into a checkpoint, not polite (calm)" in capsys.readouterr().err
     assert not (tmp_path / "calm").exists()
+
+
+def test_dials_run_beside_the_methods_and_equal_dials_run_alone(dial_run, tmp_path):
+    """With a method of the run's own to train, the dials part runs beside the methods' training
+    and sweep, as the sub-flow `alignheads-dials` in a thread of the flow run; its artifacts are
+    those of the dials run alone (the module's run, which trains no method of its own): the same
+    keys and the same generations, row for row. A re-run, with nothing to train, starts no such
+    sub-flow and recomputes nothing."""
+    cfg, alone = dial_run
+    train = cfg.train.model_copy(update={"iav": cfg.train.iav.model_copy(update={"enabled": True})})
+    both_cfg = cfg.model_copy(update={"store": tmp_path / "store", "train": train})
+    state = pipeline(config=both_cfg, return_state=True)
+    both = state.result()
+    assert "alignheads-dials" in subflow_names(state)
+    assert set(both.train) == {"iav"} and both.train["iav"].status == "computed"
+    assert {n: r.key for n, r in both.dial_train.items()} == {n: r.key for n, r in alone.dial_train.items()}
+    assert [g.key for g in both.dial_generate] == [g.key for g in alone.dial_generate]
+    for ours, theirs in zip(both.dial_generate, alone.dial_generate, strict=True):
+        assert read_table(ours.directory, "dial_generations").to_pylist() == read_table(
+            theirs.directory, "dial_generations"
+        ).to_pylist()
+    again = pipeline(config=both_cfg, return_state=True)
+    assert "alignheads-dials" not in subflow_names(again)
+    assert {r.status for _, r in again.result().stages()} == {"cached"}

@@ -26,6 +26,7 @@ from alignheads.storage.tables import read_table
 from alignheads.tasks.ingest import BadRowError
 from alignheads.tasks.report import report_files
 from alignheads.world.build import tiny_test_config
+from tests.helpers.small_runs import subflow_names
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,17 +86,6 @@ def _statuses(outcome) -> dict[str, str]:
 
 def _all(status: str, changes: dict[str, str] | None = None) -> dict[str, str]:
     return {stage: (changes or {}).get(stage, status) for stage in STAGES}
-
-
-def _subflow_names(state) -> list[str]:
-    """The flows of the sub-flow runs the flow run that ended in `state` started."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    parent = FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
-        return sorted(client.read_flow(run.flow_id).name for run in runs)
 
 
 def _generations(outcome) -> dict[str, object]:
@@ -235,7 +225,7 @@ def test_adding_an_alpha_generates_only_that_alpha(first_run):
     more = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"alphas": [0, 1, 0.5]})})
     state = pipeline(config=more, return_state=True)
     out = state.result()
-    assert _subflow_names(state) == ["method-sweeps"]  # work to do: the sweeps' sub-flow on the runner
+    assert subflow_names(state) == ["method-sweeps"]  # work to do: the sweeps' sub-flow on the runner
     new = {"generate iav α=0.5": "computed", "generate calm α=0.5": "computed"}
     new |= {"accuracy iav": "computed", "accuracy calm": "computed"}  # now at α = 0.5 too
     # one sweep task per method (all its α in one batched pass): it ran, found α = 0 and 1 built
@@ -275,7 +265,7 @@ def test_second_run_recomputes_nothing(first_run, capsys):
     again = state.result()
     assert _statuses(again) == _all("cached")
     # nothing to compute: the sweeps' tasks answer from the pipeline's own flow run, no sub-flow
-    assert _subflow_names(state) == []
+    assert subflow_names(state) == []
     assert {s: o.key for s, o in again.stages()} == {s: o.key for s, o in outcomes.stages()}
     assert again.model_loads == {"iav": 0, "calm": 0}
     from alignheads.tasks.reporting.printing import print_run_summary

@@ -261,3 +261,14 @@ def describe_store(store: Path) -> dict[str, Any]:
                 "files": files,
             }
     return out
+
+
+def subflow_names(state) -> list[str]:
+    """The flows of the sub-flow runs the flow run that ended in `state` started, sorted."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    parent = FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+        return sorted(client.read_flow(run.flow_id).name for run in runs)
