@@ -6,7 +6,8 @@
                  KLs ─> α-sweep generation (all α batched) ─> held-out accuracy
               ─> evaluate ─> report
     and with `dials.enabled`, per dial data ─> tokenize ─> reference pass ─> train, then the dial
-    sweep over α vectors ─> dial evaluate ─> dial report (`flows.dials`)
+    sweep over α vectors ─> dial evaluate ─> dial report (`flows.dials`): on a cold run beside
+    the methods' part, as a sub-flow in a thread (`flows.beside`), else after it
 
 Each stage's task, plan and cache key live in its module under `alignheads.tasks`; this module
 only wires them together (and `flows.tracking` logs what they did).
