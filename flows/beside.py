@@ -12,8 +12,8 @@ so the sub-flow knows its parent flow run and logs to it.
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 from prefect import flow
@@ -22,18 +22,33 @@ from prefect import flow
 @contextmanager
 def beside(part: Callable[[], None], name: str) -> Iterator[None]:
     """Run ``part()`` as the sub-flow `name` in a thread while the block runs, and wait for it when
-    the block ends. Its error is raised then; if the block fails too, the block's error is the one
-    raised (after `part` has ended either way, so nothing is left writing to the store)."""
+    the block ends; its error is raised then. If the block fails, its error is raised once `part`
+    has ended too, so nothing is left writing to the store. An interrupt (Ctrl-C) or exit goes
+    through at once: the thread is a daemon and stops with the process, and an artifact it was
+    writing is left unfinished in staging, never half-written in place."""
 
     def body() -> None:
         part()
 
     subflow = flow(name=name, validate_parameters=False)(body)
     context = contextvars.copy_context()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as pool:
-        future = pool.submit(context.run, subflow)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
         try:
-            yield
-        finally:
-            wait([future])
-    future.result()
+            context.run(subflow)
+        except BaseException as error:  # handed to the calling thread, which raises it
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    except Exception:
+        thread.join()
+        raise
+    thread.join()
+    if outcome[0] is not None:
+        raise outcome[0]
