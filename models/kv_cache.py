@@ -16,6 +16,7 @@ every `DynamicCache` operation keeps working.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import Tensor
@@ -96,11 +97,7 @@ def prefix_cache(model: Any, reserve: int) -> DynamicCache:
     if cache.layers:
         cache.layers = [PrefixBufferLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     else:  # layers appended on first use
-
-        def new_layer() -> PrefixBufferLayer:
-            return PrefixBufferLayer(reserve)
-
-        cache.layer_class_to_replicate = new_layer
+        cache.layer_class_to_replicate = partial(PrefixBufferLayer, reserve)
     return cache
 
 
@@ -119,4 +116,3 @@ def with_prefix_cache(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     reserve = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or 0
     return kwargs | {"past_key_values": prefix_cache(model, int(reserve))}
-

@@ -138,3 +138,17 @@ def test_guided_decode_matches_base_generate_with_the_base_rule() -> None:
             ids, attention_mask=mask, past_key_values=DynamicCache(config=base.config), **seeded_decoding(SAMPLED, SEEDS)
         )
     assert torch.equal(out.sequences, expected)
+
+
+def test_without_a_config_the_layers_are_added_on_first_use() -> None:
+    """A model with no config (the cache cannot know its layers ahead) gets in-place layers as
+    each layer first writes, holding what DynamicCache holds."""
+    torch.manual_seed(0)
+    ours, theirs = prefix_cache(object(), reserve=2), DynamicCache()
+    for t in (3, 1, 1, 1):  # the third token overflows the reserve: the buffer grows
+        for layer in (0, 1):
+            k, v = torch.randn(2, 2, t, 4), torch.randn(2, 2, t, 4)
+            (k1, v1), (k2, v2) = ours.update(k, v, layer), theirs.update(k, v, layer)
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert [type(layer) for layer in ours.layers] == [PrefixBufferLayer, PrefixBufferLayer]
+    assert ours.get_seq_length(1) == theirs.get_seq_length(1) == 6
