@@ -248,8 +248,10 @@ class IAVTrainConfig(HeadTrainConfig):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW)")
     kl: Literal["topk", "exact"] = Field(
         "topk",
-        description="KL of the base head to the reference: 'topk' from the cache (top-k + tail), "
-        "'exact' from the backbone's own head (reference = the run's model)",
+        description="KL of the base head to the reference: 'topk' from the cache's top-k (the tail "
+        "extrapolated), 'exact' over the whole vocabulary: to the run model's own head, or to another "
+        "reference model's (refpass.reference_model) over the hidden states the cache holds for it "
+        "(refpass.store_hidden: true)",
     )
     lambda_kl: float = Field(0.1, ge=0, description="Weight of the KL to the reference")
     lambda_l2: float = Field(0.01, ge=0, description="Weight of mean ‖W_a h‖²")

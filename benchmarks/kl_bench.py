@@ -22,12 +22,11 @@ from. So the trained heads here are trained against another reference:
 - the real reference pass over them (`refpass_in_memory` of benchmarks/train_bench.py: k = 64,
   float16 top-k, `store_hidden` with float32 states);
 - two IAV heads trained with the training loop itself (`tasks.training.loop.train`,
-  `features: cached`, `base_head: trained`): one with `kl: topk`, one with the exact KL. The
-  project's `kl: exact` recomputes the reference logits as the run model's own lm_head of the
-  hidden state, which is no reference here (the train stage refuses it against another
-  reference); the second run therefore points the same objective (`trainees.head_objective` with
-  `kl: exact`) at the reference's lm_head, the cost of `kl: exact` exactly, against the right
-  reference;
+  `features: cached`, `base_head: trained`): one with `kl: topk`, one with `kl: exact` against
+  the reference (`trainees.KLReference`: the reference's lm_head of the hidden states the cache
+  holds for it, what the train stage loads for `kl: exact` with `refpass.reference_model` set).
+  The train stage itself refuses `features: cached` against another reference, whose cached
+  states are in general not the run model's; here the two share the backbone, so they are;
 - on the test split's scored tokens, the exact KL(p_ref || softmax(logits)) (the reference logits
   from the reference's lm_head on the cached float32 hidden state) and both estimators from the
   float16 cache, for: the untrained W_b (the run model's lm_head: a perturbed head, as
@@ -45,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import itertools
 import shutil
 import statistics
@@ -65,7 +63,7 @@ from alignheads.config import IAVTrainConfig
 from alignheads.models.losses import exact_kl, topk_extrapolated_kl, topk_tail_kl
 from alignheads.models.methods import method
 from alignheads.models.reference import ReferenceModel
-from alignheads.models.trainees import HeadStep, HeadTrainee, head_objective
+from alignheads.models.trainees import KLReference
 from alignheads.storage.refcache import TABLE, token_matrix
 from alignheads.storage.tables import read_table
 from alignheads.tasks.training.batches import PairStream
@@ -197,29 +195,6 @@ def build_regime(store: Path, tok, sizes: Sizes, scale: float, offset: float) ->
 # --------------------------------------------------------------------------- training
 
 
-def point_exact_kl(trainee: HeadTrainee, layer: nn.Module) -> HeadTrainee:
-    """Make a `kl: exact` trainee's objective compute the exact KL against `layer` (the reference's
-    lm_head) instead of the run model's own: the project's objective (`head_objective`), the same
-    work per token, against another reference whose hidden states the cache holds."""
-    assert trainee.cfg.kl == "exact"
-    layer.to(trainee.frozen.weight.device)
-    trainee.objective = head_objective(trainee.cfg, layer, trainee.cap, trainee.chunk)
-    trainee._step = HeadStep(trainee.module, trainee.objective)
-    return trainee
-
-
-def iav_entry(kl: str, reference_layer: nn.Module):
-    """The method registry's IAV entry; for `kl: exact`, its trainee pointed at the reference."""
-    entry = method("iav")
-    if kl == "topk":
-        return entry
-
-    def trainee(model: nn.Module, cfg: IAVTrainConfig, device) -> HeadTrainee:
-        return point_exact_kl(entry.trainee(model, cfg, device), reference_layer)
-
-    return dataclasses.replace(entry, trainee=trainee)
-
-
 def train_config(
     kl: str, base_head: str, args: argparse.Namespace, max_steps: int | None = None
 ) -> IAVTrainConfig:
@@ -241,11 +216,12 @@ class Trained:
 def train_head(regime: Regime, kl: str, args: argparse.Namespace, work: Path) -> Trained:
     """IAV (`features: cached`, `base_head: trained`, `kl`) trained with the training loop."""
     cfg = train_config(kl, "trained", args, max_steps=args.steps)
-    entry = iav_entry(kl, regime.reference.lm_head)
-    needs, _ = entry.batches(cfg)
+    entry = method("iav")
+    reference = KLReference(regime.reference.lm_head) if kl == "exact" else None
+    needs, _ = entry.batches(cfg, reference_hidden=reference is not None)
     stream = PairStream(regime.cache.path, regime.tok.path, "train", needs)
     ckpt = work / f"ckpt-{regime.scale}-{kl}"
-    job = TrainJob(entry, cfg, regime.run, stream, None, ckpt, 0, progress=False)
+    job = TrainJob(entry, cfg, regime.run, stream, None, ckpt, 0, progress=False, kl_reference=reference)
     t = time.perf_counter()
     result = train(job)
     seconds = time.perf_counter() - t
@@ -312,10 +288,11 @@ def step_times(regime: Regime, args: argparse.Namespace) -> dict[tuple[str, str]
     variants = {}
     for base_head in ("trained", "frozen"):
         for kl in ("topk", "exact"):
-            v = Variant("cached-hidden", "iav", train_config(kl, base_head, args), setup)
-            if base_head == "trained" and kl == "exact":  # against the reference, as trained above
-                point_exact_kl(v.trainee, regime.reference.lm_head)
-            variants[(base_head, kl)] = v
+            # against the reference, as trained above; frozen: the project's kl: exact to its own lm_head
+            against = base_head == "trained" and kl == "exact"
+            reference = KLReference(regime.reference.lm_head) if against else None
+            cfg = train_config(kl, base_head, args)
+            variants[(base_head, kl)] = Variant("cached-hidden", "iav", cfg, setup, kl_reference=reference)
     clock = make_clock(cpu)
     cycles = {key: itertools.cycle(batches) for key in variants}
     runs = {key: (lambda v=v, c=cycles[key]: v.step(next(c), clock)) for key, v in variants.items()}

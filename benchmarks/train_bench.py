@@ -97,7 +97,7 @@ from alignheads.models.objectives import (
 )
 from alignheads.models.reference import ReferenceModel, pack_batch
 from alignheads.models.registry import new_head
-from alignheads.models.trainees import HeadTrainee, head_step_metrics, head_weights
+from alignheads.models.trainees import HeadTrainee, KLReference, head_step_metrics, head_weights
 from alignheads.tasks.training.batches import PairRecord, PairStream, collate
 from alignheads.tasks.training.loop import adamw
 
@@ -299,13 +299,21 @@ def live_reference(setup: Setup, batch: PairBatch, records: list[PairRecord], to
 
 class Variant:
     """One head trained one way: the training loop's own `HeadTrainee` (a fresh, seeded head, so all
-    variants start equal; IAV's W_b frozen as the loop keeps it) and AdamW over what it trains."""
+    variants start equal; IAV's W_b frozen as the loop keeps it) and AdamW over what it trains.
+    ``kl_reference``: another reference model's output layer (IAV's `kl: exact` to it)."""
 
-    def __init__(self, name: str, kind: str, cfg: HeadTrainConfig, setup: Setup):
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        cfg: HeadTrainConfig,
+        setup: Setup,
+        kl_reference: KLReference | None = None,
+    ):
         self.name, self.kind, self.setup = name, kind, setup
         features = "cached" if name == "cached-hidden" else "backbone"
         self.cfg = cfg.model_copy(update={"features": features})
-        self.trainee = HeadTrainee(kind, setup.model, self.cfg, setup.device)
+        self.trainee = HeadTrainee(kind, setup.model, self.cfg, setup.device, kl_reference=kl_reference)
         self.head = self.trainee.module
         self.live = name == "live"
         self.live_topk = self.trainee.needs.topk

@@ -28,6 +28,7 @@ from alignheads.models.objectives import (
 )
 from alignheads.models.trainees import (
     HeadTrainee,
+    KLReference,
     LMTrainee,
     head_batches,
     head_features,
@@ -132,8 +133,10 @@ def head_score(
     }
 
 
-def head_trainee(name: str, model: nn.Module, cfg: HeadTrainConfig, device: Any) -> HeadTrainee:
-    return HeadTrainee(name, model, cfg, device)
+def head_trainee(
+    name: str, model: nn.Module, cfg: HeadTrainConfig, device: Any, kl_reference: KLReference | None = None
+) -> HeadTrainee:
+    return HeadTrainee(name, model, cfg, device, kl_reference=kl_reference)
 
 
 # --- fine-tuned LMs -------------------------------------------------------------------------------
@@ -197,6 +200,10 @@ genarm_trainee = partial(LMTrainee, reward_lm_objective)  # (frozen LM, settings
 dpo_trainee = partial(LMTrainee, dpo_objective)
 
 
-def lm_batches(cfg: PreferenceTrainConfig) -> tuple[BatchNeeds, bool]:
+def lm_batches(cfg: PreferenceTrainConfig, reference_hidden: bool = False) -> tuple[BatchNeeds, bool]:
     """A fine-tuned LM reads token ids only: no top-k, no hidden states from the cache."""
+    if reference_hidden:
+        raise ValueError(
+            "a fine-tuned LM's training reads no reference hidden states (only IAV's exact KL does)"
+        )
     return BatchNeeds(topk=False, hidden=False), True

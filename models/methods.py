@@ -71,8 +71,10 @@ class Method:
     settings: type[PreferenceTrainConfig]
     saved_as: str  # subdirectory of the train artifact holding the trained result
     lm_forwards_per_token: int  # decoding cost
-    batches: Callable[[PreferenceTrainConfig], tuple[Any, bool]]  # (cache columns: BatchNeeds, token ids?)
-    trainee: Callable[..., Any]  # (frozen LM, settings, device) -> Trainee
+    # (settings, reference_hidden=False) -> (cache columns: BatchNeeds, token ids?); reference_hidden:
+    # also another reference model's cached hidden states (IAV's exact KL to it)
+    batches: Callable[..., tuple[Any, bool]]
+    trainee: Callable[..., Any]  # (frozen LM, settings, device, kl_reference=None) -> Trainee
     save: Callable[..., None]  # (trainee, directory, base model, training info) -> None
     load: Callable[..., Any]  # (directory, base model, model source) -> loaded
     decoder: Callable[..., tuple[Any, Callable[[], None]]]  # (loaded, decoding) -> (Decode, done)

@@ -60,7 +60,9 @@ class BatchNeeds:
     """Which optional reference-cache columns a method's training reads (Parquet skips the others)."""
 
     topk: bool
-    hidden: bool
+    hidden: bool  # the cached hidden states as the head's features (`features: cached`)
+    # the cached hidden states as another reference model's, for IAV's exact KL to it
+    reference_hidden: bool = False
 
 
 @dataclass
@@ -75,7 +77,9 @@ class PairBatch:
     gather_index ``(2B, R)`` the position predicting each target — or from the cache —
     hidden ``(2B, R, H)``, positions ``(2B, R)`` their true positions, prefix_sum ``(2B, H)``
     and prefix_count ``(2B,)`` the hidden states before the first scored position (CALM's
-    causal context mean needs them).
+    causal context mean needs them). ref_hidden ``(2B, R, H)``: the cached hidden states of
+    another reference model (its ``lm_head`` of them: the reference's logits, IAV's exact KL),
+    or None.
     """
 
     targets: Tensor
@@ -90,6 +94,7 @@ class PairBatch:
     positions: Tensor | None = None
     prefix_sum: Tensor | None = None
     prefix_count: Tensor | None = None
+    ref_hidden: Tensor | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -107,7 +112,8 @@ class ScoredTokens:
     rows, cols: ``(N,)`` where each token sits in the ``(2B, R)`` grid; hidden: ``(N, H)`` the
     states predicting them; targets: ``(N,)``; ref_topk_ids / ref_topk_logprobs: ``(N, K)`` or
     None; context: CALM's token context of shape ``(1, N)`` (positions) / ``(1, N, H)``, or None.
-    ``shape`` is the grid's ``(2B, R)``.
+    ``shape`` is the grid's ``(2B, R)``. ref_hidden: ``(N, H)`` another reference model's cached
+    hidden states at the same tokens (IAV's exact KL to it), or None.
     """
 
     rows: Tensor
@@ -118,6 +124,7 @@ class ScoredTokens:
     ref_topk_logprobs: Tensor | None
     context: TokenContext | None
     shape: tuple[int, int]
+    ref_hidden: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -132,7 +139,7 @@ class ScoredTokens:
         ctx = None if self.context is None else self.context.select(slice(start, stop))
         return ScoredTokens(
             cut(self.rows), cut(self.cols), cut(self.hidden), cut(self.targets),
-            cut(self.ref_topk_ids), cut(self.ref_topk_logprobs), ctx, self.shape,
+            cut(self.ref_topk_ids), cut(self.ref_topk_logprobs), ctx, self.shape, cut(self.ref_hidden),
         )  # fmt: skip
 
     def grid(self, values: Tensor) -> Tensor:
@@ -157,6 +164,7 @@ def scored_tokens(batch: PairBatch, hidden: Tensor, context: TokenContext | None
     return ScoredTokens(
         rows, cols, hidden[rows, cols], batch.targets[rows, cols],
         pick(batch.ref_topk_ids), pick(batch.ref_topk_logprobs), ctx, tuple(batch.mask.shape),
+        pick(batch.ref_hidden),
     )  # fmt: skip
 
 
@@ -199,7 +207,8 @@ def topk_kl_per_token(base_logits: Tensor, batch: PairBatch | ScoredTokens) -> T
 
 
 def exact_kl_per_token(base_logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """``(2B, R)`` exact KL of the reference logits (the backbone's own head) to the base head."""
+    """``(...)`` exact KL of the reference logits ``ref_logits (..., V)`` to the base head's
+    ``base_logits (..., V)``."""
     return exact_kl(ref_logits, base_logits)
 
 
@@ -322,6 +331,22 @@ def exact_kl_estimate(frozen: nn.Module, cap: float | None = None) -> KLEstimate
     def estimate(base_logits: Tensor, tokens: ScoredTokens) -> Tensor:
         with torch.no_grad():
             ref_logits = soft_cap(frozen(tokens.hidden), cap)
+        return exact_kl_per_token(base_logits, ref_logits)
+
+    return estimate
+
+
+def reference_kl_estimate(reference: nn.Module, cap: float | None = None) -> KLEstimate:
+    """The exact KL to another reference model: its logits ``soft_cap(reference(h_ref), cap)`` from
+    the hidden states the reference pass cached for it (``tokens.ref_hidden (n, H_ref)``),
+    ``reference`` its output layer and ``cap`` its final-logit soft-cap, recomputed per chunk."""
+
+    def estimate(base_logits: Tensor, tokens: ScoredTokens) -> Tensor:
+        if tokens.ref_hidden is None:
+            raise ValueError("the exact KL to another reference model needs its cached hidden states")
+        with torch.no_grad():
+            hidden = tokens.ref_hidden.to(reference.weight.dtype)
+            ref_logits = soft_cap(reference(hidden), cap)
         return exact_kl_per_token(base_logits, ref_logits)
 
     return estimate

@@ -44,6 +44,7 @@ from alignheads.models.objectives import (
     exact_kl_estimate,
     head_response_logps,
     iav_chunked_objective,
+    reference_kl_estimate,
     scored_tokens,
     sequence_sums,
     topk_kl_per_token,
@@ -96,6 +97,16 @@ class Trainee(ABC):
     @abstractmethod
     def eval_dpo(self, module: nn.Module, batch: PairBatch) -> DPOOutput:
         """The held-out pairs' implicit rewards and margins at α = 1 (the training objective's)."""
+
+
+@dataclass(frozen=True)
+class KLReference:
+    """Another reference model's output layer ``layer`` (``lm_head``: ``(V, H_ref)``) and its
+    final-logit soft-cap ``cap`` (None: none): with the hidden states the reference pass cached
+    for that model, IAV's exact KL to it (`kl: exact` when `refpass.reference_model` is set)."""
+
+    layer: nn.Module
+    cap: float | None = None
 
 
 # (head, the batch's scored tokens, batch) -> the head's loss and per-token terms
@@ -156,11 +167,19 @@ class HeadTrainee(Trainee):
     it, and α = 0 stays the LM exactly.
 
     ``chunk``: scored tokens per chunk of the loss and the evaluation (default: from the
-    vocabulary, :func:`alignheads.models.losses.chunk_tokens`).
+    vocabulary, :func:`alignheads.models.losses.chunk_tokens`). ``kl_reference``: another
+    reference model's output layer, for IAV's `kl: exact` to it over its cached hidden states
+    (None: the KL's reference is the run model's own ``lm_head``, or the cache's top-k).
     """
 
     def __init__(
-        self, kind: str, model: nn.Module, cfg: HeadTrainConfig, device: Any, chunk: int | None = None
+        self,
+        kind: str,
+        model: nn.Module,
+        cfg: HeadTrainConfig,
+        device: Any,
+        chunk: int | None = None,
+        kl_reference: KLReference | None = None,
     ) -> None:
         model.requires_grad_(False)
         place_frozen_lm(model, cfg, device)
@@ -173,9 +192,11 @@ class HeadTrainee(Trainee):
         if base_head_frozen(cfg):
             self.module.base.requires_grad_(False)
             share_frozen_base(self.module.base, self.frozen)
-        self.needs, self.with_sequences = head_batches(cfg)
+        if kl_reference is not None:
+            kl_reference = KLReference(kl_reference.layer.to(device), kl_reference.cap)
+        self.needs, self.with_sequences = head_batches(cfg, reference_hidden=kl_reference is not None)
         self.features = head_features(cfg, model.base_model, self.module.needs_token_context, self.frozen)
-        self.objective = head_objective(cfg, self.frozen, self.cap, chunk)
+        self.objective = head_objective(cfg, self.frozen, self.cap, chunk, kl_reference)
         self._step = HeadStep(self.module, self.objective)
 
     @property
@@ -227,11 +248,18 @@ def base_head_frozen(cfg: HeadTrainConfig) -> bool:
     return isinstance(cfg, IAVTrainConfig) and cfg.base_head != "trained"
 
 
-def head_batches(cfg: HeadTrainConfig) -> tuple[BatchNeeds, bool]:
+def head_batches(cfg: HeadTrainConfig, reference_hidden: bool = False) -> tuple[BatchNeeds, bool]:
     """(cache columns read, whether batches carry token ids): IAV with `kl: topk` reads the
-    cache's top-k; `features: cached` reads its hidden states and never runs the backbone."""
-    topk = isinstance(cfg, IAVTrainConfig) and cfg.kl == "topk"
-    return BatchNeeds(topk=topk, hidden=cfg.features == "cached"), cfg.features == "backbone"
+    cache's top-k; `features: cached` reads its hidden states and never runs the backbone;
+    ``reference_hidden`` (IAV's `kl: exact` to another reference model) reads the hidden states
+    as that model's, beside the features."""
+    iav = isinstance(cfg, IAVTrainConfig)
+    if reference_hidden and not (iav and cfg.kl == "exact"):
+        raise ValueError("only IAV's kl: exact reads another reference model's hidden states")
+    needs = BatchNeeds(
+        topk=iav and cfg.kl == "topk", hidden=cfg.features == "cached", reference_hidden=reference_hidden
+    )
+    return needs, cfg.features == "backbone"
 
 
 def head_shape(cfg: HeadTrainConfig) -> dict[str, Any]:
@@ -262,15 +290,21 @@ def head_weights(cfg: HeadTrainConfig) -> IAVWeights | CALMWeights:
 
 
 def head_objective(
-    cfg: HeadTrainConfig, frozen: nn.Module, cap: float | None = None, chunk: int | None = None
+    cfg: HeadTrainConfig,
+    frozen: nn.Module,
+    cap: float | None = None,
+    chunk: int | None = None,
+    kl_reference: KLReference | None = None,
 ) -> HeadObjective:
     """(head, scored tokens, batch) -> loss and per-token terms, chosen once per run (no per-step
     flags). ``cap``: the model's final-logit soft-cap (None: none), applied to every logit the
     loss sees (the policy, IAV's base head and the exact-KL reference, the frozen lm_head);
-    ``chunk``: tokens per chunk (None: from the vocabulary)."""
+    ``chunk``: tokens per chunk (None: from the vocabulary). IAV's KL: the cache's top-k
+    (`kl: topk`), or exactly (`kl: exact`) to the frozen lm_head, or to ``kl_reference`` (another
+    reference model's output layer) over the hidden states the cache holds for it."""
     weights = head_weights(cfg)
     if isinstance(cfg, IAVTrainConfig):
-        kl = exact_kl_estimate(frozen, cap) if cfg.kl == "exact" else topk_kl_per_token
+        kl = iav_kl_estimate(cfg, frozen, cap, kl_reference)
         return partial(
             iav_chunked_objective, frozen=frozen, kl=kl, weights=weights, nll_weight=cfg.lambda_nll,
             cap=cap, chunk=chunk,
@@ -283,6 +317,19 @@ def head_objective(
         cap=cap,
         chunk=chunk,
     )
+
+
+def iav_kl_estimate(
+    cfg: IAVTrainConfig, frozen: nn.Module, cap: float | None, kl_reference: KLReference | None
+) -> Callable[[Tensor, ScoredTokens], Tensor]:
+    """IAV's per-token KL to the reference (:data:`alignheads.models.objectives.KLEstimate`)."""
+    if cfg.kl == "topk":
+        if kl_reference is not None:
+            raise ValueError("kl: topk reads the reference from the cache's top-k: it takes no kl_reference")
+        return topk_kl_per_token
+    if kl_reference is not None:
+        return reference_kl_estimate(kl_reference.layer, kl_reference.cap)
+    return exact_kl_estimate(frozen, cap)
 
 
 def head_step_metrics(result: HeadStepLoss, batch: PairBatch) -> dict[str, float]:
@@ -340,8 +387,18 @@ class LMTrainee(Trainee):
     needs = BatchNeeds(topk=False, hidden=False)
     with_sequences = True  # the LM itself runs over the token ids
 
-    def __init__(self, objective, model: nn.Module, cfg: PreferenceTrainConfig, device: Any) -> None:
+    def __init__(
+        self,
+        objective,
+        model: nn.Module,
+        cfg: PreferenceTrainConfig,
+        device: Any,
+        kl_reference: KLReference | None = None,
+    ) -> None:
         from alignheads.models.lora import trainable_lm
+
+        if kl_reference is not None:  # a fine-tuned LM's objectives read the cache's log-probs only
+            raise ValueError("a fine-tuned LM's training takes no kl_reference (only IAV's exact KL does)")
 
         self.dtype = next(model.parameters()).dtype  # the trained copy is saved in it
         # AdamW on half-precision weights would lose small updates

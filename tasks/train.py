@@ -69,6 +69,10 @@ class TrainPlan:
     # what MLflow names its runs and registered model after: the method's name, or `dial-<name>`
     # for a dial (not part of the key: a dial trains like any head of its method)
     label: str = ""
+    # IAV's `kl: exact` against another reference model: that model (name_or_path, revision, dtype,
+    # trust_remote_code), whose output layer the training loads; None otherwise. Not in the key:
+    # the reference cache's key covers the reference model
+    kl_reference: dict[str, Any] | None = None
 
     @property
     def method(self) -> Method:
@@ -116,6 +120,7 @@ def plan_train(
             entry.section,
         )
     cfg = resolve_base_head(cfg, refpass.config, entry.section, refpass_path)
+    kl_reference = kl_reference_model(cfg, refpass, model, entry.section)
     config = {"kind": kind, **cfg.model_dump(mode="json", exclude=entry.key_excludes(cfg))}
     inputs = {"refpass": refpass.key}
     tokenize_path = Path(refpass_path).parent.parent / "tokenize" / refpass.inputs["tokenize"]
@@ -129,6 +134,7 @@ def plan_train(
         config=config,
         inputs=inputs,
         label=label,
+        kl_reference=kl_reference,
     )
 
 
@@ -138,20 +144,63 @@ def resolve_base_head(
     """IAV's settings with `base_head: auto` resolved from the reference cache's config: 'frozen'
     when the reference is the run's own model (W_b's optimum is the model's lm_head itself, its
     only gradient rounding noise), 'trained' when `refpass.reference_model` named another model.
-    `kl: exact` measures the KL to the run model's own lm_head, which is no reference for a W_b
-    trained against another model: refused (ValueError). Other methods: unchanged."""
+    `kl: exact` is the KL to the reference's own lm_head of its hidden states, which a cache of
+    trained against another model's cache without hidden states: refused (ValueError), as the exact
+    KL to that model needs its hidden states (:func:`kl_reference_model`). Other methods: unchanged."""
     if not isinstance(cfg, IAVTrainConfig):
         return cfg
     # caches before format 3 do not say; theirs was the run's own model unless reference_model was set
     own = refpass_config.get("model", {}).get("own", True)
     if cfg.base_head == "auto":
         cfg = cfg.model_copy(update={"base_head": "frozen" if own else "trained"})
-    if cfg.base_head == "trained" and not own and cfg.kl == "exact":
+    if not own and cfg.kl == "exact" and not refpass_config.get("store_hidden"):
         raise ValueError(
-            f"train.{section}.kl is 'exact' (the KL to the run model's own lm_head) but the reference "
-            f"cache {refpass_path} scores another reference model: use kl: topk, the KL to that reference"
+            f"train.{section}.kl is 'exact' but the reference cache {refpass_path} scores another "
+            "reference model and holds none of its hidden states, which the exact KL to it reads: set "
+            "refpass.store_hidden: true, or use kl: topk"
         )
     return cfg
+
+
+def kl_reference_model(
+    cfg: PreferenceTrainConfig, refpass: Any, model: dict[str, Any], section: str
+) -> dict[str, Any] | None:
+    """The reference model whose output layer IAV's `kl: exact` reads when the cache (its manifest
+    `refpass`) scores another model than the run's: name_or_path, revision, dtype and
+    trust_remote_code (the run model's setting); None for any other training. Raises ValueError
+    when the two models' output layers do not cover the same vocabulary."""
+    if not isinstance(cfg, IAVTrainConfig) or cfg.kl != "exact" or refpass.config.get("model", {}).get("own", True):
+        return None
+    from alignheads.loading import model_shape
+
+    trust = bool(model.get("trust_remote_code", False))
+    run_vocab, _ = model_shape(str(model["name_or_path"]), model.get("revision"), trust)
+    if int(refpass.info["vocab_size"]) != run_vocab:
+        raise ValueError(
+            f"train.{section}.kl is 'exact' against the reference model {refpass.info['model']}, whose "
+            f"output layer has {refpass.info['vocab_size']} rows against the run model's {run_vocab}: "
+            "the two distributions are not over the same tokens; use kl: topk"
+        )
+    return {
+        "name_or_path": str(refpass.info["model"]),
+        "revision": refpass.info.get("revision"),
+        "dtype": refpass.config.get("model_dtype", "float32"),
+        "trust_remote_code": trust,
+    }
+
+
+def load_kl_reference(source: dict[str, Any]):
+    """A plan's `kl_reference` as the trainee takes it: the model's output layer alone (the rest of
+    it is never materialised: 0.5 GB of a 7B model, not 13) and its final-logit soft-cap."""
+    from alignheads.loading import load_output_layer_only
+    from alignheads.models.head_base import final_logit_cap, lm_output_layer
+    from alignheads.models.trainees import KLReference
+
+    reference = load_output_layer_only(
+        source["name_or_path"], source.get("revision"), source["dtype"], source["trust_remote_code"]
+    )
+    layer = lm_output_layer(reference).requires_grad_(False)
+    return KLReference(layer=layer, cap=final_logit_cap(reference))
 
 
 def trained_settings(artifact: str | Path) -> tuple[Method, PreferenceTrainConfig]:
@@ -235,7 +284,7 @@ def pair_streams(plan: TrainPlan):
     """(train, test) PairStreams over the plan's reference cache, reading what its method needs."""
     from alignheads.tasks.training.batches import PairStream
 
-    needs, _ = plan.method.batches(plan.settings)
+    needs, _ = plan.method.batches(plan.settings, reference_hidden=plan.kl_reference is not None)
     refpass, tokenized = Path(plan.refpass_path), Path(plan.tokenize_path)
     return PairStream(refpass, tokenized, "train", needs), PairStream(refpass, tokenized, "test", needs)
 
@@ -259,6 +308,7 @@ def make_job(plan: TrainPlan, checkpoints: Path, log=None, progress: bool = True
         pad_id=pad_id,
         log=log or (lambda metrics, step: None),
         progress=progress,
+        kl_reference=load_kl_reference(plan.kl_reference) if plan.kl_reference is not None else None,
     )
 
 

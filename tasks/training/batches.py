@@ -70,13 +70,16 @@ def _cache_columns(needs: BatchNeeds, schema: pa.Schema) -> list[str]:
     cols = ["pair_index", "id", "split", "side", "prompt_len", "seq_logprob", "token_logprobs"]
     if needs.topk:
         cols += ["topk_ids", "topk_logprobs"]
+    if (needs.hidden or needs.reference_hidden) and "hidden" not in schema.names:
+        reader = "features: cached" if needs.hidden else "kl: exact against another reference model"
+        raise ArtifactError(
+            f"{reader} needs hidden states, but this reference cache has none "
+            "(rebuild it with refpass.store_hidden: true)"
+        )
     if needs.hidden:
-        if "hidden" not in schema.names:
-            raise ArtifactError(
-                "features: cached needs hidden states, but this reference cache has none "
-                "(rebuild it with refpass.store_hidden: true)"
-            )
         cols += ["hidden"] + (["prefix_hidden_sum"] if "prefix_hidden_sum" in schema.names else [])
+    elif needs.reference_hidden:
+        cols += ["hidden"]
     return cols
 
 
@@ -106,7 +109,8 @@ def _shard_records(
     counts = pc.list_value_length(table.column("token_logprobs")).to_numpy(zero_copy_only=False)
     topk_ids = _split_rows(token_matrix(table.column("topk_ids")), counts) if needs.topk else None
     topk_lp = _split_rows(token_matrix(table.column("topk_logprobs")), counts) if needs.topk else None
-    hidden = _split_rows(token_matrix(table.column("hidden")), counts) if needs.hidden else None
+    with_hidden = needs.hidden or needs.reference_hidden
+    hidden = _split_rows(token_matrix(table.column("hidden")), counts) if with_hidden else None
     prefix = (
         _fixed_rows(table.column("prefix_hidden_sum"))
         if needs.hidden and "prefix_hidden_sum" in table.column_names
@@ -187,20 +191,27 @@ def collate(records: list[PairRecord], needs: BatchNeeds, with_sequences: bool, 
             batch.input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             batch.attention_mask[i, : len(s)] = 1
         batch.gather_index = gather
+    if needs.reference_hidden:  # another reference model's states, for the exact KL to it
+        batch.ref_hidden = _hidden_grid(rows, scored, width)
     if needs.hidden:
-        # in the cache's own dtype (float32, or float16 from a `hidden_dtype: float16` cache):
-        # never rounded here, so cached features are the stored states exactly
-        first = torch.from_numpy(records[0].hidden[0])
-        batch.hidden = torch.zeros(n, width, first.shape[1], dtype=first.dtype)
+        batch.hidden = _hidden_grid(rows, scored, width)
         batch.positions = gather.clone()
-        for i, (r, side) in enumerate(rows):
-            m = len(scored[i][0])
-            batch.hidden[i, :m] = torch.from_numpy(r.hidden[side])
         if records[0].prefix is not None:  # caches that carry CALM's context prefix
             batch.prefix_sum = torch.stack([torch.from_numpy(r.prefix[side]) for r, side in rows])
             # the hidden states before the first predicting position: positions 0 .. p-2
             batch.prefix_count = torch.tensor([float(pos[0]) if pos else 0.0 for _, pos in scored])
     return batch
+
+
+def _hidden_grid(rows: list[tuple[PairRecord, int]], scored: list, width: int) -> torch.Tensor:
+    """The cached hidden states of each (record, side) in ``rows`` on the compact grid
+    ``(2B, R, H)``, zeros at padding. In the cache's own dtype (float32, or float16 from a
+    `hidden_dtype: float16` cache): never rounded here, so they are the stored states exactly."""
+    first = torch.from_numpy(rows[0][0].hidden[0])
+    grid = torch.zeros(len(rows), width, first.shape[1], dtype=first.dtype)
+    for i, (r, side) in enumerate(rows):
+        grid[i, : len(scored[i][0])] = torch.from_numpy(r.hidden[side])
+    return grid
 
 
 def release_arrow_memory() -> None:

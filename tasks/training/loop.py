@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from alignheads.config import PreferenceTrainConfig
 from alignheads.models.losses import preference_accuracy
 from alignheads.models.methods import Method
-from alignheads.models.trainees import Trainee
+from alignheads.models.trainees import KLReference, Trainee
 from alignheads.tasks.training.batches import PairStream, collate
 from alignheads.tasks.training.checkpoint import (
     DataPosition,
@@ -51,7 +51,8 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainJob:
-    """Everything one method's training needs; `model` is the run's LM as loaded."""
+    """Everything one method's training needs; `model` is the run's LM as loaded; `kl_reference`:
+    another reference model's output layer, for IAV's exact KL to it (None: none)."""
 
     method: Method
     cfg: PreferenceTrainConfig
@@ -62,6 +63,7 @@ class TrainJob:
     pad_id: int
     log: MetricsSink = field(default=lambda metrics, step: None)
     progress: bool = True
+    kl_reference: KLReference | None = None
 
 
 @dataclass
@@ -196,7 +198,7 @@ def train(job: TrainJob, accelerator: Any | None = None) -> TrainResult:
             f"train batch_size {cfg.batch_size} must be a multiple of processes ({world}) x grad_accum ({cfg.grad_accum})"
         )
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    trainee = job.method.trainee(job.model, cfg, accelerator.device)
+    trainee = job.method.trainee(job.model, cfg, accelerator.device, kl_reference=job.kl_reference)
     module = trainee.module
     steps_per_epoch = job.train.count_pairs() // cfg.batch_size
     if steps_per_epoch == 0:

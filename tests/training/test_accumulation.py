@@ -18,8 +18,8 @@ def _counting(kind: str, counts: list[int]):
     """The method's registry entry, whose trainee counts backward passes through its module."""
     entry = method(kind)
 
-    def trainee(model, cfg, device):
-        made = entry.trainee(model, cfg, device)
+    def trainee(model, cfg, device, kl_reference=None):
+        made = entry.trainee(model, cfg, device, kl_reference=kl_reference)
         first = next(p for p in made.module.parameters() if p.requires_grad)
         first.register_hook(lambda grad: counts.append(1) or grad)
         return made

@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from safetensors import safe_open
@@ -37,12 +38,13 @@ from alignheads.models import AlignedLM
 from alignheads.models.dera import dera_logits
 from alignheads.models.features import backbone_features, gather_time
 from alignheads.models.head_io import load_head
-from alignheads.models.losses import preference_accuracy
+from alignheads.models.losses import exact_kl, preference_accuracy
 from alignheads.models.method_impls import LoadedHead, LoadedLM
 from alignheads.models.methods import method
-from alignheads.models.objectives import BatchNeeds, response_logps
-from alignheads.tasks.train import plan_train
-from alignheads.tasks.training.batches import PairStream, collate
+from alignheads.models.objectives import IAV_TERMS, BatchNeeds, response_logps
+from alignheads.storage.manifest import ArtifactError
+from alignheads.tasks.train import make_job, plan_train, resolve_base_head
+from alignheads.tasks.training.batches import PairStream, _cache_columns, collate
 from alignheads.tasks.training.loop import TrainJob, train
 from tests.helpers.tiny_models import VOCAB, randomise, tiny_gemma2, tiny_llama
 from tests.helpers.word_pairs import pair_store
@@ -294,8 +296,17 @@ def test_the_plan_freezes_w_b_for_the_own_model_and_trains_it_for_another(llama,
     other = plan_train("iav", IAVTrainConfig(), other_reference["refpass"], other_source)
     assert other.train["base_head"] == "trained"
     assert other.settings.base_head == "trained"  # what the (launched) trainee is built from
-    with pytest.raises(ValueError, match="kl is 'exact'"):
-        plan_train("iav", IAVTrainConfig(kl="exact"), other_reference["refpass"], other_source)
+    # the exact KL to another reference reads its hidden states, which this cache holds
+    exact = plan_train("iav", IAVTrainConfig(kl="exact"), other_reference["refpass"], other_source)
+    assert exact.kl_reference == {
+        "name_or_path": str(other_reference["refpass"].parent.parent.parent / "reference"),
+        "revision": None,
+        "dtype": "float32",
+        "trust_remote_code": False,
+    }
+    assert exact.key != other.key and exact.settings.base_head == "trained"
+    assert other.kl_reference is None and own.kl_reference is None
+    assert plan_train("iav", IAVTrainConfig(kl="exact"), llama["refpass"], source).kl_reference is None
     # that cache holds the reference's hidden states, not the run model's: no head trains on them
     for kind, settings in (("iav", IAVTrainConfig(features="cached")), ("calm", CALMTrainConfig(features="cached"))):
         with pytest.raises(ValueError, match=r"features is 'cached' .* another reference model"):
@@ -303,6 +314,56 @@ def test_the_plan_freezes_w_b_for_the_own_model_and_trains_it_for_another(llama,
     assert plan_train("iav", IAVTrainConfig(features="cached"), llama["refpass"], source).settings.features == "cached"
     # CALM has no W_b: its settings are not touched
     assert "base_head" not in plan_train("calm", CALMTrainConfig(), llama["refpass"], source).train
+
+
+def test_exact_kl_against_another_reference_needs_its_hidden_states():
+    """A cache of another reference model without hidden states cannot give the exact KL to it:
+    one line that says what to set (the config is all `resolve_base_head` reads)."""
+    cache = {"model": {"own": False}, "store_hidden": False}
+    with pytest.raises(ValueError, match=r"kl is 'exact' .* set refpass.store_hidden: true, or use kl: topk"):
+        resolve_base_head(IAVTrainConfig(kl="exact"), cache, "iav", "store/refpass/k")
+    assert resolve_base_head(IAVTrainConfig(kl="topk"), cache, "iav", "store/refpass/k").base_head == "trained"
+    hidden = cache | {"store_hidden": True}
+    assert resolve_base_head(IAVTrainConfig(kl="exact"), hidden, "iav", "store/refpass/k").kl == "exact"
+    # the cache's reader says the same, should a cache without the column reach it
+    schema = pa.schema([("pair_index", pa.int64())])
+    with pytest.raises(ArtifactError, match="kl: exact against another reference model needs hidden states"):
+        _cache_columns(BatchNeeds(topk=False, hidden=False, reference_hidden=True), schema)
+
+
+def test_exact_kl_to_another_reference_is_that_models_kl(other_reference, tmp_path):
+    """`kl: exact` against another reference model: the train job loads the reference's output
+    layer (`loading.load_output_layer_only`), and the KL each scored token adds is
+    KL(p_ref ‖ softmax(W_b h)) with p_ref from the reference model's own full forward, to float
+    rounding; training W_b on it lowers that KL."""
+    other_source = {"name_or_path": str(other_reference["model_dir"])}
+    plan = plan_train(
+        "iav", IAVTrainConfig(kl="exact", batch_size=8, epochs=2, max_steps=6, lr=1e-2, eval_every=100),
+        other_reference["refpass"], other_source,
+    )  # fmt: skip
+    job = make_job(plan, tmp_path / "ckpt", progress=False)
+    assert job.kl_reference is not None and job.kl_reference.cap is None
+    reference_model = load_causal_lm(plan.kl_reference["name_or_path"])
+    assert torch.equal(job.kl_reference.layer.weight, reference_model.get_output_embeddings().weight)
+    trainee = job.method.trainee(job.model, plan.settings, "cpu", kl_reference=job.kl_reference)
+    assert trainee.needs == BatchNeeds(topk=False, hidden=False, reference_hidden=True)
+    _, records = next(iter(job.train.micro_batches(8, seed=None, drop_last=False)))
+    batch = collate(records, trainee.needs, trainee.with_sequences, 0)
+    with torch.no_grad():
+        result = trainee.objective(trainee.module, trainee.tokens(batch), batch)
+        kl = result.terms[..., IAV_TERMS.index("kl")][batch.mask]
+        ids, mask = batch.input_ids, batch.attention_mask
+        ref_logits = gather_time(reference_model(input_ids=ids, attention_mask=mask).logits, batch.gather_index)
+        run_logits = gather_time(job.model(input_ids=ids, attention_mask=mask).logits, batch.gather_index)
+        expected = exact_kl(ref_logits, run_logits)[batch.mask]  # W_b starts at the run model's lm_head
+    assert kl.shape == expected.shape and expected.min() > 0
+    torch.testing.assert_close(kl, expected, atol=1e-5, rtol=1e-5)
+    trained = train(job)
+    assert trained.steps == 6 and trained.trained.base.weight.requires_grad
+    with torch.no_grad():  # the same batch's KL, after W_b trained on the KL to the reference
+        after = trained.trainee.objective(trained.trained, trained.trainee.tokens(batch), batch)
+        kl_after = after.terms[..., IAV_TERMS.index("kl")][batch.mask]
+    assert kl_after.mean() < 0.95 * kl.mean()
 
 
 def test_w_b_trains_against_another_reference_model(other_reference, tmp_path):
