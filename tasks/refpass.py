@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 from prefect import task
 
-from alignheads.config import ModelConfig, RefPassConfig
+from alignheads.config import ConfigError, ModelConfig, RefPassConfig
 from alignheads.storage.artifacts import ArtifactResult
 from alignheads.storage.fingerprint import artifact_key, file_sha256, fingerprint
 from alignheads.storage.manifest import ArtifactError, Manifest, read_manifest, verify_artifact
@@ -156,7 +156,7 @@ def plan_refpass(
 
     model / model_path: the run's model section and where its model is (the world's model
     directory for the embedded default); tokenize_path: the complete `tokenize` artifact;
-    tokenizer_fp: the run tokenizer's fingerprint. Raises ValueError if a configured reference
+    tokenizer_fp: the run tokenizer's fingerprint. Raises ConfigError if a configured reference
     model's tokenizer differs from the run's, or if k exceeds the vocabulary.
     """
     from alignheads.loading import load_tokenizer, model_shape
@@ -167,7 +167,7 @@ def plan_refpass(
         ref_path, ref_revision = cfg.reference_model, cfg.reference_revision
         ref_fp = tokenizer_fingerprint(load_tokenizer(ref_path, ref_revision, model.trust_remote_code))
         if ref_fp != tokenizer_fp:
-            raise ValueError(
+            raise ConfigError(
                 f"refpass.reference_model {ref_path}: its tokenizer differs from the run's "
                 f"(fingerprint {ref_fp[:12]}… vs {tokenizer_fp[:12]}…), so the cached token ids would "
                 "not mean the same tokens to it; use a reference model with the same tokenizer"
@@ -179,7 +179,7 @@ def plan_refpass(
         own_model, run_identity = True, None
     vocab_size, hidden_size = model_shape(ref_path, ref_revision, model.trust_remote_code)
     if cfg.k > vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"refpass.k = {cfg.k} exceeds the vocabulary of the reference model {ref_path} "
             f"({vocab_size} tokens); choose k <= {vocab_size}"
         )

@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 from prefect import task
 
-from alignheads.config import IAVTrainConfig, PreferenceTrainConfig
+from alignheads.config import ConfigError, IAVTrainConfig, PreferenceTrainConfig
 from alignheads.models.methods import Method, method
 from alignheads.storage.artifacts import ArtifactContent, ArtifactResult, ensure_artifact
 from alignheads.storage.fingerprint import artifact_key
@@ -100,14 +100,14 @@ def plan_train(
     entry = method(kind)
     refpass = read_manifest(Path(refpass_path), "refpass")
     if getattr(cfg, "features", None) == "cached" and not refpass.config.get("store_hidden"):
-        raise ValueError(
+        raise ConfigError(
             f"train.{entry.section}.features is 'cached' but the reference cache {refpass_path} holds no "
             "hidden states: set refpass.store_hidden: true"
         )
     if getattr(cfg, "features", None) == "cached" and not refpass.config.get("model", {}).get("own", True):
         # the cached states are the reference's backbone's, while the head steers the run model's
         # at decoding time: training on them would fit a head to another model's features
-        raise ValueError(
+        raise ConfigError(
             f"train.{entry.section}.features is 'cached' but the reference cache {refpass_path} scores "
             "another reference model (refpass.reference_model), so its hidden states are that model's, "
             "not the run model's: use features: backbone"
@@ -145,7 +145,7 @@ def resolve_base_head(
     when the reference is the run's own model (W_b's optimum is the model's lm_head itself, its
     only gradient rounding noise), 'trained' when `refpass.reference_model` named another model.
     `kl: exact` is the KL to the reference's own lm_head of its hidden states, which a cache of
-    trained against another model's cache without hidden states: refused (ValueError), as the exact
+    trained against another model's cache without hidden states: refused (ConfigError), as the exact
     KL to that model needs its hidden states (:func:`kl_reference_model`). Other methods: unchanged."""
     if not isinstance(cfg, IAVTrainConfig):
         return cfg
@@ -154,7 +154,7 @@ def resolve_base_head(
     if cfg.base_head == "auto":
         cfg = cfg.model_copy(update={"base_head": "frozen" if own else "trained"})
     if not own and cfg.kl == "exact" and not refpass_config.get("store_hidden"):
-        raise ValueError(
+        raise ConfigError(
             f"train.{section}.kl is 'exact' but the reference cache {refpass_path} scores another "
             "reference model and holds none of its hidden states, which the exact KL to it reads: set "
             "refpass.store_hidden: true, or use kl: topk"
@@ -167,7 +167,7 @@ def kl_reference_model(
 ) -> dict[str, Any] | None:
     """The reference model whose output layer IAV's `kl: exact` reads when the cache (its manifest
     `refpass`) scores another model than the run's: name_or_path, revision, dtype and
-    trust_remote_code (the run model's setting); None for any other training. Raises ValueError
+    trust_remote_code (the run model's setting); None for any other training. Raises ConfigError
     when the two models' output layers do not cover the same vocabulary."""
     if not isinstance(cfg, IAVTrainConfig) or cfg.kl != "exact" or refpass.config.get("model", {}).get("own", True):
         return None
@@ -176,7 +176,7 @@ def kl_reference_model(
     trust = bool(model.get("trust_remote_code", False))
     run_vocab, _ = model_shape(str(model["name_or_path"]), model.get("revision"), trust)
     if int(refpass.info["vocab_size"]) != run_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"train.{section}.kl is 'exact' against the reference model {refpass.info['model']}, whose "
             f"output layer has {refpass.info['vocab_size']} rows against the run model's {run_vocab}: "
             "the two distributions are not over the same tokens; use kl: topk"

@@ -28,6 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from alignheads.config import (
     CALMTrainConfig,
+    ConfigError,
     DPOTrainConfig,
     GenARMTrainConfig,
     IAVTrainConfig,
@@ -309,7 +310,7 @@ def test_the_plan_freezes_w_b_for_the_own_model_and_trains_it_for_another(llama,
     assert plan_train("iav", IAVTrainConfig(kl="exact"), llama["refpass"], source).kl_reference is None
     # that cache holds the reference's hidden states, not the run model's: no head trains on them
     for kind, settings in (("iav", IAVTrainConfig(features="cached")), ("calm", CALMTrainConfig(features="cached"))):
-        with pytest.raises(ValueError, match=r"features is 'cached' .* another reference model"):
+        with pytest.raises(ConfigError, match=r"features is 'cached' .* another reference model"):
             plan_train(kind, settings, other_reference["refpass"], other_source)
     assert plan_train("iav", IAVTrainConfig(features="cached"), llama["refpass"], source).settings.features == "cached"
     # CALM has no W_b: its settings are not touched
@@ -320,7 +321,8 @@ def test_exact_kl_against_another_reference_needs_its_hidden_states():
     """A cache of another reference model without hidden states cannot give the exact KL to it:
     one line that says what to set (the config is all `resolve_base_head` reads)."""
     cache = {"model": {"own": False}, "store_hidden": False}
-    with pytest.raises(ValueError, match=r"kl is 'exact' .* set refpass.store_hidden: true, or use kl: topk"):
+    # a ConfigError: the command line and the Prefect UI show it as one line (flows.failures)
+    with pytest.raises(ConfigError, match=r"kl is 'exact' .* set refpass.store_hidden: true, or use kl: topk"):
         resolve_base_head(IAVTrainConfig(kl="exact"), cache, "iav", "store/refpass/k")
     assert resolve_base_head(IAVTrainConfig(kl="topk"), cache, "iav", "store/refpass/k").base_head == "trained"
     hidden = cache | {"store_hidden": True}
