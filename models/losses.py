@@ -53,6 +53,7 @@ __all__ = [
     "token_entropy",
     "token_logprobs",
     "topk_extrapolated_kl",
+    "topk_sampled_kl",
     "topk_tail_kl",
 ]
 
@@ -287,6 +288,40 @@ def topk_extrapolated_kl(ref_topk_ids: Tensor, ref_topk_logprobs: Tensor, policy
     parts = _topk_parts(ref_topk_ids, ref_topk_logprobs, policy_logits)
     log_ratio = _safe_log_r(parts) - parts.log_p - parts.log_rq + parts.log_q
     return parts.head * torch.exp(-parts.log_p) + _tail_term(parts, log_ratio)
+
+
+def topk_sampled_kl(
+    ref_topk_ids: Tensor,
+    ref_topk_logprobs: Tensor,
+    tail_ids: Tensor,
+    tail_logprobs: Tensor,
+    policy_logits: Tensor,
+) -> Tensor:
+    """Top-k + sampled-tail estimate of ``KL(p_ref ‖ softmax(policy_logits))`` per position,
+    unbiased for the tail that the top-k estimates can only guess at.
+
+    ref_topk_ids / ref_topk_logprobs: ``(..., K)`` as :func:`topk_tail_kl`; tail_ids: ``(..., M)``
+    ids drawn (with replacement) from the reference's distribution restricted to the ids outside
+    the top k, ``p̃_i = p_i / r``; tail_logprobs: ``(..., M)`` their reference log-probs ``ℓ_i``
+    (normalised over the full vocabulary); policy_logits: ``(..., V)``. Returns ``(...)``::
+
+        Σ_{j≤K} p_j (ℓ_j − q_j) + r · (1/M) Σ_s (ℓ_{i_s} − q_{i_s})
+
+    with ``r = 1 − Σ_j p_j`` (as in :func:`topk_tail_kl`) and ``q = log softmax(z)``. The second
+    term's expectation over the draws is ``r Σ_{i ∉ top k} p̃_i (ℓ_i − q_i) = Σ_{i ∉ top k} p_i (ℓ_i − q_i)``,
+    the tail's part of the exact KL, so the estimate is unbiased (up to the storage rounding of the
+    cached log-probs), and so is its gradient in the policy's logits. Its noise falls as
+    ``1/√M`` per token and averages out over a batch's tokens. Where the top k cover the
+    vocabulary (``r = 0``) it is the exact KL whatever the draws.
+    """
+    pol_lp = torch.log_softmax(_wide(policy_logits), dim=-1)
+    ref_lp = _wide(ref_topk_logprobs)
+    q_top = pol_lp.gather(-1, ref_topk_ids.long())
+    p_top = ref_lp.exp()
+    head = torch.where(p_top > 0, p_top * (ref_lp - q_top), torch.zeros_like(p_top)).sum(-1)
+    r = (-torch.expm1(torch.logsumexp(ref_lp, dim=-1))).clamp(min=0)
+    sampled = (_wide(tail_logprobs) - pol_lp.gather(-1, tail_ids.long())).mean(-1)
+    return head + torch.where(r > 0, r * sampled, torch.zeros_like(r))
 
 
 # --------------------------------------------------------------------------- regularisers

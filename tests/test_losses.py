@@ -25,6 +25,7 @@ from alignheads.models.losses import (
     sequence_logprobs,
     token_logprobs,
     topk_extrapolated_kl,
+    topk_sampled_kl,
     topk_tail_kl,
 )
 
@@ -180,6 +181,47 @@ def test_topk_extrapolated_kl_adds_a_non_negative_tail_part_and_is_exact_at_full
     assert (extrapolated >= topk_tail_kl(top_ids, top_lp, policy) - 1e-9).all()
     if k == vocab:
         assert torch.allclose(extrapolated, exact_kl(ref_lp, policy), atol=1e-9, rtol=0)
+
+
+def test_topk_sampled_kl_by_hand() -> None:
+    """The example above (top-2 ids [0, 1], r = ¼, head = ½ ln 2; the tail ids 2 and 3 each hold
+    half the tail's mass): one draw of id 2 gives ½ ln 2 + ¼ ln(.125/.4) = 0.055786; one draw of
+    each, which is the draws' expectation here, the exact KL 0.229073."""
+    ref_lp = torch.log(T([0.5, 0.25, 0.125, 0.125]))
+    policy = torch.log(T([0.25, 0.25, 0.4, 0.1]))
+    ids = T([0, 1])
+    one = T([2])
+    assert close(topk_sampled_kl(ids, ref_lp[ids], one, ref_lp[one], policy), 0.5 * LN(2) + 0.25 * LN(0.3125))
+    both = T([2, 3])
+    assert close(topk_sampled_kl(ids, ref_lp[ids], both, ref_lp[both], policy), 0.229073)
+    # the top k cover the vocabulary: r = 0, the exact KL whatever was drawn
+    all_ids = T([2, 0, 3, 1])
+    assert close(topk_sampled_kl(all_ids, ref_lp[all_ids], one, ref_lp[one], policy), 0.229073)
+
+
+@settings(max_examples=100, deadline=None)
+@given(vocab=st.integers(3, 12), data=st.data(), scale=st.floats(0.1, 6.0))
+def test_topk_sampled_kl_is_unbiased_in_value_and_gradient(vocab: int, data, scale: float) -> None:
+    """Averaged over the draw of a tail id, i ~ p̃ (the reference outside its top k), the estimate
+    and its gradient in the policy's logits are the exact KL's, to float64 rounding: the weighted
+    sum over every tail id of the one-draw estimate is the expectation, with no sampling noise."""
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    k = data.draw(st.integers(1, vocab - 1))
+    gen = torch.Generator().manual_seed(seed)
+    ref_lp = torch.log_softmax(torch.randn(vocab, generator=gen, dtype=torch.float64) * scale, -1)
+    policy = (torch.randn(vocab, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+    top_lp, top_ids = ref_lp.topk(k)
+    tail = torch.ones(vocab, dtype=torch.bool).scatter(0, top_ids, False).nonzero().squeeze(1)
+    p_tail = ref_lp[tail].exp() / ref_lp[tail].exp().sum()
+    expected = sum(
+        w * topk_sampled_kl(top_ids, top_lp, i.view(1), ref_lp[i].view(1), policy)
+        for w, i in zip(p_tail, tail, strict=True)
+    )
+    exact = exact_kl(ref_lp, policy)
+    assert torch.allclose(expected, exact, atol=1e-10, rtol=1e-9)
+    (grad_expected,) = torch.autograd.grad(expected, policy)
+    (grad_exact,) = torch.autograd.grad(exact, policy)
+    assert torch.allclose(grad_expected, grad_exact, atol=1e-10, rtol=1e-9)
 
 
 def test_reductions() -> None:
