@@ -133,6 +133,14 @@ class RefPassConfig(_Section):
         "from it see rounded states (a fresh head then starts ~1e-4 off the reference; the cached "
         "reference values stay the full-precision model's, which every other method reads)",
     )
+    tail_draws: int = Field(
+        0,
+        ge=0,
+        description="Token ids drawn per response token from the reference's distribution outside "
+        "its top k (with replacement), stored with their log-probs: IAV's kl: sampled then "
+        "estimates the KL without bias from the top k plus these draws (0: none; 6 bytes per draw "
+        "and token in float16)",
+    )
     reference_model: str | None = Field(
         None,
         description="Hub id or local directory of the reference model; empty uses the run's own "
@@ -246,10 +254,11 @@ class IAVTrainConfig(HeadTrainConfig):
     """IAV: base head (from lm_head) + zero-initialised alignment head."""
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW)")
-    kl: Literal["topk", "exact"] = Field(
+    kl: Literal["topk", "sampled", "exact"] = Field(
         "topk",
         description="KL of the base head to the reference: 'topk' from the cache's top-k (the tail "
-        "extrapolated), 'exact' over the whole vocabulary: to the run model's own head, or to another "
+        "extrapolated), 'sampled' from the top-k and the cache's tail draws (refpass.tail_draws > 0; "
+        "unbiased), 'exact' over the whole vocabulary: to the run model's own head, or to another "
         "reference model's (refpass.reference_model) over the hidden states the cache holds for it "
         "(refpass.store_hidden: true)",
     )

@@ -48,6 +48,7 @@ from alignheads.models.losses import (
     token_entropy,
     token_logprobs,
     topk_extrapolated_kl,
+    topk_sampled_kl,
 )
 
 # the per-token scalars of each head's objective, in column order
@@ -63,6 +64,7 @@ class BatchNeeds:
     hidden: bool  # the cached hidden states as the head's features (`features: cached`)
     # the cached hidden states as another reference model's, for IAV's exact KL to it
     reference_hidden: bool = False
+    tail: bool = False  # the cache's tail draws (ids, log-probs), for IAV's kl: sampled
 
 
 @dataclass
@@ -79,7 +81,8 @@ class PairBatch:
     and prefix_count ``(2B,)`` the hidden states before the first scored position (CALM's
     causal context mean needs them). ref_hidden ``(2B, R, H)``: the cached hidden states of
     another reference model (its ``lm_head`` of them: the reference's logits, IAV's exact KL),
-    or None.
+    or None. ref_tail_ids / ref_tail_logprobs ``(2B, R, M)``: the cache's draws from the
+    reference outside its top k (IAV's `kl: sampled`), or None.
     """
 
     targets: Tensor
@@ -95,6 +98,8 @@ class PairBatch:
     prefix_sum: Tensor | None = None
     prefix_count: Tensor | None = None
     ref_hidden: Tensor | None = None
+    ref_tail_ids: Tensor | None = None
+    ref_tail_logprobs: Tensor | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -113,7 +118,8 @@ class ScoredTokens:
     states predicting them; targets: ``(N,)``; ref_topk_ids / ref_topk_logprobs: ``(N, K)`` or
     None; context: CALM's token context of shape ``(1, N)`` (positions) / ``(1, N, H)``, or None.
     ``shape`` is the grid's ``(2B, R)``. ref_hidden: ``(N, H)`` another reference model's cached
-    hidden states at the same tokens (IAV's exact KL to it), or None.
+    hidden states at the same tokens (IAV's exact KL to it), or None. ref_tail_ids /
+    ref_tail_logprobs: ``(N, M)`` the cache's draws from the reference outside its top k, or None.
     """
 
     rows: Tensor
@@ -125,6 +131,8 @@ class ScoredTokens:
     context: TokenContext | None
     shape: tuple[int, int]
     ref_hidden: Tensor | None = None
+    ref_tail_ids: Tensor | None = None
+    ref_tail_logprobs: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -140,6 +148,7 @@ class ScoredTokens:
         return ScoredTokens(
             cut(self.rows), cut(self.cols), cut(self.hidden), cut(self.targets),
             cut(self.ref_topk_ids), cut(self.ref_topk_logprobs), ctx, self.shape, cut(self.ref_hidden),
+            cut(self.ref_tail_ids), cut(self.ref_tail_logprobs),
         )  # fmt: skip
 
     def grid(self, values: Tensor) -> Tensor:
@@ -164,7 +173,7 @@ def scored_tokens(batch: PairBatch, hidden: Tensor, context: TokenContext | None
     return ScoredTokens(
         rows, cols, hidden[rows, cols], batch.targets[rows, cols],
         pick(batch.ref_topk_ids), pick(batch.ref_topk_logprobs), ctx, tuple(batch.mask.shape),
-        pick(batch.ref_hidden),
+        pick(batch.ref_hidden), pick(batch.ref_tail_ids), pick(batch.ref_tail_logprobs),
     )  # fmt: skip
 
 
@@ -204,6 +213,19 @@ def topk_kl_per_token(base_logits: Tensor, batch: PairBatch | ScoredTokens) -> T
     if batch.ref_topk_ids is None or batch.ref_topk_logprobs is None:
         raise ValueError("kl: topk needs the reference cache's top-k columns, and this batch has none")
     return topk_extrapolated_kl(batch.ref_topk_ids, batch.ref_topk_logprobs, base_logits)
+
+
+def sampled_kl_per_token(base_logits: Tensor, batch: PairBatch | ScoredTokens) -> Tensor:
+    """``kl: sampled``: the KL of the cached reference to ``softmax(base_logits)`` at each token from
+    its top-k and the cache's tail draws (:func:`alignheads.models.losses.topk_sampled_kl`:
+    unbiased); shapes as :func:`topk_kl_per_token`."""
+    if batch.ref_topk_ids is None or batch.ref_tail_ids is None:
+        raise ValueError(
+            "kl: sampled needs the reference cache's top-k and tail-draw columns, and this batch lacks them"
+        )
+    return topk_sampled_kl(
+        batch.ref_topk_ids, batch.ref_topk_logprobs, batch.ref_tail_ids, batch.ref_tail_logprobs, base_logits
+    )
 
 
 def exact_kl_per_token(base_logits: Tensor, ref_logits: Tensor) -> Tensor:

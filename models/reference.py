@@ -36,6 +36,7 @@ __all__ = [
     "BatchScores",
     "PackedBatch",
     "ReferenceModel",
+    "draw_tail",
     "length_sorted_batches",
     "load_reference",
     "pack_batch",
@@ -43,8 +44,10 @@ __all__ = [
     "prefix_hidden_sums",
     "resolve_device",
     "score_sequences",
+    "scored_token_keys",
     "segment_sums",
     "sorted_topk",
+    "token_uniforms",
     "topk_reference",
     "untied_topk",
 ]
@@ -209,6 +212,49 @@ def topk_reference(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Ten
     return target_lp, ids, values - lse.unsqueeze(-1)
 
 
+def token_uniforms(keys: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
+    """``m`` uniforms in [0, 1) per token from its 64-bit ``keys (N,)``: ``(N, m)`` float64, the
+    SplitMix64 hash of ``key · m + j`` (XOR ``seed``). A token's draws depend on its key alone, not
+    on the batch or the shard it is scored in."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash intends
+        z = (keys.astype(np.uint64)[:, None] * np.uint64(m) + np.arange(m, dtype=np.uint64)) ^ np.uint64(seed)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def draw_tail(logits: Tensor, topk_ids: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    """Draws from the reference's distribution outside its top k, by inverse CDF.
+
+    logits: ``(N, V)``; topk_ids: ``(N, K)`` the ids left out; uniforms: ``(N, M)`` in [0, 1) (see
+    :func:`token_uniforms`). Returns ``(ids (N, M) int32, log-probs (N, M) float32)``: id ``i``
+    with probability ``p_i / r`` (``r`` the mass outside the top k), and ``log p_i`` normalised
+    over the full vocabulary with the log-sum-exp :func:`topk_reference` computes (the same ops).
+    A row whose top k hold all the mass (``r = 0``: no tail) gets its first top-k id (the most
+    likely, as :func:`topk_reference` orders them) and its log-prob, which the KL estimate weighs
+    by ``r = 0``.
+    """
+    logits = logits.float()
+    top = logits.amax(-1, keepdim=True)
+    # the softmax's numerators and denominator, in the order topk_reference's log-sum-exp uses
+    probs = (logits - top).exp_()
+    total = probs.sum(-1)
+    lse = total.log().add_(top.squeeze(-1))
+    probs.div_(total.unsqueeze(-1)).scatter_(-1, topk_ids.long(), 0.0)
+    cdf = probs.cumsum_(-1)
+    tail_mass = cdf[:, -1:]
+    target = uniforms.to(device=cdf.device, dtype=torch.float64).mul(tail_mass.double()).float()
+    # below the tail's whole mass even where rounding reached it, so that some id's cumulative mass
+    # exceeds it; `right`: the first such id, so an id of zero mass (the top k) is never drawn
+    target = torch.minimum(target, torch.nextafter(tail_mass, torch.zeros_like(tail_mass)))
+    ids = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[-1] - 1)
+    empty = (tail_mass <= 0).expand_as(ids)
+    ids = torch.where(empty, topk_ids[:, :1].long().expand_as(ids), ids)
+    return ids.to(torch.int32), logits.gather(-1, ids) - lse.unsqueeze(-1)
+
+
 def prefix_hidden_sums(hidden: Tensor, prefix_lens: Tensor) -> Tensor:
     """Per sequence, the float32 sum of its first ``prefix_lens[b]`` hidden states.
 
@@ -264,7 +310,9 @@ class BatchScores:
     topk_ids ``(N, K)`` int32; topk_logprobs ``(N, K)`` float32; seq_logprobs ``(B,)``
     float64; hidden ``(N, H)`` float32 or float16 (the stored ``hidden_dtype``) or None;
     prefix_hidden_sum ``(B, H)`` float32 (the sum of the hidden states before each sequence's
-    first predicting position, see :func:`prefix_hidden_sums`), present exactly when hidden is.
+    first predicting position, see :func:`prefix_hidden_sums`), present exactly when hidden is;
+    tail_ids ``(N, M)`` int32 and tail_logprobs ``(N, M)`` float32: ids drawn from the reference
+    outside its top k and their log-probs (:func:`draw_tail`), or None.
     """
 
     counts: np.ndarray
@@ -274,6 +322,8 @@ class BatchScores:
     seq_logprobs: np.ndarray
     hidden: np.ndarray | None
     prefix_hidden_sum: np.ndarray | None = None
+    tail_ids: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None
 
 
 class ReferenceModel:
@@ -347,15 +397,21 @@ class ReferenceModel:
         store_hidden: bool = False,
         prefix: Tensor | None = None,
         hidden_dtype: str = "float32",
+        tail_uniforms: np.ndarray | None = None,
     ) -> BatchScores:
         """Output layer on the hidden states ``picked (N, H)``, then the statistics, on the CPU
         (with ``store_hidden``, also the hidden states in ``hidden_dtype`` and the prefix sums
-        ``prefix (B, H)``). The statistics always come from ``picked`` as the model computed it."""
+        ``prefix (B, H)``; with ``tail_uniforms (N, M)``, M draws per token from the reference
+        outside its top k, :func:`draw_tail`). The statistics always come from ``picked`` as the
+        model computed it."""
         if store_hidden and prefix is None:
             raise ValueError("store_hidden needs the prefix hidden sums of the same forward")
-        target_lp, topk_ids, topk_lp = topk_reference(
-            self.output_logits(picked), batch.targets.to(picked.device), k
-        )
+        logits = self.output_logits(picked)
+        target_lp, topk_ids, topk_lp = topk_reference(logits, batch.targets.to(picked.device), k)
+        tail = None
+        if tail_uniforms is not None:
+            tail = draw_tail(logits, topk_ids, torch.from_numpy(tail_uniforms))
+        del logits  # (N, V): the batch's largest tensor
         counts = batch.counts.numpy()
         target_np = target_lp.cpu().numpy()
         return BatchScores(
@@ -366,14 +422,21 @@ class ReferenceModel:
             seq_logprobs=segment_sums(target_np, counts),
             hidden=picked.to(_HIDDEN_DTYPES[hidden_dtype]).cpu().numpy() if store_hidden else None,
             prefix_hidden_sum=prefix.float().cpu().numpy() if store_hidden else None,
+            tail_ids=None if tail is None else tail[0].cpu().numpy(),
+            tail_logprobs=None if tail is None else tail[1].cpu().numpy(),
         )
 
     def score_batch(
-        self, batch: PackedBatch, k: int, store_hidden: bool = False, hidden_dtype: str = "float32"
+        self,
+        batch: PackedBatch,
+        k: int,
+        store_hidden: bool = False,
+        hidden_dtype: str = "float32",
+        tail_uniforms: np.ndarray | None = None,
     ) -> BatchScores:
         """Score one packed batch: the backbone, then the output layer on the N positions only."""
         picked, prefix = self.forward_hidden(batch, with_prefix=store_hidden)
-        return self.extract(picked, batch, k, store_hidden, prefix, hidden_dtype)
+        return self.extract(picked, batch, k, store_hidden, prefix, hidden_dtype, tail_uniforms)
 
 
 def score_sequences(
@@ -385,16 +448,40 @@ def score_sequences(
     pad_id: int = 0,
     store_hidden: bool = False,
     hidden_dtype: str = "float32",
+    tail_draws: int = 0,
+    sequence_keys: Sequence[int] | None = None,
 ) -> BatchScores:
     """Score every (prompt, response) in length-sorted batches; results in the input order
-    (with ``store_hidden``, the hidden states kept in ``hidden_dtype``: float32 or float16)."""
+    (with ``store_hidden``, the hidden states kept in ``hidden_dtype``: float32 or float16; with
+    ``tail_draws`` M > 0, M draws per scored token from the reference outside its top k, seeded by
+    the token: ``sequence_keys[i]`` identifies sequence i (default: i) and the token's rank in it
+    completes the key, :func:`scored_token_keys`)."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    keys = np.asarray(sequence_keys if sequence_keys is not None else range(len(lengths)), dtype=np.int64)
+    if keys.shape != (len(lengths),):
+        raise ValueError(f"{keys.shape[0]} sequence keys for {len(lengths)} sequences")
     parts: list[tuple[list[int], BatchScores]] = []
     for idx in length_sorted_batches(lengths, batch_size):
         batch = pack_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
-        parts.append((idx, reference.score_batch(batch, k, store_hidden, hidden_dtype)))
+        uniforms = None
+        if tail_draws:
+            uniforms = token_uniforms(scored_token_keys(keys[idx], batch.counts.numpy()), tail_draws)
+        parts.append((idx, reference.score_batch(batch, k, store_hidden, hidden_dtype, uniforms)))
     hidden_size = reference.hidden_size if store_hidden else None
-    return _restore_order(parts, len(lengths), k, hidden_size, _HIDDEN_DTYPES[hidden_dtype])
+    return _restore_order(parts, len(lengths), k, hidden_size, _HIDDEN_DTYPES[hidden_dtype], tail_draws)
+
+
+# the rank of a scored token inside its sequence takes the key's low bits
+_RANK_BITS = 20
+
+
+def scored_token_keys(sequence_keys: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """One key per scored token: ``sequence key · 2^20 + rank`` of the token in its sequence.
+    sequence_keys, counts: ``(B,)``; returns ``(N,)`` int64, ``N = Σ counts``."""
+    if counts.size and int(counts.max()) >= 1 << _RANK_BITS:
+        raise ValueError(f"a sequence with {int(counts.max())} scored tokens: at most {(1 << _RANK_BITS) - 1}")
+    rank = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return (np.repeat(sequence_keys.astype(np.int64), counts) << _RANK_BITS) + rank
 
 
 def _restore_order(
@@ -403,6 +490,7 @@ def _restore_order(
     k: int,
     hidden_size: int | None,
     hidden_dtype: torch.dtype = torch.float32,
+    tail_draws: int = 0,
 ) -> BatchScores:
     """Concatenate per-batch scores and permute tokens back to the sequences' input order."""
     if not parts:
@@ -415,6 +503,8 @@ def _restore_order(
             seq_logprobs=np.zeros(0, np.float64),
             hidden=torch.zeros(0, hidden_size, dtype=hidden_dtype).numpy() if hidden_size else None,
             prefix_hidden_sum=np.zeros((0, hidden_size), np.float32) if hidden_size else None,
+            tail_ids=np.zeros((0, tail_draws), np.int32) if tail_draws else None,
+            tail_logprobs=np.zeros((0, tail_draws), np.float32) if tail_draws else None,
         )
     order = np.concatenate([np.asarray(idx, dtype=np.int64) for idx, _ in parts])  # batch pos -> input index
     counts_sorted = np.concatenate([s.counts for _, s in parts])
@@ -445,6 +535,8 @@ def _restore_order(
         seq_logprobs=seq,
         hidden=cat("hidden") if hidden_size else None,
         prefix_hidden_sum=prefix,
+        tail_ids=cat("tail_ids") if tail_draws else None,
+        tail_logprobs=cat("tail_logprobs") if tail_draws else None,
     )
 
 

@@ -45,6 +45,7 @@ from alignheads.models.objectives import (
     head_response_logps,
     iav_chunked_objective,
     reference_kl_estimate,
+    sampled_kl_per_token,
     scored_tokens,
     sequence_sums,
     topk_kl_per_token,
@@ -250,14 +251,17 @@ def base_head_frozen(cfg: HeadTrainConfig) -> bool:
 
 def head_batches(cfg: HeadTrainConfig, reference_hidden: bool = False) -> tuple[BatchNeeds, bool]:
     """(cache columns read, whether batches carry token ids): IAV with `kl: topk` reads the
-    cache's top-k; `features: cached` reads its hidden states and never runs the backbone;
-    ``reference_hidden`` (IAV's `kl: exact` to another reference model) reads the hidden states
-    as that model's, beside the features."""
-    iav = isinstance(cfg, IAVTrainConfig)
-    if reference_hidden and not (iav and cfg.kl == "exact"):
+    cache's top-k, with `kl: sampled` also its tail draws; `features: cached` reads its hidden
+    states and never runs the backbone; ``reference_hidden`` (IAV's `kl: exact` to another
+    reference model) reads the hidden states as that model's, beside the features."""
+    kl = cfg.kl if isinstance(cfg, IAVTrainConfig) else None
+    if reference_hidden and kl != "exact":
         raise ValueError("only IAV's kl: exact reads another reference model's hidden states")
     needs = BatchNeeds(
-        topk=iav and cfg.kl == "topk", hidden=cfg.features == "cached", reference_hidden=reference_hidden
+        topk=kl in ("topk", "sampled"),
+        hidden=cfg.features == "cached",
+        reference_hidden=reference_hidden,
+        tail=kl == "sampled",
     )
     return needs, cfg.features == "backbone"
 
@@ -300,7 +304,7 @@ def head_objective(
     flags). ``cap``: the model's final-logit soft-cap (None: none), applied to every logit the
     loss sees (the policy, IAV's base head and the exact-KL reference, the frozen lm_head);
     ``chunk``: tokens per chunk (None: from the vocabulary). IAV's KL: the cache's top-k
-    (`kl: topk`), or exactly (`kl: exact`) to the frozen lm_head, or to ``kl_reference`` (another
+    (`kl: topk`), the top-k and its tail draws (`kl: sampled`), or exactly (`kl: exact`) to the frozen lm_head, or to ``kl_reference`` (another
     reference model's output layer) over the hidden states the cache holds for it."""
     weights = head_weights(cfg)
     if isinstance(cfg, IAVTrainConfig):
@@ -323,10 +327,10 @@ def iav_kl_estimate(
     cfg: IAVTrainConfig, frozen: nn.Module, cap: float | None, kl_reference: KLReference | None
 ) -> Callable[[Tensor, ScoredTokens], Tensor]:
     """IAV's per-token KL to the reference (:data:`alignheads.models.objectives.KLEstimate`)."""
-    if cfg.kl == "topk":
+    if cfg.kl in ("topk", "sampled"):
         if kl_reference is not None:
-            raise ValueError("kl: topk reads the reference from the cache's top-k: it takes no kl_reference")
-        return topk_kl_per_token
+            raise ValueError(f"kl: {cfg.kl} reads the reference from the cache: it takes no kl_reference")
+        return topk_kl_per_token if cfg.kl == "topk" else sampled_kl_per_token
     if kl_reference is not None:
         return reference_kl_estimate(kl_reference.layer, kl_reference.cap)
     return exact_kl_estimate(frozen, cap)

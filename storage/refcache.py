@@ -17,6 +17,8 @@ the same rows of `tokenized` without a join. Columns:
 | topk_logprobs | list<fixed_size_list<float16 or float32>[K]> | their log-probs, normalised over the full vocabulary |
 | hidden (optional) | list<fixed_size_list<float32 or float16>[H]> | the last hidden state that predicts each scored token (`refpass.hidden_dtype`; float32 holds exactly the states every reference value here comes from) |
 | prefix_hidden_sum (with hidden) | fixed_size_list<float32>[H] | Σ of the last hidden states at positions 0 … prompt_len−2: every real token before the first predicting position (zeros when prompt_len ≤ 1) |
+| tail_ids (optional) | list<fixed_size_list<int32>[M]> | per scored token: M ids drawn with replacement from the reference's distribution outside its top K (`refpass.tail_draws`; the most likely id where the top K hold all the mass) |
+| tail_logprobs (with tail_ids) | list<fixed_size_list<float16 or float32>[M]> | their log-probs, normalised over the full vocabulary, in the top-k log-probs' dtype |
 
 "Scored" response tokens are all of them, except a first response token at position 0 (an
 empty prompt), which nothing predicts; the list length is the number of scored tokens.
@@ -55,12 +57,13 @@ _NUMPY = {"float16": np.float16, "float32": np.float32}
 
 
 def refcache_schema(
-    k: int, dtype: str, hidden_size: int | None = None, hidden_dtype: str = "float16"
+    k: int, dtype: str, hidden_size: int | None = None, hidden_dtype: str = "float16", tail_draws: int = 0
 ) -> pa.Schema:
     """Schema of the refcache table for top-k ``k``, top-k storage ``dtype`` and, when
     ``hidden_size`` is given, a ``hidden`` column in ``hidden_dtype`` (float16 or float32; the
     reference pass's default, `refpass.hidden_dtype`, is float32 and :func:`build_rows` passes the
-    dtype of the states it is given) and a float32 ``prefix_hidden_sum`` column of that width."""
+    dtype of the states it is given) and a float32 ``prefix_hidden_sum`` column of that width;
+    with ``tail_draws`` M > 0, the ``tail_ids`` and ``tail_logprobs`` (in ``dtype``) of M draws."""
     fields = [
         ("pair_index", pa.int64()),
         ("id", pa.string()),
@@ -76,6 +79,9 @@ def refcache_schema(
     if hidden_size is not None:
         fields.append(("hidden", pa.list_(pa.list_(_VALUE_TYPES[hidden_dtype], hidden_size))))
         fields.append(("prefix_hidden_sum", pa.list_(pa.float32(), hidden_size)))
+    if tail_draws:
+        fields.append(("tail_ids", pa.list_(pa.list_(pa.int32(), tail_draws))))
+        fields.append(("tail_logprobs", pa.list_(pa.list_(_VALUE_TYPES[dtype], tail_draws))))
     return pa.schema(fields)
 
 
@@ -118,8 +124,8 @@ def build_rows(
 
     pairs: `tokenized` rows (id, split, prompt_len, chosen_len, rejected_len), ``P`` of them,
     whose first row is row ``pair_offset`` of the table; scores: the ``2P`` sequences in row
-    order (chosen of pair 0, rejected of pair 0, chosen of pair 1, ...). Top-k log-probs are
-    rounded to ``dtype`` here, nowhere else; hidden states are stored in the dtype they come in
+    order (chosen of pair 0, rejected of pair 0, chosen of pair 1, ...). Top-k (and tail-draw)
+    log-probs are rounded to ``dtype`` here, nowhere else; hidden states are stored in the dtype they come in
     (float32 or float16, `refpass.hidden_dtype`).
     """
     n = pairs.num_rows
@@ -134,7 +140,8 @@ def build_rows(
     hidden_dtype = None if scores.hidden is None else np.dtype(scores.hidden.dtype).name
     if hidden_dtype is not None and hidden_dtype not in _VALUE_TYPES:
         raise ValueError(f"hidden states must be float32 or float16, got {hidden_dtype}")
-    schema = refcache_schema(k, dtype, hidden_size, hidden_dtype or "float16")
+    tail_draws = 0 if scores.tail_ids is None else scores.tail_ids.shape[1]
+    schema = refcache_schema(k, dtype, hidden_size, hidden_dtype or "float16", tail_draws)
     offsets = pa.array(np.concatenate([[0], np.cumsum(scores.counts)]), type=pa.int32())
 
     def twice(name: str) -> np.ndarray:
@@ -161,6 +168,11 @@ def build_rows(
         columns["hidden"] = _per_token(offsets, scores.hidden, schema.field("hidden").type)
         columns["prefix_hidden_sum"] = pa.FixedSizeListArray.from_arrays(
             pa.array(scores.prefix_hidden_sum.astype(np.float32).reshape(-1), type=pa.float32()), hidden_size
+        )
+    if tail_draws:
+        columns["tail_ids"] = _per_token(offsets, scores.tail_ids, schema.field("tail_ids").type)
+        columns["tail_logprobs"] = _per_token(
+            offsets, rounded(scores.tail_logprobs, dtype), schema.field("tail_logprobs").type
         )
     return pa.Table.from_pydict(columns, schema=schema)
 

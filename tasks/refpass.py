@@ -8,7 +8,11 @@ the float32 sum of the hidden states before its first predicting position (so CA
 context can be rebuilt from the cache without the backbone). Every reference value comes from
 the model's own full-precision states; float32 hidden states are exactly those states, so a
 head trained from the cache (`features: cached`) sees what the backbone gives it
-(`features: backbone`); float16 ones are those states rounded. Row layout: see
+(`features: backbone`); float16 ones are those states rounded. With `tail_draws` M > 0, also M
+ids per token drawn from the reference's distribution outside its top k, with their log-probs
+(what IAV's `kl: sampled` reads): each token's draws come from a hash of its place in the data
+(its sequence's row in `tokenized` order and its rank there), so they do not depend on the
+batches or shards it is scored in. Row layout: see
 :mod:`alignheads.storage.refcache` (one row per (pair, side), chosen then rejected, pairs in
 `tokenized` order).
 
@@ -26,7 +30,8 @@ records each finished shard, so a killed run recomputes only the shards that are
 fail their checksum. The key hashes everything the numbers depend on: the model (Hub id +
 revision, or a hash of a local directory's weights and config), its dtype, the tokenizer,
 the tokenized data (and through it the data and the token limits), k, the storage dtype,
-`store_hidden` (and with it `hidden_dtype`), the shard size and the format version. Batch size,
+`store_hidden` (and with it `hidden_dtype`), `tail_draws` (when not 0: caches without draws keep
+their keys), the shard size and the format version. Batch size,
 device and task runner are not in the key: they change nothing but floating-point rounding and
 speed.
 """
@@ -109,6 +114,7 @@ class RefPassPlan:
     hidden_size: int
     config: dict
     inputs: dict[str, str]
+    tail_draws: int = 0  # ids drawn per token from the reference outside its top k
 
     def shard_rows(self, index: int) -> tuple[int, int]:
         """`tokenized` rows [start, stop) of shard `index`."""
@@ -199,6 +205,8 @@ def plan_refpass(
         "max_prompt_length": tokenize.config["max_prompt_length"],
         "max_response_length": tokenize.config["max_response_length"],
     }
+    if cfg.tail_draws:  # only then: a cache without draws keeps the key it always had
+        config["tail_draws"] = cfg.tail_draws
     inputs = {"tokenize": tokenize.key, "data": tokenize.inputs["data"], "tokenizer": tokenizer_fp}
     return RefPassPlan(
         key=artifact_key(STAGE, config, inputs, REFPASS_VERSION),
@@ -214,6 +222,7 @@ def plan_refpass(
         hidden_dtype=cfg.hidden_dtype,
         batch_size=cfg.batch_size,
         pairs_per_shard=cfg.pairs_per_shard,
+        tail_draws=cfg.tail_draws,
         n_pairs=n_pairs,
         n_shards=max(1, math.ceil(n_pairs / cfg.pairs_per_shard)),
         vocab_size=vocab_size,
@@ -312,9 +321,12 @@ def compute_refpass_shard(
     desc = f"reference pass, shard {index + 1}/{plan.n_shards}"
     with tqdm(total=len(seq_responses), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
         # padding id 0: right padding is never attended to by a causal model, any valid id will do
+        # a sequence's key is its row in the tokenized table's chosen/rejected order: a token's tail
+        # draws depend on which token it is, not on the shard or the batch it is scored in
+        keys = range(2 * start, 2 * start + len(seq_responses))
         scores = score_sequences(
             _Ticking(reference, bar), seq_prompts, seq_responses, plan.k, plan.batch_size, 0,
-            plan.store_hidden, plan.hidden_dtype,
+            plan.store_hidden, plan.hidden_dtype, plan.tail_draws, keys,
         )  # fmt: skip
     table = build_rows(pairs, start, scores, plan.k, plan.dtype)
     info = {
@@ -340,6 +352,7 @@ def _summarize(plan: RefPassPlan):
             "dtype": plan.dtype,
             "store_hidden": plan.store_hidden,
             "hidden_dtype": plan.hidden_dtype if plan.store_hidden else None,
+            "tail_draws": plan.tail_draws,
             "batch_size": plan.batch_size,
         }
 

@@ -119,6 +119,11 @@ def plan_train(
             "~1e-4 off the reference); refpass.hidden_dtype: float32 makes it the backbone's training",
             entry.section,
         )
+    if getattr(cfg, "kl", None) == "sampled" and not refpass.config.get("tail_draws"):
+        raise ConfigError(
+            f"train.{entry.section}.kl is 'sampled' but the reference cache {refpass_path} holds no tail "
+            "draws: set refpass.tail_draws (e.g. 16)"
+        )
     cfg = resolve_base_head(cfg, refpass.config, entry.section, refpass_path)
     kl_reference = kl_reference_model(cfg, refpass, model, entry.section)
     config = {"kind": kind, **cfg.model_dump(mode="json", exclude=entry.key_excludes(cfg))}

@@ -3,6 +3,7 @@ built on the fly for the hidden-state prefix sums)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,11 +13,14 @@ import torch
 
 from alignheads.models.reference import (
     BatchScores,
+    draw_tail,
     length_sorted_batches,
     pack_batch,
     prefix_hidden_sums,
     score_sequences,
+    scored_token_keys,
     segment_sums,
+    token_uniforms,
     topk_reference,
 )
 from alignheads.storage.refcache import build_rows, refcache_schema, token_matrix, token_vector
@@ -84,7 +88,7 @@ class StubReference:
 
     hidden_size = 2
 
-    def score_batch(self, batch, k, store_hidden=False, hidden_dtype="float32"):
+    def score_batch(self, batch, k, store_hidden=False, hidden_dtype="float32", tail_uniforms=None):
         t = batch.targets.numpy().astype(np.float32)
         counts = batch.counts.numpy()
         # per sequence: its first prompt token and its prefix length, whatever the batch
@@ -98,6 +102,9 @@ class StubReference:
             seq_logprobs=segment_sums(-t, counts),
             hidden=np.stack([t, -t], axis=1).astype(hidden_dtype) if store_hidden else None,
             prefix_hidden_sum=prefix if store_hidden else None,
+            # the token's own uniforms: what any batching must hand each token
+            tail_ids=None if tail_uniforms is None else (tail_uniforms * 2**31).astype(np.int32),
+            tail_logprobs=None if tail_uniforms is None else tail_uniforms.astype(np.float32),
         )
 
 
@@ -114,6 +121,59 @@ def test_score_sequences_returns_input_order_for_any_batching():
         assert np.array_equal(getattr(one, name), getattr(three, name)), name
     plain = score_sequences(StubReference(), prompts, responses, k=2, batch_size=2)
     assert plain.hidden is None and plain.prefix_hidden_sum is None
+    assert plain.tail_ids is None and plain.tail_logprobs is None
+    # tail draws: each token gets the uniforms of its own key (sequence key, rank), however batched
+    keys = [40, 41, 7, 9, 12]
+    draws = [
+        score_sequences(StubReference(), prompts, responses, k=2, batch_size=size, tail_draws=3, sequence_keys=keys)
+        for size in (1, 3)
+    ]
+    want = token_uniforms(scored_token_keys(np.array(keys), one.counts), 3)
+    for scored in draws:
+        assert scored.tail_ids.shape == (11, 3)
+        assert np.array_equal(scored.tail_logprobs, want.astype(np.float32))
+        assert np.array_equal(scored.tail_ids, (want * 2**31).astype(np.int32))
+
+
+def test_token_keys_and_uniforms():
+    """A token's key is its sequence's key · 2^20 + its rank in the sequence; its uniforms are a
+    hash of that key alone, in [0, 1), the same on every call."""
+    keys = scored_token_keys(np.array([3, 0, 5]), np.array([2, 0, 3]))
+    assert keys.tolist() == [3 << 20, (3 << 20) + 1, 5 << 20, (5 << 20) + 1, (5 << 20) + 2]
+    u = token_uniforms(keys, 4)
+    assert u.shape == (5, 4) and u.dtype == np.float64
+    assert np.array_equal(u, token_uniforms(keys, 4)) and np.array_equal(u[2:3], token_uniforms(keys[2:3], 4))
+    assert len(np.unique(u)) == u.size
+    many = token_uniforms(np.arange(20_000), 5)
+    assert ((many >= 0) & (many < 1)).all()
+    # uniform: each tenth of [0, 1) holds 10 % of 100,000 draws, to 4 standard errors (0.38 %)
+    counts = np.bincount((many * 10).astype(int).ravel(), minlength=10) / many.size
+    assert np.abs(counts - 0.1).max() < 0.004
+    with pytest.raises(ValueError, match="at most"):
+        scored_token_keys(np.array([1]), np.array([1 << 20]))
+
+
+def test_draw_tail_draws_the_reference_outside_its_top_k():
+    """Inverse-CDF draws: never one of the top k, each tail id as often as its share of the tail's
+    mass (40,000 draws of a 12-token vocabulary, to 4 standard errors), log-probs normalised over
+    the whole vocabulary; a row whose top k hold everything gets its most likely id."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2, -2.0, 0.7, -0.3, 0.1]])
+    k = 3
+    _, ids, _ = topk_reference(logits, torch.tensor([0]), k)
+    uniforms = torch.from_numpy(token_uniforms(np.array([11]), 40_000))
+    drawn, logprobs = draw_tail(logits, ids, uniforms)
+    assert drawn.dtype == torch.int32 and drawn.shape == (1, 40_000)
+    assert not torch.isin(drawn, ids).any()
+    lp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(logprobs, lp[0, drawn.long()], atol=1e-6, rtol=0)
+    tail = lp.exp()[0].scatter(0, ids[0].long(), 0.0)
+    share = tail / tail.sum()
+    freq = torch.bincount(drawn[0].long(), minlength=12).double() / drawn.shape[1]
+    sd = (share * (1 - share) / drawn.shape[1]).sqrt()
+    assert ((freq - share).abs() <= 4 * sd + 1e-12).all()
+    everything = torch.arange(12).flip(0).unsqueeze(0)  # k = V: no tail
+    drawn, logprobs = draw_tail(logits, everything, uniforms[:, :5])
+    assert drawn.tolist() == [[11] * 5] and torch.allclose(logprobs, lp[:, 11:12].expand(1, 5))
 
 
 def _tiny_reference():
@@ -203,6 +263,17 @@ def test_build_rows_layout_and_round_trip():
         np.array(table.column("prefix_hidden_sum").to_pylist(), np.float32), scores.prefix_hidden_sum
     )
     assert "prefix_hidden_sum" not in refcache_schema(2, "float16").names
+    assert "tail_ids" not in table.schema.names
+    # tail draws: per token, like the top k, their log-probs rounded to the top-k dtype
+    tail_ids = np.arange(3 * n, dtype=np.int32).reshape(n, 3) + 100
+    tail_lps = -np.arange(3 * n, dtype=np.float32).reshape(n, 3) / 11
+    drawn = build_rows(
+        _pairs(), 10, dataclasses.replace(scores, tail_ids=tail_ids, tail_logprobs=tail_lps), k=2, dtype="float16"
+    )
+    assert drawn.schema.equals(refcache_schema(2, "float16", hidden_size=3, tail_draws=3))
+    assert [len(x) for x in drawn.column("tail_ids").to_pylist()] == [2, 1, 1, 3]
+    assert np.array_equal(token_matrix(drawn.column("tail_ids")), tail_ids)
+    assert np.array_equal(token_matrix(drawn.column("tail_logprobs")), tail_lps.astype(np.float16))
     with pytest.raises(ValueError, match="prefix_hidden_sum"):
         build_rows(
             _pairs(), 0, BatchScores(*(getattr(scores, f) for f in SCORE_FIELDS[:-1])), k=2, dtype="float16"

@@ -64,6 +64,8 @@ class PairRecord:
     topk_logprobs: tuple[np.ndarray, np.ndarray] | None
     hidden: tuple[np.ndarray, np.ndarray] | None
     prefix: tuple[np.ndarray, np.ndarray] | None
+    tail_ids: tuple[np.ndarray, np.ndarray] | None = None
+    tail_logprobs: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _cache_columns(needs: BatchNeeds, schema: pa.Schema) -> list[str]:
@@ -80,6 +82,13 @@ def _cache_columns(needs: BatchNeeds, schema: pa.Schema) -> list[str]:
         cols += ["hidden"] + (["prefix_hidden_sum"] if "prefix_hidden_sum" in schema.names else [])
     elif needs.reference_hidden:
         cols += ["hidden"]
+    if needs.tail:
+        if "tail_ids" not in schema.names:
+            raise ArtifactError(
+                "kl: sampled needs the reference's tail draws, but this reference cache has none "
+                "(rebuild it with refpass.tail_draws > 0)"
+            )
+        cols += ["tail_ids", "tail_logprobs"]
     return cols
 
 
@@ -116,6 +125,8 @@ def _shard_records(
         if needs.hidden and "prefix_hidden_sum" in table.column_names
         else None
     )
+    tail_ids = _split_rows(token_matrix(table.column("tail_ids")), counts) if needs.tail else None
+    tail_lp = _split_rows(token_matrix(table.column("tail_logprobs")), counts) if needs.tail else None
     splits = table.column("split").to_pylist()
     sides = table.column("side").to_pylist()
     seq = table.column("seq_logprob").to_numpy()
@@ -143,6 +154,8 @@ def _shard_records(
                 topk_logprobs=tuple(topk_lp[r] for r in pair) if topk_lp is not None else None,
                 hidden=tuple(hidden[r] for r in pair) if hidden is not None else None,
                 prefix=tuple(prefix[r] for r in pair) if prefix is not None else None,
+                tail_ids=tuple(tail_ids[r] for r in pair) if tail_ids is not None else None,
+                tail_logprobs=tuple(tail_lp[r] for r in pair) if tail_lp is not None else None,
             )
         )
     return records
@@ -175,13 +188,8 @@ def collate(records: list[PairRecord], needs: BatchNeeds, with_sequences: bool, 
         ref_logps=torch.tensor([r.ref_logps[side] for r, side in rows], dtype=torch.float32),
     )
     if needs.topk:
-        k = records[0].topk_ids[0].shape[1]
-        batch.ref_topk_ids = torch.zeros(n, width, k, dtype=torch.long)
-        batch.ref_topk_logprobs = torch.zeros(n, width, k, dtype=torch.float32)
-        for i, (r, side) in enumerate(rows):
-            m = len(scored[i][0])
-            batch.ref_topk_ids[i, :m] = torch.from_numpy(r.topk_ids[side].astype(np.int64))
-            batch.ref_topk_logprobs[i, :m] = torch.from_numpy(r.topk_logprobs[side].astype(np.float32))
+        batch.ref_topk_ids = _token_grid(rows, scored, width, "topk_ids", torch.long)
+        batch.ref_topk_logprobs = _token_grid(rows, scored, width, "topk_logprobs", torch.float32)
     if with_sequences:
         seqs = [r.prompt + r.responses[side] for r, side in rows]
         length = max(len(s) for s in seqs)
@@ -191,10 +199,13 @@ def collate(records: list[PairRecord], needs: BatchNeeds, with_sequences: bool, 
             batch.input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             batch.attention_mask[i, : len(s)] = 1
         batch.gather_index = gather
+    if needs.tail:
+        batch.ref_tail_ids = _token_grid(rows, scored, width, "tail_ids", torch.long)
+        batch.ref_tail_logprobs = _token_grid(rows, scored, width, "tail_logprobs", torch.float32)
     if needs.reference_hidden:  # another reference model's states, for the exact KL to it
-        batch.ref_hidden = _hidden_grid(rows, scored, width)
+        batch.ref_hidden = _token_grid(rows, scored, width, "hidden")
     if needs.hidden:
-        batch.hidden = _hidden_grid(rows, scored, width)
+        batch.hidden = _token_grid(rows, scored, width, "hidden")
         batch.positions = gather.clone()
         if records[0].prefix is not None:  # caches that carry CALM's context prefix
             batch.prefix_sum = torch.stack([torch.from_numpy(r.prefix[side]) for r, side in rows])
@@ -203,14 +214,17 @@ def collate(records: list[PairRecord], needs: BatchNeeds, with_sequences: bool, 
     return batch
 
 
-def _hidden_grid(rows: list[tuple[PairRecord, int]], scored: list, width: int) -> torch.Tensor:
-    """The cached hidden states of each (record, side) in ``rows`` on the compact grid
-    ``(2B, R, H)``, zeros at padding. In the cache's own dtype (float32, or float16 from a
-    `hidden_dtype: float16` cache): never rounded here, so they are the stored states exactly."""
-    first = torch.from_numpy(rows[0][0].hidden[0])
-    grid = torch.zeros(len(rows), width, first.shape[1], dtype=first.dtype)
+def _token_grid(
+    rows: list[tuple[PairRecord, int]], scored: list, width: int, field: str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A per-token field of the records (``field``: one row of W values per scored token, e.g. the
+    top-k ids or the hidden states) for each (record, side) in ``rows``, on the compact grid
+    ``(2B, R, W)``, zeros at padding, in ``dtype``. None keeps the cache's own dtype: hidden states
+    (float32, or float16 from a `hidden_dtype: float16` cache) are then never rounded here."""
+    first = torch.from_numpy(getattr(rows[0][0], field)[0])
+    grid = torch.zeros(len(rows), width, first.shape[1], dtype=dtype or first.dtype)
     for i, (r, side) in enumerate(rows):
-        grid[i, : len(scored[i][0])] = torch.from_numpy(r.hidden[side])
+        grid[i, : len(scored[i][0])] = torch.from_numpy(getattr(r, field)[side])
     return grid
 
 

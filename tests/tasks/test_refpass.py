@@ -280,6 +280,37 @@ def test_hidden_dtype_is_in_the_key_only_with_hidden_states(setup):
     assert make_plan(setup, reference_model=str(setup["model_dir"])).key == plan.key  # the same weights
 
 
+def test_tail_draws_come_from_the_reference_outside_its_top_k_whatever_the_batching(setup, tmp_path):
+    """`refpass.tail_draws`: per scored token, M ids outside its top k with their log-probs as a
+    fresh forward gives them; in the key only when asked for; the same draws from another batch
+    size (which is not in the key), each token's draws being seeded by the token itself."""
+    plain = make_plan(setup)
+    plan = make_plan(setup, tail_draws=8)
+    assert "tail_draws" not in plain.config and plan.config["tail_draws"] == 8 and plan.key != plain.key
+    result = run_refpass(setup["store"], plan)
+    assert result.manifest.info["tail_draws"] == 8
+    table = read_table(result.path, "refcache")
+    top = torch.from_numpy(token_matrix(table.column("topk_ids"))).long()
+    tail = torch.from_numpy(token_matrix(table.column("tail_ids"))).long()
+    tail_lp = torch.from_numpy(token_matrix(table.column("tail_logprobs")))
+    assert tail.shape == (top.shape[0], 8) and tail_lp.dtype == torch.float32
+    assert not (tail.unsqueeze(-1) == top.unsqueeze(1)).any()  # never one of the token's top k
+    pairs = tokenized(setup)
+    fresh_lp = torch.cat(
+        [
+            torch.log_softmax(fresh(setup, pairs[row["pair_index"]]["prompt_ids"],
+                                    pairs[row["pair_index"]][f"{row['side']}_ids"])[0], -1)
+            for row in table.select(["pair_index", "side"]).to_pylist()
+        ]
+    )  # fmt: skip
+    torch.testing.assert_close(tail_lp, fresh_lp.gather(-1, tail), atol=1e-5, rtol=1e-5)
+    assert len(tail.unique()) > 3 * plan.k  # draws spread over the tail, not a few ids
+    other = make_plan(setup, tail_draws=8, batch_size=3)
+    assert other.key == plan.key
+    again = read_table(run_refpass(tmp_path / "store", other).path, "refcache")
+    assert np.array_equal(token_matrix(again.column("tail_ids")), tail.numpy().astype(np.int32))
+
+
 CHILD = textwrap.dedent(
     """
     import json, os, signal

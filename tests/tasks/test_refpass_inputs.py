@@ -48,7 +48,7 @@ class _TargetsReference:
 
     hidden_size = 1
 
-    def score_batch(self, batch, k, store_hidden=False, hidden_dtype="float32"):
+    def score_batch(self, batch, k, store_hidden=False, hidden_dtype="float32", tail_uniforms=None):
         t = batch.targets.numpy().astype(np.float32)
         counts = batch.counts.numpy()
         return BatchScores(

@@ -39,7 +39,7 @@ from alignheads.models import AlignedLM
 from alignheads.models.dera import dera_logits
 from alignheads.models.features import backbone_features, gather_time
 from alignheads.models.head_io import load_head
-from alignheads.models.losses import exact_kl, preference_accuracy
+from alignheads.models.losses import exact_kl, preference_accuracy, topk_sampled_kl
 from alignheads.models.method_impls import LoadedHead, LoadedLM
 from alignheads.models.methods import method
 from alignheads.models.objectives import IAV_TERMS, BatchNeeds, response_logps
@@ -55,10 +55,13 @@ pytestmark = pytest.mark.slow
 LN2 = math.log(2)
 
 
-def _build_store(root: Path, model, reference=None) -> dict:
+def _build_store(root: Path, model, reference=None, tail_draws: int = 0) -> dict:
     """The run's model saved under root/model (and a reference model under root/reference when
-    given), data, tokenize and a refpass with top-k (float32) and hidden states (default dtype)."""
-    rcfg = RefPassConfig(k=16, dtype="float32", store_hidden=True, pairs_per_shard=24, batch_size=16)
+    given), data, tokenize and a refpass with top-k (float32), hidden states (default dtype) and
+    `tail_draws` draws per token from the reference outside its top k."""
+    rcfg = RefPassConfig(
+        k=16, dtype="float32", store_hidden=True, pairs_per_shard=24, batch_size=16, tail_draws=tail_draws
+    )
     built = pair_store(root, model, rcfg, n_train=32, reference=reference)
     return {"model_dir": built.model_dir, "tokenize": built.tokenize, "refpass": built.refpass}
 
@@ -80,6 +83,15 @@ def other_reference(tmp_path_factory):
     return _build_store(
         tmp_path_factory.mktemp("other"), tiny_llama(tied=False), reference=tiny_llama(tied=False, seed=5)
     )
+
+
+@pytest.fixture(scope="module")
+def other_reference_drawn(tmp_path_factory):
+    """As `other_reference`, with 32 tail draws per token in the cache (`kl: sampled`)."""
+    return _build_store(
+        tmp_path_factory.mktemp("drawn"), tiny_llama(tied=False), reference=tiny_llama(tied=False, seed=5),
+        tail_draws=32,
+    )  # fmt: skip
 
 
 def _model(store: dict):
@@ -366,6 +378,49 @@ def test_exact_kl_to_another_reference_is_that_models_kl(other_reference, tmp_pa
         after = trained.trainee.objective(trained.trained, trained.trainee.tokens(batch), batch)
         kl_after = after.terms[..., IAV_TERMS.index("kl")][batch.mask]
     assert kl_after.mean() < 0.95 * kl.mean()
+
+
+def test_sampled_kl_reads_the_caches_tail_draws_and_is_the_exact_kl_on_average(
+    llama, other_reference_drawn, tmp_path
+):
+    """`kl: sampled` against another reference: each token's KL is `losses.topk_sampled_kl` of the
+    cache's top k and tail draws; averaged over a batch's tokens it is the exact KL (the reference
+    model's own forward) within the draws' noise (4 standard errors of the mean); W_b trained on it
+    comes closer to the reference. Without tail draws in the cache the plan refuses it in one line."""
+    with pytest.raises(ConfigError, match=r"kl is 'sampled' .* no tail draws: set refpass.tail_draws"):
+        plan_train("iav", IAVTrainConfig(kl="sampled"), llama["refpass"], {"name_or_path": str(llama["model_dir"])})
+    store = other_reference_drawn
+    plan = plan_train(
+        "iav", IAVTrainConfig(kl="sampled", batch_size=8, epochs=2, max_steps=6, lr=1e-2, eval_every=100),
+        store["refpass"], {"name_or_path": str(store["model_dir"])},
+    )  # fmt: skip
+    assert plan.kl_reference is None and plan.settings.base_head == "trained"
+    job = make_job(plan, tmp_path / "ckpt", progress=False)
+    trainee = job.method.trainee(job.model, plan.settings, "cpu")
+    assert trainee.needs == BatchNeeds(topk=True, hidden=False, tail=True)
+    _, records = next(iter(job.train.micro_batches(8, seed=None, drop_last=False)))
+    batch = collate(records, trainee.needs, trainee.with_sequences, 0)
+    assert batch.ref_tail_ids.shape == (*batch.mask.shape, 32)
+    reference_model = load_causal_lm(str(store["refpass"].parent.parent.parent / "reference"))
+    with torch.no_grad():
+        result = trainee.objective(trainee.module, trainee.tokens(batch), batch)
+        kl = result.terms[..., IAV_TERMS.index("kl")][batch.mask]
+        ids, mask = batch.input_ids, batch.attention_mask
+        run_logits = gather_time(job.model(input_ids=ids, attention_mask=mask).logits, batch.gather_index)
+        m = batch.mask
+        want = topk_sampled_kl(
+            batch.ref_topk_ids[m], batch.ref_topk_logprobs[m], batch.ref_tail_ids[m], batch.ref_tail_logprobs[m],
+            run_logits[m],
+        )  # fmt: skip
+        ref_logits = gather_time(reference_model(input_ids=ids, attention_mask=mask).logits, batch.gather_index)
+        exact = exact_kl(ref_logits, run_logits)[m]
+    torch.testing.assert_close(kl, want, atol=1e-5, rtol=1e-5)
+    diff = (kl - exact).double()
+    assert exact.mean() > 0.1 and abs(diff.mean()) <= 4 * diff.std() / len(diff) ** 0.5
+    trained = train(job)
+    with torch.no_grad():
+        after = trained.trainee.objective(trained.trained, trained.trainee.tokens(batch), batch)
+    assert after.terms[..., IAV_TERMS.index("kl")][m].mean() < 0.95 * kl.mean()
 
 
 def test_w_b_trains_against_another_reference_model(other_reference, tmp_path):
