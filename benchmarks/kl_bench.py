@@ -21,20 +21,24 @@ from. So the trained heads here are trained against another reference:
   half of the vocabulary, rejected ones 1/4: a preference W_a can learn), a train and a test split;
 - the real reference pass over them (`refpass_in_memory` of benchmarks/train_bench.py: k = 64,
   float16 top-k, `store_hidden` with float32 states);
-- two IAV heads trained with the training loop itself (`tasks.training.loop.train`,
-  `features: cached`, `base_head: trained`): one with `kl: topk`, one with `kl: exact` against
+- three IAV heads trained with the training loop itself (`tasks.training.loop.train`,
+  `features: cached`, `base_head: trained`): one with `kl: topk`, one with `kl: sampled` (the
+  cache's 64 tail draws per token), one with `kl: exact` against
   the reference (`trainees.KLReference`: the reference's lm_head of the hidden states the cache
   holds for it, what the train stage loads for `kl: exact` with `refpass.reference_model` set).
   The train stage itself refuses `features: cached` against another reference, whose cached
   states are in general not the run model's; here the two share the backbone, so they are;
 - on the test split's scored tokens, the exact KL(p_ref || softmax(logits)) (the reference logits
-  from the reference's lm_head on the cached float32 hidden state) and both estimators from the
-  float16 cache, for: the untrained W_b (the run model's lm_head: a perturbed head, as
+  from the reference's lm_head on the cached float32 hidden state) and the estimators from the
+  float16 cache (top-k + tail, extrapolated, and the top-k + sampled-tail estimate of
+  `kl: sampled`, `losses.topk_sampled_kl`, with the first M = 4, 16, 64 of the 64 ids per token
+  that the reference pass drew from the reference outside its top k, `refpass.tail_draws`), for: the untrained W_b (the run model's lm_head: a perturbed head, as
   benchmarks/refpass_bench.py measures), each trained W_b, and each trained W_b + W_a (the policy
-  at alpha = 1): mean exact KL (nats/token), each estimator's signed relative error of the mean,
-  and its per-token Pearson correlation with the exact KL;
+  at alpha = 1): mean exact KL (nats/token), each estimator's signed relative error of the mean
+  (for the sampled ones with the 95 % interval their draws leave), and its per-token Pearson
+  correlation with the exact KL;
 - one training step (the loop's own: collate, the trainee's chunked objective, backward, clipping,
-  AdamW, metrics; through `Variant` of benchmarks/train_bench.py), `kl: topk` against `kl: exact`,
+  AdamW, metrics; through `Variant` of benchmarks/train_bench.py), `kl: topk`, `sampled`, `exact`,
   interleaved, median: with `base_head: trained` (the exact KL against the reference's lm_head)
   and with `base_head: frozen` (the default against the run's own model; the project's
   `kl: exact` unchanged).
@@ -60,7 +64,7 @@ from torch import nn
 from train_bench import Setup, Variant, make_clock, read_batches, refpass_in_memory
 
 from alignheads.config import IAVTrainConfig
-from alignheads.models.losses import exact_kl, topk_extrapolated_kl, topk_tail_kl
+from alignheads.models.losses import exact_kl, topk_extrapolated_kl, topk_sampled_kl, topk_tail_kl
 from alignheads.models.methods import method
 from alignheads.models.reference import ReferenceModel
 from alignheads.models.trainees import KLReference
@@ -69,7 +73,12 @@ from alignheads.storage.tables import read_table
 from alignheads.tasks.training.batches import PairStream
 from alignheads.tasks.training.loop import TrainJob, train
 
-ESTIMATORS = {"top-k+tail": topk_tail_kl, "extrapolated": topk_extrapolated_kl}
+TOPK_ESTIMATORS = {"top-k+tail": topk_tail_kl, "extrapolated": topk_extrapolated_kl}
+# the top-k + sampled-tail estimate (`losses.topk_sampled_kl`, `kl: sampled`) with the first M
+# of the cache's draws per token from the reference outside its top k (`refpass.tail_draws`)
+TAIL_DRAWS = (4, 16, 64)
+KLS = ("topk", "sampled", "exact")  # the trainings: `kl: sampled` reads all 64 of the cache's draws
+ESTIMATORS = (*TOPK_ESTIMATORS, *(f"sampled M={m}" for m in TAIL_DRAWS))
 TARGET = 0.02  # |relative error of the mean| at k = 64
 
 
@@ -155,6 +164,8 @@ class Regime:
     ids: torch.Tensor  # (N, K)
     lps: torch.Tensor  # (N, K) the cached float16 values, as float32
     train_tokens: int
+    tail_ids: torch.Tensor  # (N, max M) the cache's draws from the reference outside its top k
+    tail_lps: torch.Tensor  # (N, max M) their cached float16 log-probs, as float32
 
     @property
     def mass(self) -> torch.Tensor:
@@ -174,8 +185,9 @@ def build_regime(store: Path, tok, sizes: Sizes, scale: float, offset: float) ->
         run.lm_head.weight.add_(offset * w.std() * noise)
     identity = {"kind": "random-llama", "layers": sizes.layers, "seed": 0, "scale": scale, **sizes.shape}
     cache = refpass_in_memory(
-        store, reference, ReferenceModel(reference, cpu), tok, identity, k=sizes.k, store_hidden=True
-    )
+        store, reference, ReferenceModel(reference, cpu), tok, identity, k=sizes.k, store_hidden=True,
+        tail_draws=max(TAIL_DRAWS),
+    )  # fmt: skip
     table = read_table(cache.path, TABLE)
     test = table.filter(pc.equal(table.column("split"), "test"))
     train_rows = table.filter(pc.equal(table.column("split"), "train"))
@@ -189,7 +201,19 @@ def build_regime(store: Path, tok, sizes: Sizes, scale: float, offset: float) ->
         ids=torch.from_numpy(token_matrix(test.column("topk_ids"))),
         lps=torch.from_numpy(token_matrix(test.column("topk_logprobs"))).float(),
         train_tokens=int(pc.sum(pc.list_value_length(train_rows.column("token_logprobs"))).as_py()),
+        tail_ids=torch.from_numpy(token_matrix(test.column("tail_ids"))),
+        tail_lps=torch.from_numpy(token_matrix(test.column("tail_logprobs"))).float(),
     )
+
+
+def estimates(regime: Regime, rows: slice, policy_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every estimator's per-token value for the test tokens ``rows`` under ``policy_logits``."""
+    ids, lps = regime.ids[rows], regime.lps[rows]
+    out = {name: fn(ids, lps, policy_logits) for name, fn in TOPK_ESTIMATORS.items()}
+    for m in TAIL_DRAWS:
+        tail_ids, tail_lps = regime.tail_ids[rows, :m], regime.tail_lps[rows, :m]
+        out[f"sampled M={m}"] = topk_sampled_kl(ids, lps, tail_ids, tail_lps, policy_logits)
+    return out
 
 
 # --------------------------------------------------------------------------- training
@@ -241,10 +265,8 @@ def per_token(regime: Regime, policy, rows: int = 512) -> dict[str, np.ndarray]:
             h = regime.hidden[i : i + rows]
             ref, pol = regime.reference.lm_head(h), policy(h)
             out["exact"].append(exact_kl(ref, pol).double().numpy())
-            for name, estimate in ESTIMATORS.items():
-                out[name].append(
-                    estimate(regime.ids[i : i + rows], regime.lps[i : i + rows], pol).double().numpy()
-                )
+            for name, value in estimates(regime, slice(i, i + rows), pol).items():
+                out[name].append(value.double().numpy())
     return {name: np.concatenate(v) for name, v in out.items()}
 
 
@@ -255,6 +277,7 @@ class Fidelity:
     exact: float
     errors: dict[str, float]  # signed relative error of the mean
     correlation: dict[str, float]  # Pearson, per token
+    spread: dict[str, float]  # sampled estimators: half-width of the 95 % interval of `errors`
 
 
 def fidelity(regime: Regime, head: str, policy) -> Fidelity:
@@ -262,7 +285,14 @@ def fidelity(regime: Regime, head: str, policy) -> Fidelity:
     exact = float(kls["exact"].mean())
     errors = {name: (float(kls[name].mean()) - exact) / exact for name in ESTIMATORS}
     corr = {name: float(np.corrcoef(kls["exact"], kls[name])[0, 1]) for name in ESTIMATORS}
-    return Fidelity(regime, head, exact, errors, corr)
+    # the draws' noise in the mean: the per-token differences to the exact KL are independent
+    # across tokens (one draw set each), so the mean's standard error is their sd / sqrt(N)
+    spread = {
+        name: 1.96 * float(np.std(kls[name] - kls["exact"], ddof=1)) / len(kls["exact"]) ** 0.5 / exact
+        for name in ESTIMATORS
+        if name.startswith("sampled")
+    }
+    return Fidelity(regime, head, exact, errors, corr, spread)
 
 
 def heads_of(regime: Regime, trained: dict[str, Trained]) -> dict[str, object]:
@@ -280,14 +310,14 @@ def heads_of(regime: Regime, trained: dict[str, Trained]) -> dict[str, object]:
 
 def step_times(regime: Regime, args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
     """Seconds per training step (the loop's, through train_bench's Variant, features: cached) for
-    (base_head, kl) in {trained, frozen} x {topk, exact}, all four interleaved step by step."""
+    (base_head, kl) in {trained, frozen} x KLS, all six interleaved step by step."""
     cpu = torch.device("cpu")
     n = max(2, args.warmup + args.timed)
-    batches = read_batches(regime.cache.path, regime.tok.path, args.batch, n)
+    batches = read_batches(regime.cache.path, regime.tok.path, args.batch, n, tail=True)
     setup = Setup(regime.run, ReferenceModel(regime.reference, cpu), batches, 0, regime.ids.shape[1], cpu, "")
     variants = {}
     for base_head in ("trained", "frozen"):
-        for kl in ("topk", "exact"):
+        for kl in KLS:
             # against the reference, as trained above; frozen: the project's kl: exact to its own lm_head
             against = base_head == "trained" and kl == "exact"
             reference = KLReference(regime.reference.lm_head) if against else None
@@ -339,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, scale in enumerate(scales):
             regime = build_regime(store, tok, sizes, scale, args.offset)
             regimes.append(regime)
-            trained = {kl: train_head(regime, kl, args, store) for kl in ("topk", "exact")}
+            trained = {kl: train_head(regime, kl, args, store) for kl in KLS}
             training |= {(scale, kl): t for kl, t in trained.items()}
             results += [fidelity(regime, name, fn) for name, fn in heads_of(regime, trained).items()]
             if i == 0:  # the step's cost does not depend on the reference's sharpness
@@ -371,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         "training (train-split metrics the loop logs: kl = the run's own KL estimate, mean of the last 10 steps)"
     )
-    columns = [("scale", 5), ("kl", 5), ("steps", 5), ("s/step", 6), ("loss", 7), ("kl first", 8),
+    columns = [("scale", 5), ("kl", 7), ("steps", 5), ("s/step", 6), ("loss", 7), ("kl first", 8),
                ("kl last", 7), ("reward acc", 10)]  # fmt: skip
     rows = []
     for (scale, kl), t in training.items():
@@ -386,35 +416,41 @@ def main(argv: list[str] | None = None) -> None:
         f"cached float32 hidden states) vs the estimators from the float16 top-{sizes.k}; err = signed relative "
         "error of the mean, r = per-token Pearson correlation with the exact KL"
     )
-    columns = [("scale", 5), ("mass", 5), ("head", 26), ("exact KL", 8), ("top-k+tail err", 14),
-               ("r", 6), ("extrapolated err", 16), ("r ", 6)]  # fmt: skip
+    columns = [("scale", 5), ("mass", 5), ("head", 26), ("exact KL", 8)]
+    for name in ESTIMATORS:
+        columns += [(f"{name} err", 14), ("r", 6)]
     rows = []
     for f in results:
-        rows.append([f"{f.regime.scale:g}", f"{f.regime.mass.mean().item():.3f}", f.head, f"{f.exact:.4f}",
-                     f"{f.errors['top-k+tail']:+.2%}", f"{f.correlation['top-k+tail']:.4f}",
-                     f"{f.errors['extrapolated']:+.2%}", f"{f.correlation['extrapolated']:.4f}"])  # fmt: skip
+        row = [f"{f.regime.scale:g}", f"{f.regime.mass.mean().item():.3f}", f.head, f"{f.exact:.4f}"]
+        for name in ESTIMATORS:
+            spread = f" ±{f.spread[name]:.2%}" if name in f.spread else ""
+            row += [f"{f.errors[name]:+.2%}{spread}", f"{f.correlation[name]:.4f}"]
+        rows.append(row)
     print_table(columns, rows)
-    trained_rows = [f for f in results if "trained" in f.head]
-    worst = max(trained_rows, key=lambda f: abs(f.errors["extrapolated"]))
-    met = all(abs(f.errors["extrapolated"]) <= TARGET for f in trained_rows)
-    print(
-        f"target |relative error| <= {TARGET:.0%} at k = {sizes.k} (kl: topk = extrapolated) on the trained heads: "
-        f"{'met' if met else 'NOT met'}; worst {worst.errors['extrapolated']:+.2%} (scale {worst.regime.scale:g}, "
-        f"mass {worst.regime.mass.mean().item():.3f}, {worst.head})"
-    )
+    print("±: 95 % interval of a sampled estimate's error of the mean over its draws (1.96 standard errors)")
+    trained_rows = [f for f in results if not f.head.startswith("untrained")]
+    for name, label in (("extrapolated", "kl: topk = extrapolated"), ("sampled M=16", "top-k + 16 tail draws")):
+        worst = max(trained_rows, key=lambda f: abs(f.errors[name]) + f.spread.get(name, 0.0))
+        met = all(abs(f.errors[name]) + f.spread.get(name, 0.0) <= TARGET for f in trained_rows)
+        print(
+            f"target |relative error| <= {TARGET:.0%} at k = {sizes.k} ({label}) on the trained heads: "
+            f"{'met' if met else 'NOT met'}; worst {worst.errors[name]:+.2%} (scale {worst.regime.scale:g}, "
+            f"mass {worst.regime.mass.mean().item():.3f}, {worst.head})"
+        )
     for scale, times in timing.items():
         med = {key: statistics.median(v) for key, v in times.items()}
         print(
             f"one training step (the loop's, features: cached, {args.batch} pairs, scale {scale:g}): "
             f"{args.warmup} warm-up + {args.timed} timed steps per variant, interleaved; median s/step"
         )
-        columns = [("base_head", 9), ("kl: topk", 8), ("kl: exact", 9), ("exact / topk", 12)]
+        columns = [("base_head", 9), *((f"kl: {kl}", 11) for kl in KLS), ("sampled / topk", 15),
+                   ("exact / topk", 15)]  # fmt: skip
         rows = []
         for base_head in ("trained", "frozen"):
-            topk, exact = med[(base_head, "topk")], med[(base_head, "exact")]
-            rows.append(
-                [base_head, f"{topk:.3f}", f"{exact:.3f}", f"{exact / topk:.3f}x ({exact / topk - 1:+.1%})"]
-            )
+            times = {kl: med[(base_head, kl)] for kl in KLS}
+            ratios = [times[kl] / times["topk"] for kl in ("sampled", "exact")]
+            rows.append([base_head, *(f"{times[kl]:.3f}" for kl in KLS),
+                         *(f"{r:.3f}x ({r - 1:+.1%})" for r in ratios)])  # fmt: skip
         print_table(columns, rows)
 
 

@@ -295,9 +295,13 @@ def step_profile(plan, reference, repeats: int) -> dict[str, float]:
     return best
 
 
+TAIL_DRAWS = 16  # `refpass.tail_draws` timed at Llama size
+
+
 def llama_scale_check(tokens: int = 256, hidden: int = 4096, vocab: int = LLAMA_VOCAB, k: int = 64):
-    """Seconds for (output-layer matmul, log-sum-exp + top-k) on `tokens` synthetic hidden states."""
-    from alignheads.models.reference import topk_reference
+    """Seconds for (output-layer matmul, log-sum-exp + top-k, TAIL_DRAWS tail draws per token) on
+    `tokens` synthetic hidden states."""
+    from alignheads.models.reference import draw_tail, scored_token_keys, token_uniforms, topk_reference
 
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=gen)
@@ -308,9 +312,13 @@ def llama_scale_check(tokens: int = 256, hidden: int = 4096, vocab: int = LLAMA_
         logits = torch.nn.functional.linear(h, w)
         matmul = time.perf_counter() - t
         t = time.perf_counter()
-        topk_reference(logits, y, k)
+        _, ids, _ = topk_reference(logits, y, k)
         extract = time.perf_counter() - t
-    return matmul, extract
+        t = time.perf_counter()  # what the pass adds per batch with tail draws: the uniforms and the draws
+        keys = scored_token_keys(np.array([0]), np.array([tokens]))
+        draw_tail(logits, ids, torch.from_numpy(token_uniforms(keys, TAIL_DRAWS)))
+        draws = time.perf_counter() - t
+    return matmul, extract, draws
 
 
 # the KL fidelity check at Llama's vocabulary: a random Llama of this width, its lm_head rescaled
@@ -408,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         profile = step_profile(plan_refpass(cfg, model_cfg, model_dir, tok.path, fp), reference, args.repeats)
         exact, errors = kl_errors(reference, tables, tokenized, args.noise, seed=0)
         fidelity = llama_kl_fidelity(store, args) if args.fidelity_pairs else []
-    matmul, extract = llama_scale_check()
+    matmul, extract, draws = llama_scale_check()
 
     vocab = next(iter(rows.values()))["vocab"]
     print(machine_line("refpass benchmark"))
@@ -444,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"Llama size (H = 4096, V = 32000, 256 tokens, same threads): output-layer matmul {matmul * 1e3:.0f} ms, "
-        f"log-sum-exp + top-64 {extract * 1e3:.0f} ms ({extract / matmul:.1%} of the matmul alone)"
+        f"log-sum-exp + top-64 {extract * 1e3:.0f} ms ({extract / matmul:.1%} of the matmul alone), "
+        f"{TAIL_DRAWS} tail draws per token {draws * 1e3:.0f} ms ({draws / matmul:.1%})"
     )
     if fidelity:
         print(

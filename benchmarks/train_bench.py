@@ -123,11 +123,11 @@ class Setup:
 
 
 def read_batches(
-    refcache: Path, tokenized: Path, pairs_per_batch: int, n_batches: int, hidden: bool = True
+    refcache: Path, tokenized: Path, pairs_per_batch: int, n_batches: int, hidden: bool = True, tail: bool = False
 ) -> list[list[PairRecord]]:
     """The first `n_batches` training micro-batches of the cache (seeded order), with top-k (and
-    the hidden states, when `hidden`)."""
-    stream = PairStream(refcache, tokenized, "train", BatchNeeds(topk=True, hidden=hidden))
+    the hidden states, when `hidden`; the tail draws, when `tail`)."""
+    stream = PairStream(refcache, tokenized, "train", BatchNeeds(topk=True, hidden=hidden, tail=tail))
     batches = [records for _, records in islice(stream.micro_batches(pairs_per_batch, seed=0), n_batches)]
     if not batches:
         raise ValueError(f"{refcache}: fewer than {pairs_per_batch} training pairs")
@@ -194,7 +194,7 @@ def synthetic_tokenized(store: Path, n_pairs: int, prompt_len: int, response_len
 
 def refpass_in_memory(
     store: Path, model: nn.Module, reference: ReferenceModel, tok, identity: dict, *, k: int,
-    store_hidden: bool, hidden_dtype: str = "float32", batch_size: int = 16,
+    store_hidden: bool, hidden_dtype: str = "float32", batch_size: int = 16, tail_draws: int = 0,
 ):  # fmt: skip
     """The real reference-pass stage over the `tokenize` artifact `tok` with an in-memory `model`
     (`identity`: what stands for its weights in the key). Its plan is filled in by hand, as
@@ -218,6 +218,8 @@ def refpass_in_memory(
         "max_prompt_length": tok.manifest.config["max_prompt_length"],
         "max_response_length": tok.manifest.config["max_response_length"],
     }
+    if tail_draws:  # as plan_refpass: only then in the key
+        config["tail_draws"] = tail_draws
     inputs = {"tokenize": tok.key, "data": tok.manifest.inputs["data"], "tokenizer": "synthetic"}
     plan = RefPassPlan(
         key=artifact_key(REFPASS, config, inputs, REFPASS_VERSION),
@@ -239,6 +241,7 @@ def refpass_in_memory(
         hidden_size=cfg.hidden_size,
         config=config,
         inputs=inputs,
+        tail_draws=tail_draws,
     )
     return run_refpass(store, plan, reference)
 

@@ -12,8 +12,10 @@ import pytest
 HEADS = (
     "untrained W_b (run lm_head)",
     "W_b, trained kl: topk",
+    "W_b, trained kl: sampled",
     "W_b, trained kl: exact",
     "W_b + W_a, trained kl: topk",
+    "W_b + W_a, trained kl: sampled",
     "W_b + W_a, trained kl: exact",
 )
 
@@ -33,19 +35,24 @@ def test_kl_bench_dry_run(capsys) -> None:
     assert [r[0] for r in regimes] == ["4", "5.5"]
     masses = [float(r[1]) for r in regimes]
     assert 0 < masses[0] < masses[1] <= 1  # a sharper reference puts more mass on its top k
-    training = [r for r in rows if len(r) == 8 and r[1] in ("topk", "exact")]
+    training = [r for r in rows if len(r) == 8 and r[1] in ("topk", "sampled", "exact")]
     assert [(r[0], r[1], r[2]) for r in training] == [
-        ("4", "topk", "2"), ("4", "exact", "2"), ("5.5", "topk", "2"), ("5.5", "exact", "2"),
-    ]  # fmt: skip
-    fidelity = [r for r in rows if len(r) == 8 and r[2] in HEADS]
+        (scale, kl, "2") for scale in ("4", "5.5") for kl in ("topk", "sampled", "exact")
+    ]
+    # exact KL, then error and correlation of: top-k + tail, extrapolated, sampled M = 4, 16, 64
+    fidelity = [r for r in rows if len(r) == 14 and r[2] in HEADS]
     assert [r[2] for r in fidelity] == list(HEADS) * 2
     for r in fidelity:
         assert float(r[3]) > 0  # the run model's head is offset from the reference's
-        errors = [float(r[i].rstrip("%")) for i in (4, 6)]
+        errors = [float(r[i].split("%")[0]) for i in (4, 6, 8, 10, 12)]
         assert all(math.isfinite(e) for e in errors)
         assert abs(errors[1]) <= abs(errors[0])  # extrapolating the tail's KL beats leaving it out
-        assert float(r[5]) > 0.5 and float(r[7]) > 0.5  # per-token correlation with the exact KL
-    assert re.search(r"target \|relative error\| <= 2% at k = 16 .*: (met|NOT met); worst [+-]\d", out)
+        spreads = [float(r[i].split("±")[1].rstrip("%")) for i in (8, 10, 12)]
+        assert spreads[0] > spreads[1] > spreads[2] > 0  # more draws, less noise in the mean
+        assert abs(errors[4]) <= spreads[2] + 0.5  # unbiased: 64 draws land near the exact KL
+        assert all(float(r[i]) > 0.5 for i in (5, 7, 9, 11, 13))  # per-token correlation with the exact KL
+    targets = re.findall(r"target \|relative error\| <= 2% at k = 16 \((.*)\) .*: (?:met|NOT met); worst [+-]\d", out)
+    assert targets == ["kl: topk = extrapolated", "top-k + 16 tail draws"]
     timing = table_rows(out, "trained") + table_rows(out, "frozen")
     assert [r[0] for r in timing] == ["trained", "frozen"]
-    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in timing)
+    assert all(float(r[i]) > 0 for r in timing for i in (1, 2, 3))
