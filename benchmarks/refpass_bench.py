@@ -224,7 +224,7 @@ PROFILED_STEPS = (
     ("topk_reference (incl. sorted_topk)", "alignheads.models.reference", "topk_reference"),
     ("extract (incl. the two above)", "alignheads.models.reference", "ReferenceModel.extract"),
     ("restore input order", "alignheads.models.reference", "_restore_order"),
-    ("build_rows", "alignheads.tasks.refpass", "build_rows"),
+    ("build_rows", "alignheads.storage.refcache", "build_rows"),  # imported where a shard is built
 )
 
 

@@ -104,3 +104,33 @@ def test_scale_bench_dry_run(capsys) -> None:
     assert steps[1] == 2 * steps[0] > 0
     assert all(float(r[8]) >= float(r[7]) > 0 for r in rows)  # RSS peak >= RSS at the start, MiB
     assert "iav: peak 2x / 1x =" in out
+
+
+@pytest.mark.slow
+def test_refpass_bench_times_every_step_a_shard_runs_through(tmp_path: Path) -> None:
+    """refpass_bench's profile wraps functions by module and name; each must be one the reference
+    pass really calls (a moved import once left `build_rows` unwrapped and the script failing)."""
+    import refpass_bench
+
+    from alignheads.config import ModelConfig, RefPassConfig
+    from alignheads.loading import load_tokenizer
+    from alignheads.models.reference import load_reference
+    from alignheads.storage.fingerprint import tokenizer_fingerprint
+    from alignheads.tasks.refpass import compute_refpass_shard, plan_refpass
+    from tests.helpers.tiny_models import tiny_llama
+    from tests.helpers.word_pairs import pair_store
+
+    built = pair_store(tmp_path, tiny_llama(tied=False), RefPassConfig(k=8, pairs_per_shard=64), n_train=8)
+    fp = tokenizer_fingerprint(load_tokenizer(str(built.model_dir)))
+    plan = plan_refpass(RefPassConfig(k=8, pairs_per_shard=64), ModelConfig(), str(built.model_dir), built.tokenize, fp)
+    reference = load_reference(str(built.model_dir), device="cpu")
+    seconds: dict[str, float] = {}
+    with refpass_bench.timed_steps(reference, seconds):
+        compute_refpass_shard(plan, 0, reference, progress=False)
+    assert set(seconds) == {label for label, _, _ in refpass_bench.PROFILED_STEPS}
+    assert all(value > 0 for value in seconds.values())
+    # the wrappers are gone afterwards: the module's own function again
+    from alignheads.storage import refcache
+
+    assert refcache.build_rows.__module__ == "alignheads.storage.refcache"
+    assert refcache.build_rows.__qualname__ == "build_rows"
