@@ -9,6 +9,7 @@ from pathlib import Path
 import calm_step_bench  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import decode_bench
 import kv_cache_bench
+import malloc_bench
 import pipeline_bench
 import pytest
 import scale_bench
@@ -134,3 +135,14 @@ def test_refpass_bench_times_every_step_a_shard_runs_through(tmp_path: Path) -> 
 
     assert refcache.build_rows.__module__ == "alignheads.storage.refcache"
     assert refcache.build_rows.__qualname__ == "build_rows"
+
+
+@pytest.mark.slow
+def test_malloc_bench_dry_run(capsys) -> None:
+    malloc_bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "glibc default") + table_rows(out, "1 MiB (before)") + table_rows(out, "the loop's")
+    assert [r[1] for r in rows] == ["dynamic", "1 MiB", "8 MiB"]
+    assert all(float(r[2]) > 0 and r[7] == "yes" for r in rows)  # timed, and the same tokens
+    assert rows[0][6] == "1.000"
+    assert "one token sum under every setting: yes" in out

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from alignheads.config import PreferenceTrainConfig
-from alignheads.models.losses import preference_accuracy
+from alignheads.models.losses import LOGITS_PER_CHUNK, preference_accuracy
 from alignheads.models.methods import Method
 from alignheads.models.trainees import KLReference, Trainee
 from alignheads.tasks.training.batches import PairStream, collate
@@ -105,9 +105,14 @@ def adamw(params: list[nn.Parameter], cfg: PreferenceTrainConfig) -> torch.optim
 
 # glibc's mallopt parameter for the size from which malloc maps memory of its own (malloc.h)
 M_MMAP_THRESHOLD = -3
-# blocks this large and larger get their own mapping: every logits-sized tensor of a chunked loss
-# (16 MiB) and every weight-sized one, never the small objects of Python and torch
-MMAP_THRESHOLD_BYTES = 1 << 20
+# blocks this large and larger get their own mapping: half a chunk's float32 logits (8 MiB), so every
+# logits-sized tensor of a chunked loss (a chunk holds LOGITS_PER_CHUNK logits, less than one row of
+# V) and every weight-sized one. Smaller blocks stay in the heap, which reuses them: the setting is
+# the whole process's, and the sampling that runs beside and after the trainings allocates a batch's
+# prefill activations and KV-cache buffers of 1-8 MiB per call; mapped on their own (a 1 MiB
+# threshold) every one of them was zero-filled again, and a GenARM sweep batch sampled ~20 % slower
+# (benchmarks/malloc_bench.py)
+MMAP_THRESHOLD_BYTES = LOGITS_PER_CHUNK * 4 // 2
 
 
 def mmap_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:

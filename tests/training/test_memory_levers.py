@@ -2,7 +2,8 @@
 
 * A frozen IAV base head is the LM's output layer in memory (`trainees.share_frozen_base`): one
   ``V x H`` weight where there were two, the same values, the LM untouched.
-* glibc maps large blocks on their own from the loop's start (`loop.mmap_large_allocations`).
+* glibc maps large blocks on their own from the loop's start (`loop.mmap_large_allocations`):
+  every chunk's logits, never a decoding batch's mid-size blocks.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 from alignheads.config import IAVTrainConfig
+from alignheads.models.losses import chunk_tokens
 from alignheads.models.methods import method
 from alignheads.models.trainees import share_frozen_base
-from alignheads.tasks.training.loop import mmap_large_allocations
+from alignheads.tasks.training.loop import MMAP_THRESHOLD_BYTES, mmap_large_allocations
 from tests.helpers.tiny_models import tiny_llama
 
 
@@ -66,3 +68,12 @@ def test_share_frozen_base_shares_a_bias_too():
 
 def test_large_blocks_are_mapped_on_their_own_under_glibc():
     assert mmap_large_allocations() == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("vocab", [512, 32_000, 128_256, 262_144])
+def test_every_chunks_logits_reach_the_mapping_threshold(vocab: int):
+    """A chunk's float32 logits, the blocks that must go back to the system as soon as they are
+    freed, are at least the threshold whatever the vocabulary (a chunk is LOGITS_PER_CHUNK logits
+    less part of a row), while the threshold stays at the 8 MiB under which the sweeps' per-call
+    blocks come from the heap (benchmarks/malloc_bench.py: 1 MiB made sampling ~20 % slower)."""
+    assert chunk_tokens(vocab) * vocab * 4 >= MMAP_THRESHOLD_BYTES == 8 << 20
