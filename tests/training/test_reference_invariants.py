@@ -19,6 +19,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -44,7 +45,7 @@ from alignheads.models.method_impls import LoadedHead, LoadedLM
 from alignheads.models.methods import method
 from alignheads.models.objectives import IAV_TERMS, BatchNeeds, response_logps
 from alignheads.storage.manifest import ArtifactError
-from alignheads.tasks.train import make_job, plan_train, resolve_base_head
+from alignheads.tasks.train import kl_reference_model, make_job, plan_train, resolve_base_head
 from alignheads.tasks.training.batches import PairStream, _cache_columns, collate
 from alignheads.tasks.training.loop import TrainJob, train
 from tests.helpers.tiny_models import VOCAB, randomise, tiny_gemma2, tiny_llama
@@ -343,6 +344,21 @@ def test_exact_kl_against_another_reference_needs_its_hidden_states():
     schema = pa.schema([("pair_index", pa.int64())])
     with pytest.raises(ArtifactError, match="kl: exact against another reference model needs hidden states"):
         _cache_columns(BatchNeeds(topk=False, hidden=False, reference_hidden=True), schema)
+
+
+def test_exact_kl_against_another_reference_needs_the_same_vocabulary(llama):
+    """The two output layers must score the same tokens: a reference with more rows is refused in
+    one line (the manifest is all `kl_reference_model` reads of the cache)."""
+    source = {"name_or_path": str(llama["model_dir"])}
+    cache = SimpleNamespace(config={"model": {"own": False}}, info={"model": "ref", "vocab_size": VOCAB + 8})
+    with pytest.raises(ConfigError, match=rf"{VOCAB + 8} rows against the run model's {VOCAB}"):
+        kl_reference_model(IAVTrainConfig(kl="exact"), cache, source, "iav")
+    same = SimpleNamespace(config={"model": {"own": False}, "model_dtype": "float32"},
+                           info={"model": "ref", "revision": "r1", "vocab_size": VOCAB})  # fmt: skip
+    assert kl_reference_model(IAVTrainConfig(kl="exact"), same, source, "iav") == {
+        "name_or_path": "ref", "revision": "r1", "dtype": "float32", "trust_remote_code": False,
+    }  # fmt: skip
+    assert kl_reference_model(IAVTrainConfig(kl="topk"), same, source, "iav") is None
 
 
 def test_exact_kl_to_another_reference_is_that_models_kl(other_reference, tmp_path):
