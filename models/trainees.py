@@ -194,7 +194,7 @@ class HeadTrainee(Trainee):
             self.module.base.requires_grad_(False)
             share_frozen_base(self.module.base, self.frozen)
         if kl_reference is not None:
-            kl_reference = KLReference(kl_reference.layer.to(device), kl_reference.cap)
+            kl_reference.layer.to(device)  # in place, as the frozen lm_head above
         self.needs, self.with_sequences = head_batches(cfg, reference_hidden=kl_reference is not None)
         self.features = head_features(cfg, model.base_model, self.module.needs_token_context, self.frozen)
         self.objective = head_objective(cfg, self.frozen, self.cap, chunk, kl_reference)

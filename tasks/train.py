@@ -124,8 +124,8 @@ def plan_train(
             f"train.{entry.section}.kl is 'sampled' but the reference cache {refpass_path} holds no tail "
             "draws: set refpass.tail_draws (e.g. 16)"
         )
-    cfg = resolve_base_head(cfg, refpass.config, entry.section, refpass_path)
-    kl_reference = kl_reference_model(cfg, refpass, model, entry.section)
+    cfg = resolve_base_head(cfg, refpass.config)
+    kl_reference = kl_reference_model(cfg, refpass, refpass_path, model, entry.section)
     config = {"kind": kind, **cfg.model_dump(mode="json", exclude=entry.key_excludes(cfg))}
     inputs = {"refpass": refpass.key}
     tokenize_path = Path(refpass_path).parent.parent / "tokenize" / refpass.inputs["tokenize"]
@@ -143,39 +143,42 @@ def plan_train(
     )
 
 
-def resolve_base_head(
-    cfg: PreferenceTrainConfig, refpass_config: dict[str, Any], section: str, refpass_path: Any
-) -> PreferenceTrainConfig:
+def resolve_base_head(cfg: PreferenceTrainConfig, refpass_config: dict[str, Any]) -> PreferenceTrainConfig:
     """IAV's settings with `base_head: auto` resolved from the reference cache's config: 'frozen'
     when the reference is the run's own model (W_b's optimum is the model's lm_head itself, its
     only gradient rounding noise), 'trained' when `refpass.reference_model` named another model.
-    `kl: exact` is the KL to the reference's own lm_head of its hidden states, which a cache of
-    trained against another model's cache without hidden states: refused (ConfigError), as the exact
-    KL to that model needs its hidden states (:func:`kl_reference_model`). Other methods: unchanged."""
+    Other methods: unchanged."""
     if not isinstance(cfg, IAVTrainConfig):
         return cfg
-    # caches before format 3 do not say; theirs was the run's own model unless reference_model was set
-    own = refpass_config.get("model", {}).get("own", True)
     if cfg.base_head == "auto":
-        cfg = cfg.model_copy(update={"base_head": "frozen" if own else "trained"})
-    if not own and cfg.kl == "exact" and not refpass_config.get("store_hidden"):
+        cfg = cfg.model_copy(
+            update={"base_head": "frozen" if _scores_own_model(refpass_config) else "trained"}
+        )
+    return cfg
+
+
+def _scores_own_model(refpass_config: dict[str, Any]) -> bool:
+    """Whether a reference cache scored the run's own model (caches before format 3 do not say;
+    theirs was the run's own model unless reference_model was set)."""
+    return refpass_config.get("model", {}).get("own", True)
+
+
+def kl_reference_model(
+    cfg: PreferenceTrainConfig, refpass: Any, refpass_path: Any, model: dict[str, Any], section: str
+) -> dict[str, Any] | None:
+    """The reference model whose output layer IAV's `kl: exact` reads when the cache (its manifest
+    `refpass`, at `refpass_path`) scores another model than the run's: name_or_path, revision,
+    dtype and trust_remote_code (the run model's setting); None for any other training. Raises
+    ConfigError when the cache holds none of that model's hidden states (the KL is its lm_head of
+    them), or when the two models' output layers do not cover the same vocabulary."""
+    if not isinstance(cfg, IAVTrainConfig) or cfg.kl != "exact" or _scores_own_model(refpass.config):
+        return None
+    if not refpass.config.get("store_hidden"):
         raise ConfigError(
             f"train.{section}.kl is 'exact' but the reference cache {refpass_path} scores another "
             "reference model and holds none of its hidden states, which the exact KL to it reads: set "
             "refpass.store_hidden: true, or use kl: topk"
         )
-    return cfg
-
-
-def kl_reference_model(
-    cfg: PreferenceTrainConfig, refpass: Any, model: dict[str, Any], section: str
-) -> dict[str, Any] | None:
-    """The reference model whose output layer IAV's `kl: exact` reads when the cache (its manifest
-    `refpass`) scores another model than the run's: name_or_path, revision, dtype and
-    trust_remote_code (the run model's setting); None for any other training. Raises ConfigError
-    when the two models' output layers do not cover the same vocabulary."""
-    if not isinstance(cfg, IAVTrainConfig) or cfg.kl != "exact" or refpass.config.get("model", {}).get("own", True):
-        return None
     from alignheads.loading import model_shape
 
     trust = bool(model.get("trust_remote_code", False))

@@ -330,16 +330,19 @@ def test_the_plan_freezes_w_b_for_the_own_model_and_trains_it_for_another(llama,
     assert "base_head" not in plan_train("calm", CALMTrainConfig(), llama["refpass"], source).train
 
 
-def test_exact_kl_against_another_reference_needs_its_hidden_states():
+def test_exact_kl_against_another_reference_needs_its_hidden_states(llama):
     """A cache of another reference model without hidden states cannot give the exact KL to it:
-    one line that says what to set (the config is all `resolve_base_head` reads)."""
-    cache = {"model": {"own": False}, "store_hidden": False}
+    one line that says what to set (the manifest is all `kl_reference_model` reads of the cache)."""
+    source = {"name_or_path": str(llama["model_dir"])}
+    cache = SimpleNamespace(config={"model": {"own": False}, "store_hidden": False},
+                            info={"model": "ref", "vocab_size": VOCAB})  # fmt: skip
     # a ConfigError: the command line and the Prefect UI show it as one line (flows.failures)
     with pytest.raises(ConfigError, match=r"kl is 'exact' .* set refpass.store_hidden: true, or use kl: topk"):
-        resolve_base_head(IAVTrainConfig(kl="exact"), cache, "iav", "store/refpass/k")
-    assert resolve_base_head(IAVTrainConfig(kl="topk"), cache, "iav", "store/refpass/k").base_head == "trained"
-    hidden = cache | {"store_hidden": True}
-    assert resolve_base_head(IAVTrainConfig(kl="exact"), hidden, "iav", "store/refpass/k").kl == "exact"
+        kl_reference_model(IAVTrainConfig(kl="exact"), cache, "store/refpass/k", source, "iav")
+    assert kl_reference_model(IAVTrainConfig(kl="topk"), cache, "store/refpass/k", source, "iav") is None
+    assert resolve_base_head(IAVTrainConfig(kl="topk"), cache.config).base_head == "trained"
+    hidden = SimpleNamespace(config=cache.config | {"store_hidden": True}, info=cache.info)
+    assert kl_reference_model(IAVTrainConfig(kl="exact"), hidden, "store/refpass/k", source, "iav")["name_or_path"] == "ref"
     # the cache's reader says the same, should a cache without the column reach it
     schema = pa.schema([("pair_index", pa.int64())])
     with pytest.raises(ArtifactError, match="kl: exact against another reference model needs hidden states"):
@@ -350,15 +353,16 @@ def test_exact_kl_against_another_reference_needs_the_same_vocabulary(llama):
     """The two output layers must score the same tokens: a reference with more rows is refused in
     one line (the manifest is all `kl_reference_model` reads of the cache)."""
     source = {"name_or_path": str(llama["model_dir"])}
-    cache = SimpleNamespace(config={"model": {"own": False}}, info={"model": "ref", "vocab_size": VOCAB + 8})
+    cache = SimpleNamespace(config={"model": {"own": False}, "store_hidden": True},
+                            info={"model": "ref", "vocab_size": VOCAB + 8})  # fmt: skip
     with pytest.raises(ConfigError, match=rf"{VOCAB + 8} rows against the run model's {VOCAB}"):
-        kl_reference_model(IAVTrainConfig(kl="exact"), cache, source, "iav")
-    same = SimpleNamespace(config={"model": {"own": False}, "model_dtype": "float32"},
+        kl_reference_model(IAVTrainConfig(kl="exact"), cache, "store/refpass/k", source, "iav")
+    same = SimpleNamespace(config={"model": {"own": False}, "store_hidden": True, "model_dtype": "float32"},
                            info={"model": "ref", "revision": "r1", "vocab_size": VOCAB})  # fmt: skip
-    assert kl_reference_model(IAVTrainConfig(kl="exact"), same, source, "iav") == {
+    assert kl_reference_model(IAVTrainConfig(kl="exact"), same, "store/refpass/k", source, "iav") == {
         "name_or_path": "ref", "revision": "r1", "dtype": "float32", "trust_remote_code": False,
     }  # fmt: skip
-    assert kl_reference_model(IAVTrainConfig(kl="topk"), same, source, "iav") is None
+    assert kl_reference_model(IAVTrainConfig(kl="topk"), same, "store/refpass/k", source, "iav") is None
 
 
 def test_exact_kl_to_another_reference_is_that_models_kl(other_reference, tmp_path):
