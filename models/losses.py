@@ -208,18 +208,25 @@ class _TopKParts:
     use: Tensor
 
 
-def _topk_parts(ref_topk_ids: Tensor, ref_topk_logprobs: Tensor, policy_logits: Tensor) -> _TopKParts:
-    pol_lp = torch.log_softmax(_wide(policy_logits), dim=-1)
+def _topk_head(
+    ref_topk_ids: Tensor, ref_topk_logprobs: Tensor, pol_lp: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What every top-k KL estimate reads of the top k, per position ``(...)``: ``head = Σ_j p_j
+    (ℓ_j − q_j)``, ``log P = logsumexp ℓ``, ``r = 1 − P`` (clamped at 0), and ``q_top (..., K)``
+    the policy's log-probs ``pol_lp (..., V)`` at the ids."""
     ref_lp = _wide(ref_topk_logprobs)
-    ids = ref_topk_ids.long()
-
-    q_top = pol_lp.gather(-1, ids)
+    q_top = pol_lp.gather(-1, ref_topk_ids.long())
     p_top = ref_lp.exp()
     # 0 · log 0 = 0 (as in exact_kl): a cached ℓ_j = −inf would otherwise give 0 · (−inf) = NaN
     head = torch.where(p_top > 0, p_top * (ref_lp - q_top), torch.zeros_like(p_top)).sum(-1)
-
     log_p = torch.logsumexp(ref_lp, dim=-1)
-    r = (-torch.expm1(log_p)).clamp(min=0)
+    return head, log_p, (-torch.expm1(log_p)).clamp(min=0), q_top
+
+
+def _topk_parts(ref_topk_ids: Tensor, ref_topk_logprobs: Tensor, policy_logits: Tensor) -> _TopKParts:
+    pol_lp = torch.log_softmax(_wide(policy_logits), dim=-1)
+    ids = ref_topk_ids.long()
+    head, log_p, r, q_top = _topk_head(ids, ref_topk_logprobs, pol_lp)
     tail = torch.ones_like(pol_lp, dtype=torch.bool).scatter(-1, ids, False)
     has_tail = tail.any(-1)
     neg_inf = torch.full((), float("-inf"), dtype=pol_lp.dtype, device=pol_lp.device)
@@ -315,11 +322,7 @@ def topk_sampled_kl(
     vocabulary (``r = 0``) it is the exact KL whatever the draws.
     """
     pol_lp = torch.log_softmax(_wide(policy_logits), dim=-1)
-    ref_lp = _wide(ref_topk_logprobs)
-    q_top = pol_lp.gather(-1, ref_topk_ids.long())
-    p_top = ref_lp.exp()
-    head = torch.where(p_top > 0, p_top * (ref_lp - q_top), torch.zeros_like(p_top)).sum(-1)
-    r = (-torch.expm1(torch.logsumexp(ref_lp, dim=-1))).clamp(min=0)
+    head, _, r, _ = _topk_head(ref_topk_ids, ref_topk_logprobs, pol_lp)
     sampled = (_wide(tail_logprobs) - pol_lp.gather(-1, tail_ids.long())).mean(-1)
     return head + torch.where(r > 0, r * sampled, torch.zeros_like(r))
 
