@@ -42,6 +42,7 @@ __all__ = [
     "pack_batch",
     "partition_topk",
     "prefix_hidden_sums",
+    "ranks_in_sequences",
     "resolve_device",
     "score_sequences",
     "scored_token_keys",
@@ -96,8 +97,7 @@ def pack_batch(
     counts = np.maximum(total - first, 0)
     rows = np.repeat(np.arange(len(prompts)), counts)
     # position of each target: first[row] + its rank inside its sequence
-    rank = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    targets_at = np.repeat(first, counts) + rank
+    targets_at = np.repeat(first, counts) + ranks_in_sequences(counts)
     return PackedBatch(
         input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy(mask),
@@ -108,6 +108,12 @@ def pack_batch(
         # the first predicting position is max(P, 1) - 1: every real token before it
         prefix_lens=torch.from_numpy(first - 1),
     )
+
+
+def ranks_in_sequences(counts: np.ndarray) -> np.ndarray:
+    """Each scored token's rank inside its sequence: counts ``(B,)`` tokens per sequence →
+    ``(N,)`` ``0 .. counts[b] − 1`` for each sequence in turn, ``N = Σ counts``."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def _order_keys(values: np.ndarray) -> np.ndarray:
@@ -479,9 +485,10 @@ def scored_token_keys(sequence_keys: np.ndarray, counts: np.ndarray) -> np.ndarr
     """One key per scored token: ``sequence key · 2^20 + rank`` of the token in its sequence.
     sequence_keys, counts: ``(B,)``; returns ``(N,)`` int64, ``N = Σ counts``."""
     if counts.size and int(counts.max()) >= 1 << _RANK_BITS:
-        raise ValueError(f"a sequence with {int(counts.max())} scored tokens: at most {(1 << _RANK_BITS) - 1}")
-    rank = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    return (np.repeat(sequence_keys.astype(np.int64), counts) << _RANK_BITS) + rank
+        raise ValueError(
+            f"a sequence with {int(counts.max())} scored tokens: at most {(1 << _RANK_BITS) - 1}"
+        )
+    return (np.repeat(sequence_keys.astype(np.int64), counts) << _RANK_BITS) + ranks_in_sequences(counts)
 
 
 def _restore_order(
