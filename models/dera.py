@@ -7,7 +7,6 @@ the reference, α = 1 the DPO model, α > 1 extrapolates past it (as DPO at a sm
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -18,11 +17,16 @@ from alignheads.models.guided import guided_decode
 __all__ = ["dera_generate", "dera_logits"]
 
 
-def dera_logits(ref_logits: Tensor, dpo_logits: Tensor, alpha: float | Tensor) -> Tensor:
+def dera_logits(ref_logits: Tensor, dpo_logits: Tensor | None, alpha: float | Tensor) -> Tensor:
     """``(1 − α) · z_ref + α · z_dpo``. ref_logits, dpo_logits: ``(..., V)``; `alpha`: a float or
     a tensor broadcasting against ``(..., 1)`` (one α per row). Returns ``(..., V)`` float32
-    (float64 for float64 inputs). Where α = 0 it is ``z_ref`` exactly, where α = 1 ``z_dpo``."""
+    (float64 for float64 inputs). Where α = 0 it is ``z_ref`` exactly, where α = 1 ``z_dpo``.
+    ``dpo_logits`` may be None where α is 0 everywhere (the DPO model was not run)."""
     dtype = torch.float64 if ref_logits.dtype == torch.float64 else torch.float32
+    if dpo_logits is None:
+        if bool(torch.as_tensor(alpha).ne(0).any()):
+            raise ValueError("the DPO model was not run, but α is not 0 everywhere")
+        return ref_logits.to(dtype)
     ref, dpo = ref_logits.to(dtype), dpo_logits.to(dtype)
     if isinstance(alpha, Tensor):
         alpha = alpha.to(device=ref.device, dtype=dtype)
@@ -49,5 +53,4 @@ def dera_generate(
     input_ids, attention_mask: ``(B, P)`` left-padded prompts. ``decoding``: the options of
     :func:`alignheads.models.guided.guided_decode`. Returns ``(B, P + N)`` ids.
     """
-    combine = partial(dera_logits, alpha=alpha)
-    return guided_decode(reference, dpo_model, input_ids, attention_mask, combine, **decoding).sequences
+    return guided_decode(reference, dpo_model, input_ids, attention_mask, dera_logits, alpha, **decoding).sequences

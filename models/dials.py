@@ -478,8 +478,9 @@ def multi_genarm_decoder(
 
     def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
         _check_row_alphas(alphas, input_ids.shape[0], names)
-        combine = partial(multi_genarm_logits, alphas=alphas.to(input_ids.device))
-        out = multi_guided_decode(base, models, input_ids, mask, combine, **seeded_decoding(settings, seeds))
+        out = multi_guided_decode(
+            base, models, input_ids, mask, multi_genarm_logits, alphas, **seeded_decoding(settings, seeds)
+        )
         return out.sequences, {"kl_to_base": out.kl_to_base}
 
     return decode, lambda: None

@@ -13,7 +13,6 @@ Multi-objective GenARM: K reward LMs (one per objective), one α each, decoding 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -24,21 +23,22 @@ from alignheads.models.guided import guided_decode, multi_guided_decode
 __all__ = ["genarm_generate", "genarm_logits", "multi_genarm_generate", "multi_genarm_logits"]
 
 
-def genarm_logits(base_logits: Tensor, reward_logits: Tensor, alpha: float | Tensor) -> Tensor:
+def genarm_logits(base_logits: Tensor, reward_logits: Tensor | None, alpha: float | Tensor) -> Tensor:
     """Logits of ``π_α ∝ π_base · π_r^α``: ``log_softmax(z_base) + α · log_softmax(z_r)``.
 
     base_logits, reward_logits: ``(..., V)`` (any float dtype); `alpha`: a float, or a tensor
     broadcasting against ``(..., 1)`` (one α per row: ``(B, 1)`` for ``(B, V)`` logits). Returns
     ``(..., V)`` float32 (or float64 for float64 inputs), unnormalised (softmax of it is ``π_α``).
     Where α = 0 it is ``log_softmax(z_base)`` exactly, even where ``z_r`` is −inf (``0 · −inf``
-    would be NaN). The K = 1 case of :func:`multi_genarm_logits`.
+    would be NaN); ``reward_logits`` may then be None (the reward LM was not run). The K = 1 case
+    of :func:`multi_genarm_logits`.
     """
     # a tensor α's last (size-1) axis is the one reward LM's
     return multi_genarm_logits(base_logits, [reward_logits], alpha if isinstance(alpha, Tensor) else [alpha])
 
 
 def multi_genarm_logits(
-    base_logits: Tensor, reward_logits: Sequence[Tensor], alphas: Sequence[float] | Tensor
+    base_logits: Tensor, reward_logits: Sequence[Tensor | None], alphas: Sequence[float] | Tensor
 ) -> Tensor:
     """Logits of ``π_α ∝ π_base · Π_i π_r_i^α_i``: ``log_softmax(z_base) + Σ_i α_i · log_softmax(z_r_i)``.
 
@@ -47,6 +47,7 @@ def multi_genarm_logits(
     generally ``(..., K)`` broadcasting against the logits' leading dimensions). Returns ``(B, V)``
     float32 (float64 for float64 inputs), unnormalised. A term whose α is 0 adds exactly nothing,
     even where its ``z_r`` is −inf (``0 · −inf`` would be NaN): all α = 0 is ``log_softmax(z_base)``.
+    A reward LM whose α is 0 everywhere is not read: its logits may be None (it was not run).
     """
     dtype = torch.float64 if base_logits.dtype == torch.float64 else torch.float32
     out = torch.log_softmax(base_logits.to(dtype), dim=-1)
@@ -55,6 +56,10 @@ def multi_genarm_logits(
     if len(reward_logits) != (alphas.shape[-1] if isinstance(alphas, Tensor) else len(alphas)):
         raise ValueError(f"{len(reward_logits)} reward LMs' logits but alphas of shape {_shape(alphas)}")
     for i, logits in enumerate(reward_logits):
+        if logits is None:
+            if bool((alphas[..., i] if isinstance(alphas, Tensor) else torch.tensor(alphas[i])).ne(0).any()):
+                raise ValueError(f"reward LM {i} was not run, but its α is not 0 everywhere")
+            continue
         if not isinstance(alphas, Tensor):
             if alphas[i] != 0:  # exact: π_r^0 = 1 also where π_r = 0
                 out = out + alphas[i] * torch.log_softmax(logits.to(dtype), dim=-1)
@@ -85,8 +90,7 @@ def genarm_generate(
     eos_token_id, pad_token_id, generator). Returns ``(B, P + N)`` ids, ``N ≤ max_new_tokens``
     (rows that finished early are padded with ``pad_token_id``).
     """
-    combine = partial(genarm_logits, alpha=alpha)
-    return guided_decode(base, reward_lm, input_ids, attention_mask, combine, **decoding).sequences
+    return guided_decode(base, reward_lm, input_ids, attention_mask, genarm_logits, alpha, **decoding).sequences
 
 
 def multi_genarm_generate(
@@ -106,7 +110,6 @@ def multi_genarm_generate(
     :func:`alignheads.models.guided.multi_guided_decode`. Returns ``(B, P + N)`` ids,
     ``N ≤ max_new_tokens``.
     """
-    if isinstance(alphas, Tensor):
-        alphas = alphas.to(input_ids.device)
-    combine = partial(multi_genarm_logits, alphas=alphas)
-    return multi_guided_decode(base, reward_lms, input_ids, attention_mask, combine, **decoding).sequences
+    return multi_guided_decode(
+        base, reward_lms, input_ids, attention_mask, multi_genarm_logits, alphas, **decoding
+    ).sequences

@@ -9,9 +9,10 @@ with `DynamicCache`, so the logits are bit-identical (a test checks sampled and 
 only the copies are gone. Unlike transformers' `StaticCache`, whose masks span the whole
 reserved length, nothing about the computation changes.
 
-Anything that replaces a layer's tensors (beam search's reorder, a crop, batch selection) leaves
-a tensor that is not the layer's view; the next update then copies it into a fresh buffer, so
-every `DynamicCache` operation keeps working.
+Anything that replaces a layer's tensors (beam search's reorder, a crop) leaves a tensor that is
+not the layer's view; the next update then copies it into a fresh buffer, so every `DynamicCache`
+operation keeps working. Batch selection (the guided decoder's finished rows leaving) selects the
+buffers' rows instead, room included.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ class PrefixBufferLayer(DynamicLayer):
         self._value_buffer[..., length:needed, :] = value_states
         self._set_length(needed)
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep the batch rows ``indices`` (a decoder's finished rows leaving): one copy of the
+        buffers' rows, room included, so the next update writes in place again."""
+        if not self._is_own_view():
+            super().batch_select_indices(indices)
+            return
+        length = self.keys.shape[-2]
+        self._key_buffer = self._key_buffer.index_select(0, indices)
+        self._value_buffer = self._value_buffer.index_select(0, indices)
+        self._set_length(length)
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None

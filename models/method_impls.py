@@ -153,7 +153,7 @@ class LoadedLM:
 
     base: nn.Module
     tuned: nn.Module
-    combine: Callable[[Tensor, Tensor, float], Tensor]
+    combine: Callable[[Tensor, Tensor | None, float | Tensor], Tensor]  # (z_base, z_tuned or None, α)
 
 
 def _load_lm(combine, directory: Path, model: nn.Module, source: dict) -> LoadedLM:
@@ -173,8 +173,9 @@ def lm_decoder(loaded: LoadedLM, settings: dict[str, Any]):
     from alignheads.models.row_sampling import seeded_decoding
 
     def decode(input_ids: Tensor, mask: Tensor, alphas: Tensor, seeds: list[int]):
-        combine = partial(loaded.combine, alpha=alphas.to(input_ids.device)[:, None])
-        out = guided_decode(loaded.base, loaded.tuned, input_ids, mask, combine, **seeded_decoding(settings, seeds))
+        out = guided_decode(
+            loaded.base, loaded.tuned, input_ids, mask, loaded.combine, alphas, **seeded_decoding(settings, seeds)
+        )
         return out.sequences, {"kl_to_base": out.kl_to_base}
 
     return decode, lambda: None

@@ -74,6 +74,14 @@ class RowSeededSampler:
         # U = 0 gives −inf (never chosen); rand never returns 1.
         return -torch.log(-torch.log(uniform))
 
+    def select_rows(self, index: Tensor) -> None:
+        """Keep the rows ``index`` (ascending positions in the current batch) and their generators,
+        each where its stream stands: a decoder whose finished rows leave the batch calls this."""
+        picked = [int(i) for i in index.tolist()]
+        self.seeds = [self.seeds[i] for i in picked]
+        if self._generators is not None:
+            self._generators = [self._generators[i] for i in picked]
+
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if scores.shape[0] != len(self.seeds):
             raise ValueError(

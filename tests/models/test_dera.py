@@ -39,7 +39,7 @@ def test_alpha_zero_is_the_reference_and_one_the_dpo_model(models):
         ours = dera_generate(reference, dpo, ids, mask, alpha=alpha, **settings)
         theirs = alone.generate(ids, attention_mask=mask, do_sample=False, **settings)
         assert torch.equal(ours, theirs), alpha
-    at0 = guided_decode(reference, dpo, ids, mask, lambda a, b: dera_logits(a, b, 0.0), max_new_tokens=6)
+    at0 = guided_decode(reference, dpo, ids, mask, dera_logits, 0.0, max_new_tokens=6)
     assert torch.equal(at0.kl_to_base, torch.zeros_like(at0.kl_to_base))  # KL to the base is 0 at α = 0
-    at1 = guided_decode(reference, dpo, ids, mask, lambda a, b: dera_logits(a, b, 1.0), max_new_tokens=6)
+    at1 = guided_decode(reference, dpo, ids, mask, dera_logits, 1.0, max_new_tokens=6)
     assert (at1.kl_to_base > 0).all()

@@ -110,7 +110,7 @@ def test_cached_decoding_equals_full_recomputation(models):
     base, reward_lm = models
     ids, mask = left_padded_batch([3, 7, 5], seed=3)
     combine = partial(genarm_logits, alpha=1.5)
-    out = guided_decode(base, reward_lm, ids, mask, combine, max_new_tokens=8)
+    out = guided_decode(base, reward_lm, ids, mask, genarm_logits, 1.5, max_new_tokens=8)
     expected, kl = _recompute(base, reward_lm, ids, mask, combine, 8)
     assert torch.equal(out.sequences, expected)
     torch.testing.assert_close(out.kl_to_base, kl, atol=1e-5, rtol=1e-4)
@@ -133,7 +133,7 @@ def test_sampling_matches_generate_with_the_same_seed(models):
     settings = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.8, "top_p": 0.9}
     stop = {"eos_token_id": [62, 5], "pad_token_id": PAD}
     torch.manual_seed(123)
-    ours = guided_decode(base, other, ids, mask, lambda zb, zo: zb, **stop, **settings).sequences
+    ours = guided_decode(base, other, ids, mask, lambda zb, zo, a: zb, 0.0, **stop, **settings).sequences
     torch.manual_seed(123)
     theirs = base.generate(ids, attention_mask=mask, top_k=0, **stop, **settings)
     assert torch.equal(ours, theirs)
@@ -145,6 +145,6 @@ def test_decoder_rejects_bad_settings(models):
     base, other = models
     ids, mask = left_padded_batch([3], seed=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        guided_decode(base, other, ids, mask, lambda a, b: a, max_new_tokens=0)
+        guided_decode(base, other, ids, mask, genarm_logits, 1.0, max_new_tokens=0)
     with pytest.raises(ValueError, match="pad_token_id"):
-        guided_decode(base, other, ids, mask, lambda a, b: a, max_new_tokens=2, eos_token_id=EOS)
+        guided_decode(base, other, ids, mask, genarm_logits, 1.0, max_new_tokens=2, eos_token_id=EOS)

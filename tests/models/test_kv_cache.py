@@ -132,7 +132,7 @@ def test_guided_decode_matches_base_generate_with_the_base_rule() -> None:
     logits samples what the base model's generate() samples, token for token."""
     base, other = tiny_llama(tied=False, seed=0), tiny_llama(tied=False, seed=3)
     ids, mask = left_padded_batch([7, 3, 5, 6])
-    out = guided_decode(base, other, ids, mask, lambda z_base, z_other: z_base, **seeded_decoding(SAMPLED, SEEDS))
+    out = guided_decode(base, other, ids, mask, lambda z_base, z_other, alpha: z_base, 0.0, **seeded_decoding(SAMPLED, SEEDS))
     with torch.inference_mode():
         expected = base.generate(
             ids, attention_mask=mask, past_key_values=DynamicCache(config=base.config), **seeded_decoding(SAMPLED, SEEDS)
@@ -152,3 +152,24 @@ def test_without_a_config_the_layers_are_added_on_first_use() -> None:
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
     assert [type(layer) for layer in ours.layers] == [PrefixBufferLayer, PrefixBufferLayer]
     assert ours.get_seq_length(1) == theirs.get_seq_length(1) == 6
+
+
+def test_batch_selection_keeps_the_rows_and_writes_in_place_again() -> None:
+    """Finished rows leaving (`models.guided`): the cache keeps the chosen rows' keys and values
+    and its room, so the next step writes into the buffer without another copy."""
+    model = tiny_llama(tied=False)
+    ids, mask = left_padded_batch([7, 3, 5, 6])
+    cache = prefix_cache(model, 8)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        keys, values = layer.keys.clone(), layer.values.clone()
+        cache.batch_select_indices(torch.tensor([1, 3]))
+        assert torch.equal(layer.keys, keys[[1, 3]]) and torch.equal(layer.values, values[[1, 3]])
+        assert layer._key_buffer.shape[-2] == ids.shape[1] + 8  # the room came along
+        buffer = layer._key_buffer.data_ptr()
+        step = torch.tensor([[5], [6]])
+        step_mask = torch.cat([mask[[1, 3]], torch.ones(2, 1, dtype=mask.dtype)], dim=-1)
+        model(input_ids=step, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+        assert layer._key_buffer.data_ptr() == buffer and layer.keys.shape[-2] == ids.shape[1] + 1
+        assert torch.equal(layer.keys[:, :, :-1], keys[[1, 3]])

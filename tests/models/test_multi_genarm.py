@@ -87,7 +87,7 @@ def test_cached_decoding_equals_full_recomputation(models) -> None:
     ids, mask = left_padded_batch([3, 7, 5], seed=3)
     alphas = torch.tensor([[1.0, 0.5, 1.0], [0.0, 2.0, 0.0], [0.5, 0.5, -0.5]])
     combine = partial(multi_genarm_logits, alphas=alphas)
-    out = multi_guided_decode(base, rewards, ids, mask, combine, max_new_tokens=8)
+    out = multi_guided_decode(base, rewards, ids, mask, multi_genarm_logits, alphas, max_new_tokens=8)
     expected, kl = _recompute(base, rewards, ids, mask, combine, 8)
     assert torch.equal(out.sequences, expected)
     torch.testing.assert_close(out.kl_to_base, kl, atol=1e-5, rtol=1e-4)
