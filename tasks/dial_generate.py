@@ -6,7 +6,8 @@ Two families decode the same grid on the same prompts and seeds:
 - ``heads``: every dial's head installed on one backbone, `z = z_base + Σ_i α_i Δ_i(h)`
   (`models.dials.dial_head_decoder`): one LM forward per token, whatever the number of dials;
 - ``genarm``: multi-objective GenARM, one reward LM per dial trained on the dial's pairs, decoded
-  as `log π_base + Σ_i α_i log π_r_i` (`models.dials.multi_genarm_decoder`): K + 1 forwards.
+  as `log π_base + Σ_i α_i log π_r_i` (`models.dials.multi_genarm_decoder`): one forward for the
+  base and one for each dial whose α is not 0 (a reward LM at α = 0 is not run), K + 1 at most.
 
 Both go through the sweep's one common-random-numbers sampling loop (`tasks.sampling`), so every
 (prompt, sample) row draws the same random numbers at every α vector and in both families, and
@@ -157,7 +158,9 @@ DECODERS: dict[str, Callable[..., tuple[Callable[..., Any], Callable[[], None]]]
     "heads": _head_dials,
     "genarm": _genarm_dials,
 }
-LM_FORWARDS_PER_TOKEN = {"heads": lambda k: 1, "genarm": lambda k: k + 1}
+# LM forwards per generated token at an α vector: the heads share the one backbone forward; GenARM
+# runs the base and the reward LM of each dial whose α is not 0 (`models.guided`)
+LM_FORWARDS_PER_TOKEN = {"heads": lambda alpha: 1, "genarm": lambda alpha: 1 + sum(a != 0 for a in alpha)}
 
 
 @contextmanager
@@ -228,7 +231,7 @@ def run_dial_generate(
             "rows": table.num_rows,
             "prompts": plan.config["prompts"]["n"],
             # the families' decoding cost
-            "lm_forwards_per_token": LM_FORWARDS_PER_TOKEN[plan.family](len(plan.alpha)),
+            "lm_forwards_per_token": LM_FORWARDS_PER_TOKEN[plan.family](plan.alpha.values()),
             **done.cost(rows),
         }
         return ArtifactContent(tables={TABLE: write_table(table, staging, TABLE)}, info=info)

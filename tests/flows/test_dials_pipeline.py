@@ -73,7 +73,11 @@ def test_both_families_sweep_the_grid_on_the_same_prompts_and_seeds(dial_run):
     assert [r["response"] for r in heads_base] == [r["response"] for r in genarm_base]
     assert [r["seed"] for r in heads_base] == [r["seed"] for r in gens[("heads", "helpful=1,polite=1")]]
     assert all(r["kl_mean"] == 0.0 for r in heads_base)
-    assert {g.info["lm_forwards_per_token"] for g in outcome.dial_generate} == {1, 3}
+    # GenARM runs the base and the reward LM of each dial whose α is not 0
+    forwards = {key: g.info["lm_forwards_per_token"] for key, g in zip(got, outcome.dial_generate, strict=True)}
+    assert forwards == {("heads", label): 1 for label in labels} | {
+        ("genarm", "base"): 1, ("genarm", "helpful=1"): 2, ("genarm", "polite=1"): 2, ("genarm", "helpful=1,polite=1"): 3
+    }
 
 
 def test_dial_summary_view_has_every_objective_with_intervals(dial_run):
