@@ -8,6 +8,7 @@ from pathlib import Path
 
 import calm_step_bench  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import decode_bench
+import guided_bench
 import kv_cache_bench
 import malloc_bench
 import pipeline_bench
@@ -146,3 +147,13 @@ def test_malloc_bench_dry_run(capsys) -> None:
     assert all(float(r[2]) > 0 and r[7] == "yes" for r in rows)  # timed, and the same tokens
     assert rows[0][6] == "1.000"
     assert "one token sum under every setting: yes" in out
+
+
+def test_guided_bench_dry_run(capsys) -> None:
+    guided_bench.main(["--dry-run"])
+    out = capsys.readouterr().out
+    kept, cut = table_rows(out, "every row to the end"), table_rows(out, "finished rows leave")
+    assert len(kept) == len(cut) == 1 and kept[0][2] == "1.00"
+    assert cut[0][3:] == ["yes", "yes"]  # rows leaving changes no token and no KL bit
+    forwards = [table_rows(out, v)[0][1] for v in ("(0.0, 0.0, 0.0)", "(1.0, 0.0, 0.0)", "(1.0, 1.0, 0.0)", "(1.0, 1.0, 1.0)")]
+    assert forwards == ["1", "2", "3", "4"]
