@@ -435,12 +435,15 @@ class RunnerConfig(_Section):
     """Where the mapped work runs: the reference pass's shards and the α-sweep's generations are
     Prefect tasks submitted to this task runner."""
 
-    kind: Literal["threads", "dask"] = Field(
+    kind: Literal["threads", "processes", "dask"] = Field(
         "threads",
-        description="Prefect task runner: threads of this process, or a Dask cluster (prefect-dask)",
+        description="Prefect task runner: threads of this process, worker processes for the methods' "
+        "sweeps and the dial families (one Python interpreter each: no lock shared between them; "
+        "the reference pass's shards stay on threads, sharing one loaded model), or a Dask "
+        "cluster (prefect-dask)",
     )
     max_workers: int = Field(
-        1, gt=0, description="Tasks run at once (threads; or the local Dask cluster's workers)"
+        1, gt=0, description="Tasks run at once (threads, processes, or the local Dask cluster's workers)"
     )
     dask_address: str | None = Field(
         None,

@@ -10,12 +10,14 @@ is started for work that is only read back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from alignheads.config import RunConfig, RunnerConfig
 from alignheads.tasks.cached import RESULTS_DIR, StageResult, is_complete, run_stage
@@ -27,7 +29,9 @@ from alignheads.tasks.refpass import RefPassPlan, refpass_artifact, refpass_shar
 
 
 def task_runner(cfg: RunnerConfig):
-    """The task runner mapped work is submitted to: threads, or Dask (an existing cluster at
+    """The task runner a method's or a dial family's work is submitted to: threads, worker
+    processes (`ProcessPoolTaskRunner`, spawned, one interpreter each, so two sweeps' Python never
+    waits on one lock; each task loads its own model anyway), or Dask (an existing cluster at
     `dask_address`, else a local one in this process with `max_workers` workers of one thread
     each; its scheduler talks in-process, and its HTTP servers bind to 127.0.0.1 on free ports)."""
     if cfg.kind == "dask":
@@ -45,7 +49,18 @@ def task_runner(cfg: RunnerConfig):
                 "worker_dashboard_address": "127.0.0.1:0",
             }
         )
+    if cfg.kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=cfg.max_workers)
     return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
+
+
+def shard_runner(cfg: RunnerConfig):
+    """The task runner of the reference pass's shards: threads when `cfg` asks for processes, since
+    the shards of one process share its one loaded reference model (`reference.load_reference`)
+    and a worker process would load its own and pay its start-up; else :func:`task_runner`."""
+    if cfg.kind == "processes":
+        return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
+    return task_runner(cfg)
 
 
 @flow(name="refpass-shards")
@@ -70,7 +85,7 @@ def reference_pass(cfg: RunConfig, plan: RefPassPlan) -> StageResult:
     if not present:
         artifact.prepare()  # reopens a complete artifact with a damaged shard
         refresh = [not artifact.looks_done(i) for i in range(plan.n_shards)]
-        refpass_shards.with_options(task_runner=task_runner(cfg.runner))(
+        refpass_shards.with_options(task_runner=shard_runner(cfg.runner))(
             store=str(store), key=plan.key, plan=asdict(plan), refresh=refresh
         )
     return run_stage(refpass_task, store, present=present, key=plan.key, plan=asdict(plan))
@@ -117,8 +132,30 @@ def _mapped(cfg: RunConfig, subflow: Any, **params: Any) -> Any:
     (`params["refresh"]` names one); else its function in the calling flow, whose task runner then
     answers the tasks: they only read their results back."""
     if any(params["refresh"]):
-        return subflow.with_options(task_runner=task_runner(cfg.runner))(**params)
+        with workers_report_here(cfg.runner):
+            return subflow.with_options(task_runner=task_runner(cfg.runner))(**params)
     return subflow.fn(**params)
+
+
+@contextmanager
+def workers_report_here(cfg: RunnerConfig) -> Iterator[None]:
+    """Worker processes report their task runs to this run's Prefect API. With no API configured,
+    the run's temporary server lives in this process, and a worker process that does not know its
+    address would start a temporary server of its own (seconds each, and its task runs would not
+    reach the run's server); the address is handed to the workers through the settings they get."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if cfg.kind != "processes" or get_current_settings().api.url:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if not server.running:
+        yield
+        return
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def dial_generations(cfg: RunConfig, plans: list[DialGeneratePlan]) -> list[StageResult]:

@@ -46,7 +46,7 @@ from alignheads.config import (
     with_overrides,
 )
 from alignheads.flows.failures import user_errors_fail_in_one_line
-from alignheads.flows.mapped import method_sweeps, task_runner
+from alignheads.flows.mapped import method_sweeps, task_runner, workers_report_here
 from alignheads.flows.pipeline import prepare_inputs
 from alignheads.flows.tracking import ChildRun, RunTracking, tracked
 from alignheads.flows.tuned import save_search
@@ -180,9 +180,10 @@ def run_search(
         for (method, _, _), settings in zip(order, sections, strict=True)
     ]
     refresh = [not is_complete(store, train_stage.STAGE, p.key) for p in plans]
-    trained = train_trials.with_options(task_runner=task_runner(cfg.runner))(
-        store=str(store), plans=[asdict(p) for p in plans], refresh=refresh
-    )
+    with workers_report_here(cfg.runner):
+        trained = train_trials.with_options(task_runner=task_runner(cfg.runner))(
+            store=str(store), plans=[asdict(p) for p in plans], refresh=refresh
+        )
 
     target = cfg.evaluate.model_copy(update={"target_kls": [space.target_kl]})
     splans = [

@@ -148,7 +148,7 @@ def test_refpass_section_defaults_and_validation():
     for override, message in [
         ("refpass.k=0", "refpass.k: Input should be greater than or equal to 1"),
         ("refpass.dtype=bfloat16", "refpass.dtype: Input should be 'float16' or 'float32'"),
-        ("runner.kind=ray", "runner.kind: Input should be 'threads' or 'dask'"),
+        ("runner.kind=ray", "runner.kind: Input should be 'threads', 'processes' or 'dask'"),
         ("refpass.task_runner=dask", "refpass.task_runner: unknown key"),
         ("refpass.kk=3", "refpass.kk: unknown key"),
     ]:

@@ -136,7 +136,7 @@ def test_every_deployment_is_registered_with_a_typed_form(server, deployed):
     assert run_cfg["properties"]["name"]["description"] == "Run name; also the MLflow experiment name"
     refpass = schema["definitions"]["RefPassConfig"]["properties"]
     assert refpass["k"]["type"] == "integer" and refpass["k"]["default"] == 64 and refpass["k"]["description"]
-    assert schema["definitions"]["RunnerConfig"]["properties"]["kind"]["enum"] == ["threads", "dask"]
+    assert schema["definitions"]["RunnerConfig"]["properties"]["kind"]["enum"] == ["threads", "processes", "dask"]
     assert schema["definitions"]["SweepConfig"]["properties"]["alphas"]["items"]["type"] == "number"
     # the form starts from the deployment's parameters: the embedded default, configs/tiny.yaml
     # (not RunConfig's seed defaults), as the server stores it

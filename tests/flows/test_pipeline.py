@@ -339,6 +339,37 @@ def test_refcache_sums_match_the_model(first_run):
     assert acc > 0.5
 
 
+def test_sweeps_in_two_worker_processes_sample_what_threads_sample(first_run):
+    """`runner.kind: processes`: the methods' sweeps run in two spawned worker processes, which
+    report their task runs to the run's own Prefect API, and sample bit for bit what the thread
+    runner sampled; the reference pass's shards stay on threads (one loaded model)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    from alignheads.flows.mapped import shard_runner, task_runner
+
+    cfg, outcomes = first_run
+    gens = {name: Path(result.path) for name, result in _generations(outcomes).items()}
+    threads_gens = {name: read_table(p, "generations") for name, p in gens.items()}
+    for p in gens.values():
+        shutil.rmtree(p)
+    runner = cfg.runner.model_copy(update={"kind": "processes", "max_workers": 2})
+    assert isinstance(task_runner(runner), ProcessPoolTaskRunner)
+    assert isinstance(shard_runner(runner), ThreadPoolTaskRunner)
+    state = pipeline(config=cfg.model_copy(update={"runner": runner}), return_state=True)
+    after = _generations(state.result())
+    assert {name: after[name].status for name in gens} == dict.fromkeys(gens, "computed")
+    for name, p in gens.items():
+        assert read_table(p, "generations").equals(threads_gens[name]), name  # every column, every bit
+    # the workers' task runs are in the run's API, under its method-sweeps sub-flow
+    parent = FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+    with get_client(sync_client=True) as client:
+        (sweeps,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sweeps.id])))
+    assert sorted((t.name, t.state.type.value) for t in tasks) == [("sweep-calm", "COMPLETED"), ("sweep-iav", "COMPLETED")]
+
+
 def test_refpass_and_sweep_identical_on_a_two_worker_dask_cluster_and_resumes_one_shard(first_run):
     """`runner.kind: dask` (a local cluster of 2 workers) maps the reference-pass shards and the
     sweep's generations and produces the same tables as the thread runner did."""
