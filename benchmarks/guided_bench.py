@@ -17,6 +17,10 @@ a warm-up; the figures are medians.
 2. **An LM no row weighs is not run.** Multi-objective GenARM with three reward LMs at the α
    vectors (0, 0, 0), (1, 0, 0), (1, 1, 0) and (1, 1, 1): the forwards each runs per token and its
    time against (1, 1, 1).
+3. **Two sweeps at once: threads or processes** (`runner.kind`). `2 × --repeats` GenARM batches
+   decoded one after the other in one thread, then split over two threads of one process, then
+   over two processes (this script in a worker mode): each one's batches per second against the
+   first's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,21 +100,54 @@ def timed(calls: dict, repeats: int) -> tuple[dict[str, float], dict]:
     return {name: statistics.median(v) for name, v in seconds.items()}, outputs
 
 
+def concurrency(decode, args: argparse.Namespace) -> list[list[str]]:
+    """Rows of table 3: the same batch decoded 2 × repeats times in one thread, in two threads,
+    and in two processes (each running ``--worker`` mode: its own load, then its share, timed)."""
+    calls = 2 * args.repeats
+    t = time.perf_counter()
+    for _ in range(calls):
+        decode()
+    one = time.perf_counter() - t
+    threads = [threading.Thread(target=lambda: [decode() for _ in range(args.repeats)]) for _ in range(2)]
+    t = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    two_threads = time.perf_counter() - t
+    command = [sys.executable, __file__, "--worker", str(args.repeats), "--rows", str(args.rows)]
+    command += ["--dry-run"] if args.dry_run else ["--store", str(args.store)]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    # each worker times its own calls after loading: the slower of the two is the pair's time
+    two_processes = max(float(w.communicate()[0].split()[-1]) for w in workers)
+    rows = [("one thread", one), ("two threads", two_threads), ("two processes", two_processes)]
+    return [[name, f"{calls / s:.2f}", f"{one / s:.2f}"] for name, s in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, help="a store the embedded default has run in")
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true", help="random tiny models, 1 round")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # table 3: decode N batches, print seconds
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.dry_run:
         base, lms, ids, mask, seeds, settings = random_models(min(args.rows, 40))
-        args.repeats = 1
+        args.repeats = 1 if args.worker is None else args.worker
     elif args.store is None:
         parser.error("--store is needed (or --dry-run)")
     else:
         base, lms, ids, mask, seeds, settings = store_models(args.store, args.rows)
+    if args.worker is not None:
+        decode = lambda: guided_decode(base, lms[0], ids, mask, genarm_logits, 1.0, **seeded_decoding(settings, seeds))  # noqa: E731
+        decode()  # warm-up, as in the other rows
+        t = time.perf_counter()
+        for _ in range(args.worker):
+            decode()
+        print(time.perf_counter() - t)
+        return
     rows = ids.shape[0]
     print(machine_line("guided decoding benchmark"))
     print(f"{rows} rows, prompts of {int(mask.sum(1).min())}-{int(mask.sum(1).max())} tokens, "
@@ -143,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         [("alpha vector", 16), ("forwards/token", 15), ("s/call", 8), ("x (1, 1, 1)", 12)],
         [[str(v), str(1 + sum(a != 0 for a in v)), f"{s:.3f}", f"{full / s:.2f}"] for v, s in seconds.items()],
     )  # fmt: skip
+
+    print(f"\ntwo sweeps at once: {2 * args.repeats} GenARM batches (alpha = 1) in one thread, two threads, two processes")
+    print_table([("decoding", 14), ("batches/s", 10), ("x one", 6)], concurrency(genarm(16), args))
 
 
 if __name__ == "__main__":

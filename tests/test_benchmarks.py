@@ -157,3 +157,6 @@ def test_guided_bench_dry_run(capsys) -> None:
     assert cut[0][3:] == ["yes", "yes"]  # rows leaving changes no token and no KL bit
     forwards = [table_rows(out, v)[0][1] for v in ("(0.0, 0.0, 0.0)", "(1.0, 0.0, 0.0)", "(1.0, 1.0, 0.0)", "(1.0, 1.0, 1.0)")]
     assert forwards == ["1", "2", "3", "4"]
+    concurrent = [table_rows(out, name) for name in ("one thread", "two threads", "two processes")]
+    assert all(len(r) == 1 and float(r[0][1]) > 0 for r in concurrent)  # each way timed
+    assert concurrent[0][0][2] == "1.00"
