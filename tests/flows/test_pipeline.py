@@ -568,3 +568,23 @@ def test_heads_generate_on_the_world_model(first_run, kind):
         beams = aligned.generate(**batch, alpha=1.5, num_beams=3, **common)
     assert sampled.shape[0] == 2 and beams.shape[0] == 2
     assert all(len(t) > 0 for t in tok.batch_decode(sampled[:, batch["input_ids"].shape[1] :]))
+
+
+def test_worker_processes_report_to_the_runs_own_temporary_server(tmp_path):
+    """`alignheads run` with no Prefect server and `runner.kind: processes`: the run's one temporary
+    server serves the worker processes too (`mapped.workers_report_here`); a worker left to itself
+    would start a server of its own."""
+    from tests.helpers.small_runs import cli_command, cli_env, small_run, write_config
+
+    raw = small_run(tmp_path / "store", name="workers")
+    raw["runner"] = {"kind": "processes", "max_workers": 2}
+    env = cli_env("", tmp_path / "prefect")
+    env.pop("PREFECT_API_URL")  # no server: the run starts its own
+    done = subprocess.run(
+        cli_command(write_config(tmp_path / "run.yaml", raw)), env=env, capture_output=True, text=True, timeout=600
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("Starting temporary server") == 1, log[-3000:]
+    assert "Task run 'sweep-iav' - Finished in state Completed()" in log
+    assert "Task run 'sweep-calm' - Finished in state Completed()" in log
